@@ -1,0 +1,89 @@
+"""apply_policy: a pruned deep copy of a model, channels really removed (torch_pruning)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from evaluators.importance import Batch, make_importance, needs_calibration
+from spaces.groups import ChannelGroup, build_graph, discover_groups, out_channels, root_pruning_group
+from spaces.policy import Policy
+from spaces.space import kept_channels
+
+log = logging.getLogger(__name__)
+
+
+def channels_to_remove(scores: torch.Tensor, kept: int) -> list[int]:
+    """Indices of the ``len(scores) - kept`` lowest-scored channels (ties: lower index first)."""
+    n_remove = len(scores) - kept
+    if n_remove <= 0:
+        return []
+    order = torch.argsort(scores.double(), stable=True)
+    return sorted(int(i) for i in order[:n_remove])
+
+
+def apply_policy(
+    model: nn.Module,
+    policy: Policy,
+    example_inputs: Any,
+    calibration: Sequence[Batch] | None = None,
+    *,
+    groups: Sequence[ChannelGroup] | None = None,
+    round_to: int = 1,
+    loss_fn: Callable | None = None,
+) -> nn.Module:
+    """Return a pruned deep copy of ``model``; ``model`` itself is never modified.
+
+    ``groups`` are the discovered channel groups (discovered here when not given). Every
+    group keeps ``kept_channels(channels, ratio, round_to)`` channels, chosen by the
+    policy's importance criterion; the pruned copy's kept counts are checked against the
+    policy and a mismatch raises ``ValueError`` rather than returning a mis-pruned model.
+    """
+    if groups is None:
+        groups = discover_groups(model, example_inputs)
+    by_name = {g.name: g for g in groups}
+    policy.validate(by_name)
+    methods = sorted(policy.methods_used())
+    for m in methods:
+        make_importance(m)  # ValueError for an unknown method, before any work
+        if needs_calibration(m) and not calibration:
+            raise ValueError(f"method {m!r} needs calibration batches; none were given")
+
+    work = copy.deepcopy(model)
+    target = {name: kept_channels(g.channels, policy.ratio(name), round_to) for name, g in by_name.items()}
+    to_prune = [name for name, k in target.items() if k < by_name[name].channels]
+    if not to_prune:
+        return work
+
+    was_training = model.training
+    work.eval()
+    criteria = {}
+    for m in methods:
+        criteria[m] = make_importance(m)
+        criteria[m].prepare(work, calibration, loss_fn)
+    graph = build_graph(work, example_inputs)
+    modules = dict(work.named_modules())
+    # Score every group on the unpruned copy first: indices of one group stay valid while
+    # other groups are removed, and scores do not depend on pruning order.
+    removals: dict[str, list[int]] = {}
+    for name in to_prune:
+        root = modules[name]
+        full = root_pruning_group(graph, root, range(out_channels(root)))
+        scores = criteria[policy.method_for(name)].score(full)
+        if scores.numel() != out_channels(root) or not torch.isfinite(scores).all():
+            raise ValueError(f"method {policy.method_for(name)!r} gave invalid scores for group {name!r}")
+        removals[name] = channels_to_remove(scores, target[name])
+    for name, idxs in removals.items():
+        root_pruning_group(graph, modules[name], idxs).prune()
+    work.zero_grad(set_to_none=True)
+    for name, k in target.items():
+        got = out_channels(modules[name])
+        if got != k:
+            raise ValueError(f"torch_pruning kept {got} channels of group {name!r} instead of {k}")
+    work.train(was_training)
+    return work

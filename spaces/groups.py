@@ -1,0 +1,207 @@
+"""Prunable channel groups of a model, found with torch_pruning's DependencyGraph.
+
+A *group* is a set of coupled channels that must be removed together (a conv, its BN,
+every layer joined to it by a residual add, a depthwise conv, the consumers' input
+slices, concatenation slices). It is named by the qualified name of its root module —
+the first conv/linear whose output channels start the group — which is stable across
+deep copies of the same architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+log = logging.getLogger(__name__)
+
+ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """One independently prunable set of coupled channels."""
+
+    name: str
+    channels: int
+    members: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.channels < 1:
+            raise ValueError(f"group {self.name!r} has {self.channels} channels")
+
+
+def forward(model: nn.Module, example_inputs: Any) -> Any:
+    """Call ``model`` on inputs given as a tensor, a tuple/list of args or a kwargs dict."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _output_tensors(o)]
+    return []
+
+
+def output_layers(model: nn.Module, example_inputs: Any) -> list[str]:
+    """Names of the conv/linear layers whose outputs are (views of) the model's outputs.
+
+    Their output channels are the model's output shape, so they are never pruned.
+    """
+    produced: dict[int, list[str]] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, ROOT_TYPES):
+            def hook(mod, inp, out, name=name):
+                for t in _output_tensors(out):
+                    produced.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            outputs = _output_tensors(forward(model, example_inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    names: list[str] = []
+    for t in outputs:
+        names.extend(produced.get(t.untyped_storage().data_ptr(), []))
+    if not names:
+        # Output is not a view of a layer's output (e.g. a softmax); fall back to the last
+        # conv/linear executed, which is what decides the output width in such models.
+        order: list[str] = []
+        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
+                 for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)]
+        try:
+            with torch.no_grad():
+                forward(model, example_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        names = order[-1:]
+    return sorted(set(names))
+
+
+def build_graph(model: nn.Module, example_inputs: Any, ignored: Sequence[nn.Module] = ()) -> tp.DependencyGraph:
+    """Trace ``model`` into a torch_pruning dependency graph."""
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, ignored_layers=list(ignored), verbose=False
+        )
+
+
+def _is_grouped_conv(module: nn.Module) -> bool:
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or module.groups == 1:
+        return False
+    return not (module.groups == module.in_channels == module.out_channels)  # depthwise is fine
+
+
+def out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def root_pruning_group(graph: tp.DependencyGraph, root: nn.Module, idxs: Sequence[int]):
+    """The torch_pruning group removing output channels ``idxs`` of ``root``."""
+    pruner = graph.get_pruner_of_module(root)
+    return graph.get_pruning_group(root, pruner.prune_out_channels, list(idxs))
+
+
+def _structural_groups(model: nn.Module, example_inputs: Any, ignored_names: set[str]):
+    """Candidate groups from the graph, with rule-based exclusions logged."""
+    modules = dict(model.named_modules())
+    ignored = [modules[n] for n in ignored_names]
+    graph = build_graph(model, example_inputs, ignored)
+    names = {m: n for n, m in model.named_modules()}
+    candidates: list[ChannelGroup] = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
+        root = group[0].dep.target.module
+        name = names[root]
+        members: list[str] = []
+        reason = None
+        for dep, _ in group:
+            target = dep.target.module
+            if isinstance(target, nn.Module) and target in names:
+                member = names[target]
+                if member not in members:
+                    members.append(member)
+                if _is_grouped_conv(target):
+                    reason = f"touches grouped conv {member!r} (groups={target.groups}), which torch_pruning cannot prune channel-wise"
+        channels = out_channels(root)
+        if reason is None and channels < 2:
+            reason = "has a single channel"
+        if reason is not None:
+            log.info("channel group %r excluded: %s", name, reason)
+            continue
+        candidates.append(ChannelGroup(name=name, channels=channels, members=tuple(members)))
+    return candidates
+
+
+def _probe(model: nn.Module, example_inputs: Any, groups: list[ChannelGroup]) -> str | None:
+    """Remove one channel of every group on a copy; return the first group that fails."""
+    work = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        ref = [t.shape for t in _output_tensors(forward(work, example_inputs))]
+    graph = build_graph(work, example_inputs)
+    modules = dict(work.named_modules())
+    for g in groups:
+        root = modules[g.name]
+        try:
+            root_pruning_group(graph, root, [0]).prune()
+            with torch.no_grad():
+                shapes = [t.shape for t in _output_tensors(forward(work, example_inputs))]
+        except Exception as exc:  # torch_pruning raises on patterns it cannot handle
+            log.info("channel group %r excluded: pruning it raised %s: %s", g.name, type(exc).__name__, exc)
+            return g.name
+        if out_channels(root) != g.channels - 1 or shapes != ref:
+            log.info("channel group %r excluded: torch_pruning kept a different channel count than asked", g.name)
+            return g.name
+    return None
+
+
+def discover_groups(
+    model: nn.Module, example_inputs: Any, ignored: Iterable[str] = ()
+) -> list[ChannelGroup]:
+    """Every independently prunable channel group of ``model``.
+
+    The layers producing the model's outputs and the modules named in ``ignored`` are
+    never pruned. Groups torch_pruning cannot prune correctly (checked by removing one
+    channel of each on a copy) are excluded with a logged reason. Raises ``ValueError``
+    for an unknown ignored name or a model without any prunable group.
+    """
+    ignored = list(ignored)
+    modules = dict(model.named_modules())
+    for name in ignored:
+        if name not in modules:
+            raise ValueError(f"unknown module {name!r} in ignored layers")
+    was_training = model.training
+    model.eval()
+    try:
+        ignored_names = set(ignored) | set(output_layers(model, example_inputs))
+        groups = _structural_groups(model, example_inputs, ignored_names)
+        while groups:
+            bad = _probe(model, example_inputs, groups)
+            if bad is None:
+                break
+            groups = [g for g in groups if g.name != bad]
+    finally:
+        model.train(was_training)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    groups.sort(key=lambda g: order[g.name])
+    if not groups:
+        raise ValueError(
+            f"model {type(model).__name__} has no prunable channel group "
+            "(only output layers, ignored layers or unsupported patterns)"
+        )
+    return groups

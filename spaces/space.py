@@ -1,0 +1,270 @@
+"""SearchSpace: channel groups x a ratio grid x pruning methods.
+
+The one place that knows how a policy maps to Optuna parameters, to a GA genome and to
+kept channel counts. Param names are the group names, plus ``method`` (or
+``<group>.method`` with ``method_per_group``) and ``recovery`` when recoveries are
+searched, so every searcher's trials look alike in optuna-dashboard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna.distributions as od
+
+from spaces.cost import Cost, CostModel
+from spaces.groups import ChannelGroup, discover_groups
+from spaces.policy import Policy
+
+METHOD_PARAM = "method"
+RECOVERY_PARAM = "recovery"
+
+
+def kept_channels(channels: int, ratio: float, round_to: int = 1) -> int:
+    """Channels a group of ``channels`` keeps at remaining ``ratio``: >= 1 (>= round_to)."""
+    kept = int(round(ratio * channels))
+    if round_to > 1:
+        kept = int(round(kept / round_to)) * round_to
+    return max(min(round_to, channels), 1, min(kept, channels))
+
+
+def _known_methods() -> set[str]:
+    from evaluators.importance import available_importances
+
+    return set(available_importances())
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What searchers may propose, and what a proposal costs."""
+
+    groups: tuple[ChannelGroup, ...]
+    ratio_min: float = 0.1
+    ratio_max: float = 1.0
+    ratio_step: float = 0.05
+    methods: tuple[str, ...] = ("l1",)
+    method_per_group: bool = False
+    recoveries: tuple[str, ...] = ()
+    round_to: int = 1
+    cost_model: CostModel | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "groups", tuple(self.groups))
+        object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "recoveries", tuple(self.recoveries))
+        if not self.groups:
+            raise ValueError("search space has no prunable channel group")
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate group names in search space")
+        if not 0.0 < self.ratio_min <= 1.0 or not 0.0 < self.ratio_max <= 1.0:
+            raise ValueError(f"ratio range must lie in (0, 1], got [{self.ratio_min}, {self.ratio_max}]")
+        if self.ratio_min > self.ratio_max:
+            raise ValueError(f"ratio range is inverted: ratio_min {self.ratio_min} > ratio_max {self.ratio_max}")
+        if not self.ratio_step > 0:
+            raise ValueError(f"ratio_step must be > 0, got {self.ratio_step}")
+        span = (self.ratio_max - self.ratio_min) / self.ratio_step
+        if abs(span - round(span)) > 1e-6:
+            raise ValueError(
+                f"ratio_step {self.ratio_step} does not divide the range [{self.ratio_min}, {self.ratio_max}]"
+            )
+        if not self.methods:
+            raise ValueError("at least one pruning method is required")
+        unknown = [m for m in self.methods if m not in _known_methods()]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r} (known: {', '.join(sorted(_known_methods()))})")
+        if self.recoveries:
+            from evaluators.recover import available_recoveries
+
+            bad = [r for r in self.recoveries if r not in available_recoveries()]
+            if bad:
+                raise ValueError(f"unknown recovery {bad[0]!r} (known: {', '.join(sorted(available_recoveries()))})")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def from_model(
+        cls, model: Any, example_inputs: Any, ignored: Iterable[str] = (), **options: Any
+    ) -> "SearchSpace":
+        """Discover ``model``'s groups and measure its cost model (``example_inputs``: batch 1)."""
+        groups = discover_groups(model, example_inputs, ignored=ignored)
+        space = cls(groups=tuple(groups), **options)  # validate options before measuring
+        return space.with_cost_model(CostModel.build(model, example_inputs, groups))
+
+    def with_cost_model(self, cost_model: CostModel) -> "SearchSpace":
+        from dataclasses import replace
+
+        return replace(self, cost_model=cost_model)
+
+    # -- grid ---------------------------------------------------------------------------
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        return tuple(g.name for g in self.groups)
+
+    @property
+    def levels(self) -> tuple[float, ...]:
+        """The ratio grid, ratio_min .. ratio_max inclusive."""
+        n = int(round((self.ratio_max - self.ratio_min) / self.ratio_step))
+        return tuple(round(self.ratio_min + i * self.ratio_step, 10) for i in range(n + 1))
+
+    def snap(self, ratio: float) -> float:
+        """Nearest grid level to ``ratio`` (clipped to the range)."""
+        levels = np.array(self.levels)
+        return float(levels[int(np.argmin(np.abs(levels - ratio)))])
+
+    # -- policies -----------------------------------------------------------------------
+    def validate(self, policy: Policy) -> None:
+        """Raise ``ValueError`` naming what in ``policy`` is outside this space."""
+        policy.validate(self.group_names, self.methods)
+        if isinstance(policy.method, Mapping) and not self.method_per_group:
+            raise ValueError("per-group methods need method_per_group = true in the space")
+        if policy.recovery is not None and self.recoveries and policy.recovery not in self.recoveries:
+            raise ValueError(f"unknown recovery {policy.recovery!r} (allowed: {', '.join(self.recoveries)})")
+
+    def uniform(self, ratio: float, method: str | None = None) -> Policy:
+        """Every group at the same remaining ``ratio`` (not snapped to the grid)."""
+        return Policy(ratios={n: ratio for n in self.group_names}, method=method or self.methods[0])
+
+    def sample(self, rng: np.random.Generator) -> Policy:
+        """A uniformly random policy on the grid."""
+        genome = [int(rng.integers(0, n)) for n in self.genome_sizes()]
+        return self.decode(genome)
+
+    def kept(self, policy: Policy) -> dict[str, int]:
+        """Channels each group keeps under ``policy`` (with ``round_to``)."""
+        return {g.name: kept_channels(g.channels, policy.ratio(g.name), self.round_to) for g in self.groups}
+
+    def predict_cost(self, policy: Policy) -> Cost:
+        """Analytic FLOPs/params of the pruned model, without building it."""
+        if self.cost_model is None:
+            raise ValueError("this search space was built without a cost model (use SearchSpace.from_model)")
+        self.validate(policy)
+        return self.cost_model.predict(self.kept(policy))
+
+    @property
+    def base_cost(self) -> Cost:
+        if self.cost_model is None:
+            raise ValueError("this search space was built without a cost model (use SearchSpace.from_model)")
+        return self.cost_model.base
+
+    def flops_ratio(self, policy: Policy) -> float:
+        return self.predict_cost(policy).flops / self.base_cost.flops
+
+    # -- genomes (GA) ---------------------------------------------------------------------
+    def _method_slots(self) -> list[str]:
+        if len(self.methods) == 1:
+            return []
+        if self.method_per_group:
+            return [f"{n}.{METHOD_PARAM}" for n in self.group_names]
+        return [METHOD_PARAM]
+
+    def genome_sizes(self) -> list[int]:
+        """Number of choices per genome position: groups, then methods, then recovery."""
+        sizes = [len(self.levels)] * len(self.groups)
+        sizes += [len(self.methods)] * len(self._method_slots())
+        if len(self.recoveries) > 1:
+            sizes.append(len(self.recoveries))
+        return sizes
+
+    def encode(self, policy: Policy) -> list[int]:
+        """Genome of ``policy``: grid index per group, then method/recovery indices."""
+        self.validate(policy)
+        levels = np.array(self.levels)
+        genome = [int(np.argmin(np.abs(levels - policy.ratio(n)))) for n in self.group_names]
+        slots = self._method_slots()
+        if slots == [METHOD_PARAM]:
+            genome.append(self.methods.index(policy.method_for(self.group_names[0], self.methods[0])))
+        elif slots:
+            genome += [self.methods.index(policy.method_for(n, self.methods[0])) for n in self.group_names]
+        if len(self.recoveries) > 1:
+            genome.append(self.recoveries.index(policy.recovery or self.recoveries[0]))
+        return genome
+
+    def decode(self, genome: Sequence[int]) -> Policy:
+        """Policy of a genome (inverse of ``encode`` on grid policies)."""
+        sizes = self.genome_sizes()
+        if len(genome) != len(sizes):
+            raise ValueError(f"genome has {len(genome)} genes, the space needs {len(sizes)}")
+        for i, (gene, size) in enumerate(zip(genome, sizes)):
+            if not 0 <= int(gene) < size:
+                raise ValueError(f"gene {i} = {gene} outside [0, {size})")
+        g = len(self.groups)
+        ratios = {n: self.levels[int(genome[i])] for i, n in enumerate(self.group_names)}
+        slots = self._method_slots()
+        method: str | dict[str, str] = self.methods[0]
+        if slots == [METHOD_PARAM]:
+            method = self.methods[int(genome[g])]
+        elif slots:
+            method = {n: self.methods[int(genome[g + i])] for i, n in enumerate(self.group_names)}
+        recovery = self.recoveries[int(genome[-1])] if len(self.recoveries) > 1 else None
+        return Policy(ratios=ratios, method=method, recovery=recovery)
+
+    # -- Optuna ---------------------------------------------------------------------------
+    def distributions(self) -> dict[str, od.BaseDistribution]:
+        """Optuna distributions: one float per group (on the grid), categoricals for choices."""
+        dists: dict[str, od.BaseDistribution] = {}
+        for n in self.group_names:
+            if self.ratio_min == self.ratio_max:
+                dists[n] = od.CategoricalDistribution([self.ratio_min])
+            else:
+                dists[n] = od.FloatDistribution(self.ratio_min, self.ratio_max, step=self.ratio_step)
+        for slot in self._method_slots():
+            dists[slot] = od.CategoricalDistribution(list(self.methods))
+        if len(self.recoveries) > 1:
+            dists[RECOVERY_PARAM] = od.CategoricalDistribution(list(self.recoveries))
+        return dists
+
+    def to_params(self, policy: Policy) -> dict[str, Any]:
+        """Optuna params of ``policy`` (ratios snapped to the grid)."""
+        return self.params_of_genome(self.encode(policy))
+
+    def params_of_genome(self, genome: Sequence[int]) -> dict[str, Any]:
+        policy = self.decode(genome)
+        params: dict[str, Any] = {n: policy.ratio(n) for n in self.group_names}
+        for slot in self._method_slots():
+            group = slot[: -len(METHOD_PARAM) - 1] if slot != METHOD_PARAM else self.group_names[0]
+            params[slot] = policy.method_for(group, self.methods[0])
+        if len(self.recoveries) > 1:
+            params[RECOVERY_PARAM] = policy.recovery
+        return params
+
+    def from_params(self, params: Mapping[str, Any]) -> Policy:
+        """Policy from Optuna params (missing groups keep 1.0)."""
+        ratios = {n: float(params[n]) for n in self.group_names if n in params}
+        slots = self._method_slots()
+        method: str | dict[str, str] = self.methods[0]
+        if slots == [METHOD_PARAM]:
+            method = str(params.get(METHOD_PARAM, self.methods[0]))
+        elif slots:
+            method = {n: str(params.get(f"{n}.{METHOD_PARAM}", self.methods[0])) for n in self.group_names}
+        recovery = params.get(RECOVERY_PARAM) if len(self.recoveries) > 1 else None
+        policy = Policy(ratios=ratios, method=method, recovery=recovery)
+        self.validate(policy)
+        return policy
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for an existing study to be resumed with this space."""
+        return {
+            "groups": {g.name: g.channels for g in self.groups},
+            "ratio": [self.ratio_min, self.ratio_max, self.ratio_step],
+            "methods": list(self.methods),
+            "method_per_group": self.method_per_group,
+            "recoveries": list(self.recoveries),
+            "round_to": self.round_to,
+        }
+
+    @property
+    def min_flops_ratio(self) -> float:
+        """FLOPs ratio of the smallest policy the space can express."""
+        return self.flops_ratio(self.uniform(self.ratio_min))
+
+    def describe(self) -> str:
+        lines = [f"{len(self.groups)} channel groups, ratios {self.ratio_min}..{self.ratio_max} step {self.ratio_step}"]
+        width = max(len(g.name) for g in self.groups)
+        for g in self.groups:
+            lines.append(f"  {g.name:<{width}}  {g.channels:>5} ch  ({len(g.members)} layers)")
+        return "\n".join(lines)
