@@ -30,7 +30,7 @@ class ChannelGroup:
 
     name: str
     channels: int
-    members: tuple[str, ...]
+    members: tuple[str, ...]  # modules whose output channels are these channels
 
     def __post_init__(self) -> None:
         if self.channels < 1:
@@ -134,8 +134,8 @@ def _structural_groups(model: nn.Module, example_inputs: Any, ignored_names: set
             target = dep.target.module
             if isinstance(target, nn.Module) and target in names:
                 member = names[target]
-                if member not in members:
-                    members.append(member)
+                if graph.is_out_channel_pruning_fn(dep.handler) and member not in members:
+                    members.append(member)  # layers whose outputs carry the group's channels
                 if _is_grouped_conv(target):
                     reason = f"touches grouped conv {member!r} (groups={target.groups}), which torch_pruning cannot prune channel-wise"
         channels = out_channels(root)

@@ -1,0 +1,95 @@
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from spaces.policy import Policy
+from spaces.space import SearchSpace, kept_channels
+from tests.architectures import ResNetStyle
+
+
+@pytest.fixture(scope="module")
+def space():
+    torch.manual_seed(0)
+    return SearchSpace.from_model(ResNetStyle(widths=(16, 32), blocks=1), torch.randn(1, 3, 16, 16),
+                                  ratio_min=0.2, ratio_step=0.1, methods=("l1", "fpgm"))
+
+
+def test_levels_span_the_range(space):
+    assert space.levels[0] == 0.2 and space.levels[-1] == 1.0 and len(space.levels) == 9
+
+
+def test_genome_round_trip(space):
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        p = space.sample(rng)
+        assert space.decode(space.encode(p)) == p
+
+
+def test_optuna_params_round_trip_and_distributions_accept_them(space):
+    rng = np.random.default_rng(2)
+    dists = space.distributions()
+    for _ in range(10):
+        p = space.sample(rng)
+        params = space.to_params(p)
+        assert set(params) == set(dists)
+        for name, value in params.items():
+            assert dists[name]._contains(dists[name].to_internal_repr(value))
+        assert space.from_params(params) == p
+
+
+def test_study_ask_with_space_distributions_gives_valid_policies(space):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        trial = study.ask(space.distributions())
+        space.validate(space.from_params(trial.params))
+
+
+def test_sampling_is_deterministic_under_a_seed(space):
+    a = [space.sample(np.random.default_rng(7)) for _ in range(3)]
+    b = [space.sample(np.random.default_rng(7)) for _ in range(3)]
+    assert a == b
+
+
+def test_uniform_covers_every_group(space):
+    p = space.uniform(0.5)
+    assert set(p.ratios) == set(space.group_names)
+
+
+@pytest.mark.parametrize("channels,ratio,round_to,expected", [
+    (64, 0.5, 1, 32), (64, 0.5, 8, 32), (64, 0.45, 8, 32), (64, 0.01, 8, 8), (10, 0.01, 1, 1), (6, 0.5, 8, 6),
+    (64, 1.0, 8, 64),
+])
+def test_kept_channels_rounding(channels, ratio, round_to, expected):
+    assert kept_channels(channels, ratio, round_to) == expected
+
+
+def test_round_to_changes_kept_counts(space):
+    from dataclasses import replace
+    coarse = replace(space, round_to=8)
+    p = space.uniform(0.3)
+    assert all(k % 8 == 0 for k in coarse.kept(p).values())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ratio_min": 0.8, "ratio_max": 0.5}, "inverted"),
+    ({"ratio_min": 0.0}, "ratio range"),
+    ({"ratio_max": 1.5}, "ratio range"),
+    ({"ratio_step": 0.0}, "ratio_step"),
+    ({"ratio_step": 0.3, "ratio_min": 0.2}, "does not divide"),
+    ({"methods": ("l1", "magic")}, "unknown method 'magic'"),
+    ({"round_to": 0}, "round_to"),
+])
+def test_bad_space_options_are_named(space, kwargs, match):
+    from dataclasses import replace
+    with pytest.raises(ValueError, match=match):
+        replace(space, **kwargs)
+
+
+def test_policy_outside_space_is_refused(space):
+    with pytest.raises(ValueError, match="unknown group name 'ghost'"):
+        space.validate(Policy(ratios={"ghost": 0.5}))
+    with pytest.raises(ValueError, match="unknown method 'lamp'"):
+        space.validate(Policy(ratios={}, method="lamp"))
+    with pytest.raises(ValueError, match="genes"):
+        space.decode([0])
