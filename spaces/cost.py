@@ -216,6 +216,21 @@ class CostModel:
         params = sum(float(np.prod(d[list(idx)])) for idx in self.param_terms)
         return Cost(flops=flops, params=params)
 
+    def flops_torch(self, kept: "torch.Tensor") -> "torch.Tensor":
+        """Differentiable FLOPs for real-valued kept counts (one per group, in group order).
+
+        Used by dynamic channel masking: the gradient of expected FLOPs w.r.t. each group's
+        kept count, with exactly the same formula ``predict`` uses on integers.
+        """
+        base = torch.as_tensor(self.base_dims, dtype=kept.dtype, device=kept.device)
+        slopes = torch.as_tensor(self.slopes, dtype=kept.dtype, device=kept.device)
+        channels = torch.as_tensor(self.group_channels, dtype=kept.dtype, device=kept.device)
+        d = base - (channels - kept) @ slopes
+        total = kept.new_zeros(())
+        for coef, idx in self.flops_terms:
+            total = total + coef * torch.prod(d[list(idx)])
+        return total
+
 
 def count_cost(model: nn.Module, example_inputs: Any) -> Cost:
     """FLOPs (MACs per sample) and params counted on a real model by torch_pruning."""

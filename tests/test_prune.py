@@ -96,3 +96,14 @@ def test_unknown_group_and_method_are_named(case):
         apply_policy(model, Policy(ratios={"ghost": 0.5}), example, groups=space.groups)
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         apply_policy(model, Policy(ratios={}, method="magic"), example, groups=space.groups)
+
+
+def test_differentiable_flops_match_integer_prediction(case):
+    model, example, space = case
+    policy = space.sample(np.random.default_rng(3))
+    kept = space.kept(policy)
+    k = torch.tensor([float(kept[n]) for n in space.group_names], requires_grad=True)
+    flops = space.cost_model.flops_torch(k)
+    assert flops.item() == pytest.approx(space.predict_cost(policy).flops, rel=1e-9)
+    flops.backward()
+    assert (k.grad >= 0).all() and k.grad.sum() > 0  # keeping more channels never costs less
