@@ -1,0 +1,262 @@
+"""Dynamic channel masking (after Li et al. 2020, "AutoPruning with Dynamic Channel Masking").
+
+Every channel group gets a learnable remaining ratio ``r_g = r_min + (1 - r_min) *
+sigmoid(theta_g)``. Its channels are ranked by an importance criterion (re-ranked every few
+steps as the weights move) and channel ``c`` of ``C`` is multiplied by the soft mask
+``sigmoid((r_g * C - rank_c - 0.5) / tau)``, so the ratio is differentiable; ``tau`` anneals
+towards a hard mask. The loss is the task loss (+ optional distillation from the unpruned
+model) plus ``lambda * |FLOPs(r) / FLOPs_0 - target|`` where FLOPs(r) is the space's exact
+cost model evaluated on real-valued kept counts. Weights are updated on training batches and
+ratios on held-out batches, alternately.
+
+The learned ratios are snapped to the space's grid and nudged (greedily, one grid step at a
+time, on the exact cost model) until the FLOPs ratio is within ``tolerance`` of the target.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from evaluators.importance import make_importance
+from spaces.groups import build_graph, root_pruning_group
+from spaces.policy import Policy
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """One masking run's hyper-parameters (validated on construction)."""
+
+    target: float = 0.5            # FLOPs ratio to reach, in (0, 1]
+    lam: float = 4.0               # weight of the FLOPs penalty, >= 0
+    steps: int = 150               # alternating (weight step, ratio step) pairs, > 0
+    tau_start: float = 4.0         # mask temperature, in channels
+    tau_end: float = 0.25
+    weight_lr: float = 0.01
+    ratio_lr: float = 0.5
+    rerank_every: int = 10
+    kd: bool = True
+    temperature: float = 4.0
+    method: str = "l1"
+    tolerance: float = 0.01        # final FLOPs-ratio tolerance after snapping
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.target, (int, float)) and 0.0 < self.target <= 1.0):
+            raise ValueError(f"masking target must be a FLOPs ratio in (0, 1], got {self.target!r}")
+        if not self.lam >= 0:
+            raise ValueError(f"masking lambda must be >= 0, got {self.lam!r}")
+        if not (isinstance(self.steps, int) and self.steps > 0):
+            raise ValueError(f"masking steps must be a positive integer, got {self.steps!r}")
+        if not 0 < self.tau_end <= self.tau_start:
+            raise ValueError(f"masking tau schedule needs 0 < tau_end <= tau_start, got {self.tau_start}, {self.tau_end}")
+        if self.weight_lr <= 0 or self.ratio_lr <= 0:
+            raise ValueError("masking learning rates must be > 0")
+        if self.rerank_every < 1:
+            raise ValueError(f"masking rerank_every must be >= 1, got {self.rerank_every}")
+
+
+class _GroupMask:
+    """Soft mask of one group, applied by forward hooks on the layers carrying its channels."""
+
+    def __init__(self, channels: int, targets: list[tuple[nn.Module, list[int], list[int]]]):
+        self.channels = channels
+        self.targets = targets          # (module, target channel idxs, matching root idxs)
+        self.rank = torch.arange(channels, dtype=torch.float32)
+        self.mask = torch.ones(channels)
+
+    def set(self, ratio: torch.Tensor, tau: float) -> None:
+        self.mask = torch.sigmoid((ratio * self.channels - self.rank - 0.5) / tau)
+
+    def hook(self, idxs: list[int], root_idxs: list[int], last_dim: bool):
+        index = torch.tensor(idxs)
+        source = torch.tensor(root_idxs)
+
+        def apply(module, inputs, output):
+            size = output.shape[-1] if last_dim else output.shape[1]
+            full = torch.ones(size, dtype=output.dtype)
+            full = full.index_put((index,), self.mask[source].to(output.dtype))
+            shape = [1] * output.dim()
+            shape[-1 if last_dim else 1] = size
+            return output * full.view(shape)
+
+        return apply
+
+
+def _mask_targets(graph, model: nn.Module, group_name: str, channels: int):
+    """Layers whose outputs carry the group's channels, with their channel index maps.
+
+    A conv/linear feeding a norm layer of the same group is skipped: the norm's output is
+    masked instead (after its bias), so a masked channel is really zero downstream.
+    """
+    root = dict(model.named_modules())[group_name]
+    full = root_pruning_group(graph, root, range(channels))
+    items = [item for item in full if graph.is_out_channel_pruning_fn(item.dep.handler)]
+    in_group = {id(item.dep.target) for item in items}
+    targets = []
+    for item in items:
+        node = item.dep.target
+        module = node.module
+        if not isinstance(module, nn.Module):
+            continue
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and any(
+            isinstance(o.module, _NORMS) and id(o) in in_group for o in node.outputs
+        ):
+            continue
+        targets.append((module, list(item.idxs), list(item.root_idxs)))
+    return targets
+
+
+def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+
+
+def learn_ratios(
+    model: nn.Module,
+    space: Any,
+    train_batches: Sequence[Batch],
+    heldout_batches: Sequence[Batch],
+    example_inputs: torch.Tensor,
+    config: MaskingConfig = MaskingConfig(),
+) -> tuple[Policy, dict[str, Any]]:
+    """Learn per-group remaining ratios for ``config.target``; returns (policy, info).
+
+    ``model`` is not modified (a copy is trained). ``info`` holds the raw learned ratios,
+    the predicted FLOPs ratio before and after snapping, and the loss trace.
+    """
+    if space.cost_model is None:
+        raise ValueError("dynamic channel masking needs a search space with a cost model")
+    if not train_batches or not heldout_batches:
+        raise ValueError("dynamic channel masking needs training and held-out batches")
+    torch.manual_seed(config.seed)
+    teacher = copy.deepcopy(model).eval()
+    student = copy.deepcopy(model).train()
+    groups = list(space.groups)
+    graph = build_graph(student, example_inputs)
+    masks: list[_GroupMask] = []
+    handles = []
+    for g in groups:
+        gm = _GroupMask(g.channels, _mask_targets(graph, student, g.name, g.channels))
+        masks.append(gm)
+        for module, idxs, root_idxs in gm.targets:
+            last_dim = isinstance(module, (nn.Linear, nn.LayerNorm))
+            handles.append(module.register_forward_hook(gm.hook(idxs, root_idxs, last_dim)))
+    criterion = make_importance(config.method)
+    if criterion.needs_calibration:
+        criterion.prepare(student, list(heldout_batches), None)
+    modules = dict(student.named_modules())
+
+    def rerank() -> None:
+        for g, gm in zip(groups, masks):
+            scores = criterion.score(root_pruning_group(graph, modules[g.name], range(g.channels)))
+            order = torch.argsort(scores.double(), descending=True, stable=True)
+            rank = torch.empty(g.channels)
+            rank[order] = torch.arange(g.channels, dtype=torch.float32)
+            gm.rank = rank
+
+    r_min = space.ratio_min
+    theta = nn.Parameter(torch.full((len(groups),), 3.0))  # start near ratio 1: nothing pruned yet
+    channels = torch.tensor([float(g.channels) for g in groups])
+    base_flops = float(space.base_cost.flops)
+    weights = [p for p in student.parameters() if p.requires_grad]
+    w_opt = torch.optim.SGD(weights, lr=config.weight_lr, momentum=0.9)
+    # plain SGD, not Adam: Adam would normalise away the per-group FLOPs gradient scale that
+    # makes expensive groups shrink faster than cheap ones
+    r_opt = torch.optim.SGD([theta], lr=config.ratio_lr, momentum=0.9)
+
+    def ratios() -> torch.Tensor:
+        return r_min + (1 - r_min) * torch.sigmoid(theta)
+
+    def task_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = student(x)
+        loss = F.cross_entropy(out, y)
+        if config.kd:
+            with torch.no_grad():
+                t_out = teacher(x)
+            loss = loss + _kd_loss(out, t_out, config.temperature)
+        return loss
+
+    trace = []
+    try:
+        for step in range(config.steps):
+            tau = config.tau_start * (config.tau_end / config.tau_start) ** (step / max(1, config.steps - 1))
+            if step % config.rerank_every == 0:
+                rerank()
+            # weight step (ratios fixed)
+            x, y = train_batches[step % len(train_batches)]
+            r = ratios().detach()
+            for gm, ri in zip(masks, r):
+                gm.set(ri, tau)
+            w_opt.zero_grad()
+            task_loss(x, y).backward()
+            w_opt.step()
+            # ratio step on held-out data (weights fixed)
+            x, y = heldout_batches[step % len(heldout_batches)]
+            r = ratios()
+            for gm, ri in zip(masks, r):
+                gm.set(ri, tau)
+            flops_ratio = space.cost_model.flops_torch(r * channels) / base_flops
+            loss = task_loss(x, y) + config.lam * (flops_ratio - config.target).abs()
+            r_opt.zero_grad()
+            student.zero_grad(set_to_none=True)
+            loss.backward()
+            r_opt.step()
+            trace.append((loss.item(), flops_ratio.item()))
+    finally:
+        for h in handles:
+            h.remove()
+    learned = {g.name: float(v) for g, v in zip(groups, ratios().detach())}
+    raw = Policy(ratios={n: min(1.0, max(v, 1e-6)) for n, v in learned.items()}, method=config.method)
+    policy = snap_to_target(space, raw, config.target, config.tolerance)
+    info = {
+        "learned_ratios": learned,
+        "learned_flops_ratio": space.cost_model.predict(
+            {g.name: g.channels * learned[g.name] for g in groups}).flops / base_flops,
+        "flops_ratio": space.flops_ratio(policy),
+        "final_loss": trace[-1][0] if trace else math.nan,
+        "target": config.target,
+    }
+    return policy, info
+
+
+def snap_to_target(space: Any, policy: Policy, target: float, tolerance: float = 0.01) -> Policy:
+    """Snap ``policy`` to the grid, then move single groups one grid step at a time (the move
+    that brings the exact FLOPs ratio closest to ``target``) until within ``tolerance``."""
+    levels = list(space.levels)
+    idx = {n: levels.index(space.snap(policy.ratio(n))) for n in space.group_names}
+
+    def flops_ratio(ix: dict[str, int]) -> float:
+        return space.flops_ratio(Policy(ratios={n: levels[i] for n, i in ix.items()}, method=policy.method))
+
+    current = flops_ratio(idx)
+    for _ in range(4 * len(levels) * len(idx)):  # each move strictly reduces the error
+        if abs(current - target) <= tolerance:
+            break
+        direction = -1 if current > target else 1
+        best = None
+        for n, i in idx.items():
+            j = i + direction
+            if 0 <= j < len(levels):
+                trial = dict(idx, **{n: j})
+                value = flops_ratio(trial)
+                if best is None or abs(value - target) < abs(best[1] - target):
+                    best = (trial, value)
+        if best is None or abs(best[1] - target) >= abs(current - target):
+            break
+        idx, current = best
+    return Policy(ratios={n: levels[i] for n, i in idx.items()}, method=policy.method)
