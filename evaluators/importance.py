@@ -1,8 +1,10 @@
 """Registry of channel-importance criteria.
 
 A criterion scores every channel of a torch_pruning group (one finite value per root
-channel; higher = more important). Criteria that need data (Taylor, Shapley) receive
-calibration batches in ``prepare``; asking for them without calibration data is an error.
+channel; higher = more important). Criteria that need data (``taylor``, ``taylor_bn``,
+``shapley``) receive calibration batches in ``prepare``; asking for them without
+calibration data is an error. Built-ins: l1, l2, bn_scale, fpgm, lamp (weights only),
+taylor / taylor_bn (Molchanov et al. 2019, below) and shapley (``evaluators.shapley``).
 
 Register a new one with::
 
@@ -14,6 +16,7 @@ Register a new one with::
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -22,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
+
+log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -141,28 +146,154 @@ class LAMPImportance(_TorchPruningImportance):
         super().__init__(tp.importance.LAMPImportance(p=2))
 
 
+# -- data-driven criteria ------------------------------------------------------------------
 def default_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output, target)
 
 
-def accumulate_gradients(model: nn.Module, calibration: Sequence[Batch], loss_fn: Callable | None) -> None:
-    """Sum the loss gradients of ``calibration`` batches into ``.grad`` (BN stats frozen)."""
+_WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
+_GATED = (nn.modules.batchnorm._BatchNorm,)  # the FO-BN gate
+
+
+@dataclass
+class _TaylorStats:
+    """Per calibration batch (rows), first-order terms sum(param * dL/dparam) of one layer."""
+
+    out: torch.Tensor | None = None   # per output channel: filter weights (+ bias)
+    inp: torch.Tensor | None = None   # per input channel: the weight slice reading it
+    gate: torch.Tensor | None = None  # per BN channel: gamma*dL/dgamma + beta*dL/dbeta
+
+
+def _first_order_terms(module: nn.Module) -> dict[str, torch.Tensor]:
+    terms: dict[str, torch.Tensor] = {}
+    if isinstance(module, _WEIGHTED) and module.weight is not None and module.weight.grad is not None:
+        wg = (module.weight.detach() * module.weight.grad).double()
+        transposed = getattr(module, "transposed", False)
+        out_dim, in_dim = (1, 0) if transposed else (0, 1)
+        terms["out"] = wg.transpose(0, out_dim).flatten(1).sum(1) if out_dim else wg.flatten(1).sum(1)
+        if getattr(module, "groups", 1) == 1:
+            # grouped/depthwise convs: input j is read by output j only, the out term covers it
+            terms["inp"] = wg.transpose(0, in_dim).flatten(1).sum(1) if in_dim else wg.flatten(1).sum(1)
+        if module.bias is not None and module.bias.grad is not None:
+            terms["out"] = terms["out"] + (module.bias.detach() * module.bias.grad).double()
+    elif isinstance(module, _GATED) and getattr(module, "weight", None) is not None and module.weight.grad is not None:
+        gate = (module.weight.detach() * module.weight.grad).double()
+        if module.bias is not None and module.bias.grad is not None:
+            gate = gate + (module.bias.detach() * module.bias.grad).double()
+        terms["gate"] = gate.flatten()
+    return terms
+
+
+def taylor_statistics(
+    model: nn.Module, calibration: Sequence[Batch], loss_fn: Callable | None = None
+) -> dict[nn.Module, _TaylorStats]:
+    """First-order terms of every conv/linear/BN layer, one row per calibration batch.
+
+    Gradients are taken in eval mode (BN statistics frozen, dropout off) so the result is
+    deterministic; ``.grad`` is cleared afterwards.
+    """
     loss_fn = loss_fn or default_loss
+    rows: dict[nn.Module, dict[str, list[torch.Tensor]]] = {}
     was_training = model.training
     model.eval()
-    model.zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        for x, y in calibration:
-            loss_fn(model(x), y).backward()
-    model.train(was_training)
+    try:
+        with torch.enable_grad():
+            for x, y in calibration:
+                model.zero_grad(set_to_none=True)
+                loss_fn(model(x), y).backward()
+                for module in model.modules():
+                    for kind, term in _first_order_terms(module).items():
+                        rows.setdefault(module, {}).setdefault(kind, []).append(term)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {m: _TaylorStats(**{k: torch.stack(v) for k, v in kinds.items()}) for m, kinds in rows.items()}
+
+
+class _TaylorBase(Importance):
+    """Molchanov et al. 2019: importance = mean over batches of (sum of param * grad)^2.
+
+    The sum runs over every parameter removed with the channel (the "group" contribution),
+    computed per calibration batch and squared before averaging, as in the paper.
+    """
+
+    kinds: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self._stats: dict[nn.Module, _TaylorStats] | None = None
+
+    def prepare(self, model, calibration, loss_fn=None) -> None:
+        if not calibration:
+            raise ValueError(f"{type(self).__name__} needs calibration batches; none were given")
+        self._stats = taylor_statistics(model, calibration, loss_fn)
+        self._modules = set(model.modules())
+
+    def _group_terms(self, group: Any, kinds: tuple[str, ...]) -> torch.Tensor | None:
+        if self._stats is None:
+            raise ValueError(f"{type(self).__name__}: prepare() must be called before score()")
+        if group[0].dep.target.module not in self._modules:
+            raise ValueError(
+                f"{type(self).__name__}: the group belongs to another model than the one given to prepare()"
+            )
+        n = len(group[0].idxs)
+        z = None
+        for i, (dep, idxs) in enumerate(group):
+            stats = self._stats.get(dep.target.module)
+            if stats is None:
+                continue
+            handler = getattr(dep.handler, "__name__", "")
+            if "gate" in kinds and stats.gate is not None and handler == "prune_out_channels":
+                values = stats.gate
+            elif "out" in kinds and stats.out is not None and handler == "prune_out_channels":
+                values = stats.out
+            elif "inp" in kinds and stats.inp is not None and handler == "prune_in_channels":
+                values = stats.inp
+            else:
+                continue
+            pairs = [(int(m), int(r)) for m, r in zip(idxs, group[i].root_idxs) if r is not None]
+            if not pairs:
+                continue
+            member, root = (torch.tensor(t) for t in zip(*pairs))
+            if z is None:
+                z = torch.zeros(values.shape[0], n, dtype=torch.float64)
+            z.index_add_(1, root, values[:, member])
+        return z
+
+    @staticmethod
+    def _reduce(z: torch.Tensor) -> torch.Tensor:
+        return z.pow(2).mean(0).float()
 
 
 @register_importance("taylor", needs_calibration=True)
-class TaylorImportance(_TorchPruningImportance):
-    """First-order Taylor expansion of the loss, |w * dL/dw| summed per group (Molchanov 2019)."""
+class TaylorImportance(_TaylorBase):
+    """First-order Taylor on weights (Molchanov 2019): (sum over the channel's conv/linear
+    weights of w * dL/dw)^2, averaged over calibration batches."""
 
-    def __init__(self):
-        super().__init__(tp.importance.GroupTaylorImportance())
+    def score(self, group: Any) -> torch.Tensor:
+        z = self._group_terms(group, ("out", "inp"))
+        if z is None:
+            return torch.zeros(len(group[0].idxs))
+        return self._reduce(z)
 
-    def prepare(self, model, calibration, loss_fn=None) -> None:
-        accumulate_gradients(model, calibration, loss_fn)
+
+@register_importance("taylor_bn", needs_calibration=True)
+class TaylorBNImportance(_TaylorBase):
+    """FO-BN Taylor (Molchanov 2019): the BN layer is the channel's gate;
+    (gamma * dL/dgamma + beta * dL/dbeta)^2 averaged over calibration batches, summed over
+    the group's BN layers. Groups without BatchNorm fall back to weight Taylor (logged)."""
+
+    def score(self, group: Any) -> torch.Tensor:
+        has_bn = any(isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm) for dep, _ in group)
+        z = self._group_terms(group, ("gate",)) if has_bn else None
+        if z is None:
+            root = group[0].dep.target.module
+            log.info("taylor_bn: group rooted at %s has no BatchNorm gate; using weight Taylor", type(root).__name__)
+            z = self._group_terms(group, ("out", "inp"))
+        if z is None:
+            return torch.zeros(len(group[0].idxs))
+        return self._reduce(z)
+
+
+# Registers "shapley" (kept in its own module: it is long); imported last because it
+# subclasses Importance from this module.
+from evaluators import shapley as _shapley  # noqa: E402,F401
