@@ -1,0 +1,7 @@
+"""``python -m search`` = the ``prunesearch`` command."""
+
+import sys
+
+from search.cli import main
+
+sys.exit(main())

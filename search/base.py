@@ -1,0 +1,263 @@
+"""Searcher: the small ABC every policy proposer implements, and its registry.
+
+A searcher proposes policies and learns from their outcomes; it never touches storage or
+workers. The runner (``search.runner``) owns the Optuna study and the evaluator pool:
+
+* ``ask(n)`` returns up to ``n`` :class:`Proposal` objects — possibly fewer, even none,
+  when the searcher is waiting for results (a GA generation barrier, a masking task that
+  has not finished training). Every proposal becomes exactly one Optuna trial.
+* ``tell(outcome)`` reports the :class:`Outcome` of one of its proposals (in the order the
+  runner finishes them; with one worker that is the order they were asked).
+* ``rebuild(outcomes, pending)`` restores the searcher's state from the finished trials of
+  a resumed study, before any ``ask``. ``pending`` are proposals of a dead launcher that
+  the runner re-submits first; their outcomes will be told later, so the searcher must not
+  propose them again.
+
+A proposal carries its own evaluation settings when it wants a different fidelity than the
+study's (``settings``: e.g. the GA's cheap adaptive-BN step, ``fidelity="cheap"``); ``None``
+means the study's ``[evaluation]`` settings (fidelity ``"full"``). Searchers backed by an
+Optuna sampler create the trial themselves (``study.ask``) and put it in
+``Proposal.trial``; for every other proposal the runner records a trial with exactly the
+proposed params.
+
+Register a searcher with ``@register_searcher("name")``; its options are a frozen
+dataclass ``Options`` (unknown keys are errors) built from the ``[searchers.options]``
+TOML table.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from evaluators.metrics import Metrics
+from spaces.policy import Policy
+from spaces.space import SearchSpace
+
+if TYPE_CHECKING:
+    import optuna
+
+    from evaluators.settings import EvalSettings
+
+FULL = "full"
+MAXIMIZE = "maximize"
+MINIMIZE = "minimize"
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One policy to evaluate, as a searcher proposes it.
+
+    ``generation`` is the searcher's round (GA generation; -1 for a sensitivity pass).
+    ``settings`` overrides the study's evaluation settings for this proposal (its
+    ``fidelity`` is recorded); ``meta`` holds extra JSON-able user attrs. ``trial`` is the
+    Optuna trial when the searcher created it itself (Optuna samplers).
+    """
+
+    policy: Policy
+    generation: int = 0
+    settings: EvalSettings | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    trial: optuna.trial.Trial | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, Policy):
+            raise ValueError(f"a proposal needs a Policy, got {type(self.policy).__name__}")
+        if isinstance(self.generation, bool) or not isinstance(self.generation, int):
+            raise ValueError(f"generation must be an integer, got {self.generation!r}")
+
+    @property
+    def fidelity(self) -> str:
+        return self.settings.fidelity if self.settings is not None else FULL
+
+    def key(self) -> tuple[str, str]:
+        """What makes two proposals the same evaluation: policy and fidelity."""
+        return (self.policy.key(), self.fidelity)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What came of a proposal: its metrics, objective values and constraint values.
+
+    ``values`` follow the study's objectives (``None`` when the evaluation failed);
+    ``constraints`` follow the study's constraints, Optuna's convention (<= 0 feasible).
+    """
+
+    proposal: Proposal
+    metrics: Metrics
+    values: tuple[float, ...] | None
+    constraints: tuple[float, ...] = ()
+    number: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.values is not None
+
+    @property
+    def violation(self) -> float:
+        """Total constraint violation (0 when feasible, inf when the evaluation failed)."""
+        if self.values is None:
+            return math.inf
+        return float(sum(c for c in self.constraints if c > 0))
+
+    @property
+    def feasible(self) -> bool:
+        return self.ok and self.violation == 0.0
+
+
+@dataclass(frozen=True)
+class SearcherContext:
+    """What a searcher may know about the study it proposes for."""
+
+    space: SearchSpace
+    objectives: tuple[str, ...]
+    directions: tuple[str, ...]
+    settings: EvalSettings
+    seed: int = 0
+    label: str = ""
+    constraint_names: tuple[str, ...] = ()
+    #: the study's Task (model factory + data), for searchers that train (masking); may be None
+    task: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.objectives) != len(self.directions) or not self.objectives:
+            raise ValueError("objectives and directions must be non-empty and of equal length")
+        bad = [d for d in self.directions if d not in (MAXIMIZE, MINIMIZE)]
+        if bad:
+            raise ValueError(f"unknown direction {bad[0]!r} (use 'maximize' or 'minimize')")
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of a searcher that takes none."""
+
+
+class Searcher(abc.ABC):
+    """Proposes policies of ``context.space`` and learns from their outcomes."""
+
+    #: registry name, set by ``register_searcher``
+    kind: ClassVar[str] = ""
+    #: the searcher's options dataclass (frozen, validated in ``__post_init__``)
+    Options: ClassVar[type] = NoOptions
+    #: True when ``rebuild`` restores exactly the state an uninterrupted run would have
+    #: (same seed and outcomes -> the same next proposals); samplers that only re-read the
+    #: study restart their RNG from a derived seed instead.
+    resume_exact: ClassVar[bool] = False
+
+    def __init__(self, context: SearcherContext, options: Any = None) -> None:
+        self.context = context
+        self.space = context.space
+        self.options = options if options is not None else self.Options()
+
+    # -- optional hooks ----------------------------------------------------------------------
+    def sampler(self) -> optuna.samplers.BaseSampler | None:
+        """The Optuna sampler this searcher drives, or ``None`` when it fixes params itself.
+
+        When not ``None`` the runner binds the searcher to its own study handle using this
+        sampler (``bind``) and the searcher creates its trials with ``study.ask``.
+        """
+        return None
+
+    def bind(self, study: optuna.Study) -> None:
+        """Called once with the searcher's own study handle (only if ``sampler()``)."""
+        self.study = study
+
+    def rebuild(self, outcomes: Sequence[Outcome], pending: Sequence[Proposal] = ()) -> None:
+        """Restore state from this searcher's finished trials (in trial order).
+
+        The default tells every outcome in order; ``pending`` proposals are re-submitted by
+        the runner and told later.
+        """
+        for outcome in outcomes:
+            self.tell(outcome)
+
+    @property
+    def finished(self) -> bool:
+        """True when the searcher will never propose anything again."""
+        return False
+
+    @property
+    def waiting(self) -> bool:
+        """True while work of its own (not an outcome) will give it proposals later.
+
+        A searcher that returns nothing from ``ask`` while nothing of its own is being
+        evaluated either waits for such work (e.g. a background training task: override
+        this to return True meanwhile, and the runner polls it) or is out of proposals.
+        """
+        return False
+
+    # -- the contract ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def ask(self, n: int) -> list[Proposal]:
+        """Up to ``n`` new proposals (fewer, possibly none, when waiting for results)."""
+
+    @abc.abstractmethod
+    def tell(self, outcome: Outcome) -> None:
+        """The outcome of one of this searcher's proposals."""
+
+
+# -- registry ----------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Searcher]] = {}
+
+
+def register_searcher(name: str) -> Callable[[type[Searcher]], type[Searcher]]:
+    """Class decorator adding a :class:`Searcher` subclass under ``name``."""
+
+    def wrap(cls: type[Searcher]) -> type[Searcher]:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"searcher name must be a non-empty string, got {name!r}")
+        if not (isinstance(cls, type) and issubclass(cls, Searcher)):
+            raise ValueError(f"searcher {name!r} must subclass Searcher")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"searcher {name!r} is already registered")
+        cls.kind = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_builtins() -> None:
+    # Built-in searchers register on import; imported lazily so ``search.base`` stays light.
+    import search.genetic  # noqa: F401
+    import search.optuna_searcher  # noqa: F401
+
+    try:  # dynamic channel masking is added by another module when present
+        import search.masking  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != "search.masking":
+            raise
+
+
+def available_searchers() -> tuple[str, ...]:
+    """Names of every registered searcher."""
+    _load_builtins()
+    return tuple(sorted(_REGISTRY))
+
+
+def searcher_class(kind: str) -> type[Searcher]:
+    _load_builtins()
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown searcher {kind!r} (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[kind]
+
+
+def build_options(kind: str, options: Mapping[str, Any] | None = None) -> Any:
+    """The validated ``Options`` of searcher ``kind``; unknown keys are errors."""
+    cls = searcher_class(kind)
+    options = dict(options or {})
+    names = {f.name for f in dataclasses.fields(cls.Options)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        known = ", ".join(sorted(names)) or "none"
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for searcher {kind!r} (known: {known})")
+    return cls.Options(**options)
+
+
+def make_searcher(kind: str, context: SearcherContext, options: Mapping[str, Any] | None = None) -> Searcher:
+    """Instantiate the registered searcher ``kind`` with validated options."""
+    return searcher_class(kind)(context, build_options(kind, options))

@@ -1,0 +1,305 @@
+"""``prunesearch`` command line: run | status | export | dashboard.
+
+Exit codes: 0 success; 2 bad input (config, command line, plugin, storage URL, export
+directory) — one line ``prunesearch: error: <what, where, what to do>`` on stderr and
+nothing written to the study storage; 1 a runtime failure — the same one-line form plus
+the path of the log file holding the traceback; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from search.config import ConfigError, StudyConfig, load_config
+
+PROG = "prunesearch"
+_PACKAGES = ("search", "evaluators", "spaces")
+
+
+class _ArgumentError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line instead of usage + message + exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _ArgumentError(f"{message} (see `{self.prog} --help`)")
+
+
+def _error(message: str) -> None:
+    line = " ".join(str(message).split())
+    print(f"{PROG}: error: {line}", file=sys.stderr, flush=True)
+
+
+def _int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="AutoML search for channel-pruning policies.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run or resume the study described by CONFIG")
+    run.add_argument("config", help="study TOML file")
+    run.add_argument("--n-trials", type=_int, help="override [study] n_trials")
+    run.add_argument("--timeout", type=_number, help="override [study] timeout_s (seconds)")
+    run.add_argument("--workers", type=_int, help="override [study] workers")
+    run.add_argument("--storage", help="override [study] storage (database URL or .journal path)")
+    run.add_argument("--ray-address", help="join a Ray cluster ('auto', or host:port); default: RAY_ADDRESS or local")
+    run.add_argument("--seed", type=_int, help="override [study] seed")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="trials by state and searcher, and the Pareto front")
+    status.add_argument("config")
+    status.add_argument("--storage", help="override [study] storage")
+    status.set_defaults(func=cmd_status)
+
+    export = sub.add_parser("export", help="export the feasible Pareto trials as models")
+    export.add_argument("config")
+    export.add_argument("--out", help="output directory (default: [export] dir / <study name>)")
+    export.add_argument("--finetune-steps", type=_int, help="override [export] finetune_steps")
+    export.add_argument("--formats", help="comma-separated: pt2,onnx (override [export] formats)")
+    export.add_argument("--storage", help="override [study] storage")
+    export.set_defaults(func=cmd_export)
+
+    dash = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage")
+    dash.add_argument("config")
+    dash.add_argument("--port", type=_int, default=8080)
+    dash.add_argument("--host", default="127.0.0.1")
+    dash.add_argument("--storage", help="override [study] storage")
+    dash.set_defaults(func=cmd_dashboard)
+    return parser
+
+
+# -- logging -----------------------------------------------------------------------------
+class _LogSetup:
+    """INFO and up of our packages into the study's log file; warnings also to stderr."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handlers: list[logging.Handler] = []
+
+    def __enter__(self) -> "_LogSetup":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(self.path, encoding="utf-8", delay=True)
+        file_handler.setLevel(logging.INFO)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.WARNING)
+        console.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+        self.handlers = [file_handler, console]
+        self.previous = {}
+        for name in _PACKAGES:
+            logger = logging.getLogger(name)
+            self.previous[name] = logger.level
+            logger.setLevel(logging.INFO)
+            for h in self.handlers:
+                logger.addHandler(h)
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name in _PACKAGES:
+            logger = logging.getLogger(name)
+            for h in self.handlers:
+                logger.removeHandler(h)
+            logger.setLevel(self.previous.get(name, logging.NOTSET))
+        for h in self.handlers:
+            h.close()
+
+
+def _load(args: argparse.Namespace, **overrides: Any) -> StudyConfig:
+    config = load_config(args.config)
+    if getattr(args, "storage", None) is not None:
+        overrides["storage"] = args.storage
+    try:
+        return config.with_overrides(**overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: command-line override: {exc}") from None
+
+
+# -- tables ------------------------------------------------------------------------------
+def format_front(front: Sequence[Any], objectives: Sequence[str]) -> str:
+    """The Pareto table: one row per trial on the feasible full-fidelity front."""
+    if not front:
+        return "Pareto front: empty (no feasible full-fidelity trial yet)"
+    head = ["trial", "searcher", "gen", "accuracy", "flops_ratio", "params_ratio", "MFLOPs"]
+    if "latency_ms" in objectives:
+        head.append("latency_ms")
+    rows = []
+    for r in front:
+        m = r.metrics
+        row = [str(r.number), r.searcher, str(r.generation), f"{m.accuracy:.4f}", f"{m.flops_ratio:.4f}",
+               f"{m.params_ratio:.4f}" if m.params_ratio is not None else "-",
+               f"{m.flops / 1e6:.3f}" if m.flops is not None else "-"]
+        if "latency_ms" in objectives:
+            row.append(f"{m.latency_ms:.3f}" if m.latency_ms is not None else "-")
+        rows.append(row)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    lines = [f"Pareto front ({len(front)} trial{'s' if len(front) != 1 else ''}, feasible, full fidelity):",
+             "  ".join(h.rjust(w) for h, w in zip(head, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def format_states(records: Sequence[Any]) -> str:
+    """Trials by searcher (rows) and state/fidelity (columns)."""
+    from collections import Counter
+
+    counts = Counter((r.searcher, r.state.name) for r in records)
+    fidelity = Counter((r.searcher, r.fidelity) for r in records)
+    states = sorted({s for _, s in counts})
+    searchers = sorted({n for n, _ in counts})
+    fids = sorted({f for _, f in fidelity})
+    head = ["searcher", *states, *(f"fid:{f}" for f in fids), "total"]
+    rows = [[n, *(str(counts[(n, s)]) for s in states), *(str(fidelity[(n, f)]) for f in fids),
+             str(sum(counts[(n, s)] for s in states))] for n in searchers]
+    rows.append(["all", *(str(sum(counts[(n, s)] for n in searchers)) for s in states),
+                 *(str(sum(fidelity[(n, f)] for n in searchers)) for f in fids), str(len(records))])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+# -- commands ----------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from search.runner import prepare, run_study
+
+    config = _load(args, n_trials=args.n_trials, timeout_s=args.timeout, workers=args.workers, seed=args.seed)
+    with _LogSetup(config.study.log_path) as logs:
+        args._log_path = logs.path
+        prepared = prepare(config)
+        summary = run_study(config, ray_address=args.ray_address, progress=not args.no_progress, prepared=prepared)
+    budget = f"/{summary.n_trials}" if summary.n_trials else ""
+    print(f"study {summary.study_name}: {summary.finished}{budget} trials finished "
+          f"({summary.new_trials} new: {summary.evaluations} evaluated, {summary.cached} cached; "
+          f"{summary.stale_failed} stale failed) in {summary.elapsed_s:.1f} s; storage {summary.storage_url}")
+    print(format_front(summary.front, config.study.objectives))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import optuna
+
+    from search.storage import find_study, inspect_storage, pareto_front, parse_storage, read_trials
+
+    config = _load(args)
+    spec = parse_storage(config.study.storage_url)
+    with inspect_storage(spec) as storage:
+        if storage is None or find_study(storage, config.name) is None:
+            raise ConfigError(f"no study {config.name!r} in {config.study.storage_url}: run `prunesearch run {args.config}` first")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        records = read_trials(optuna.load_study(study_name=config.name, storage=storage))
+    counted = sum(r.evaluated for r in records)
+    budget = f" of n_trials {config.study.n_trials}" if config.study.n_trials else ""
+    print(f"study {config.name} ({config.study.storage_url}): {len(records)} trials, {counted} finished{budget}")
+    print(format_states(records))
+    print(format_front(pareto_front(records, config.study.directions), config.study.objectives))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from search.export import export_study
+
+    config = _load(args)
+    formats = None
+    if args.formats is not None:
+        formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+        if not formats:
+            raise ConfigError("--formats is empty: give e.g. --formats pt2 or --formats pt2,onnx")
+    with _LogSetup(config.study.log_path) as logs:
+        args._log_path = logs.path
+        summary = export_study(config, out=args.out, finetune_steps=args.finetune_steps, formats=formats)
+    print(f"exported {len(summary.trials)} Pareto trial(s) of {config.name} to {summary.out}")
+    for n in summary.trials:
+        m = summary.metrics[n]
+        print(f"  trial-{n}: accuracy {m['remeasured']['accuracy']:.4f} (recorded {m['recorded']['accuracy']:.4f}), "
+              f"after export {m['exported']['accuracy']:.4f}, flops_ratio {m['exported']['flops_ratio']:.4f}")
+    print(f"  plot: {summary.plot}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import optuna_dashboard
+
+    from search.storage import find_study, inspect_storage, open_storage, parse_storage
+
+    config = _load(args)
+    spec = parse_storage(config.study.storage_url)
+    with inspect_storage(spec) as storage:
+        if storage is None or find_study(storage, config.name) is None:
+            raise ConfigError(f"no study {config.name!r} in {config.study.storage_url}: run `prunesearch run {args.config}` first")
+    storage = open_storage(spec)
+    print(f"optuna-dashboard for study {config.name} at http://{args.host}:{args.port}/dashboard (Ctrl-C stops)",
+          flush=True)
+    try:
+        optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}: choose another --port") from None
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``prunesearch`` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _ArgumentError as exc:
+        _error(str(exc))
+        return 2
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    args._log_path = None
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        message = str(exc)
+        config = getattr(args, "config", None)
+        if config and not message.startswith(str(config)):  # say where, once
+            message = f"{config}: {message}"
+        _error(message)
+        return 2
+    except KeyboardInterrupt:
+        _error("interrupted; run the same command again to resume")
+        return 130
+    except Exception as exc:  # a runtime failure: one line here, the traceback in the log
+        path = args._log_path or Path("studies/logs/prunesearch.log")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR {PROG} {args.command} failed\n")
+                f.write(traceback.format_exc())
+        except OSError:
+            path = Path("(log could not be written)")
+        _error(f"{args.command} failed: {type(exc).__name__}: {exc} (traceback in {path})")
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Pareto front -> real, smaller models on disk.
+
+For every feasible Pareto trial, ``<out>/trial-<n>/`` holds
+
+* ``policy.json``  — the policy (remaining ratio per group, method, recovery);
+* ``metrics.json`` — the metrics recorded in the study, the same model re-measured here,
+  and (with ``finetune_steps`` > 0) the metrics after the export fine-tune;
+* ``weights.pt``   — the state_dict, loadable with ``torch.load(..., weights_only=True)``;
+  the module is rebuilt from the base architecture + policy (``load_exported``), never
+  unpickled;
+* ``model.pt2``    — ``torch.export`` program with a dynamic batch dimension (with ``"pt2"``
+  in formats; load with ``torch.export.load(path).module()``);
+* ``model.onnx``   — only with ``"onnx"`` in formats, which needs the ``onnx`` package;
+
+and ``<out>/pareto.png`` plots accuracy vs FLOPs of every trial, coloured by searcher,
+with the front highlighted. ``<out>`` defaults to ``[export] dir / <study name>``; an
+existing ``<out>`` is only overwritten when a previous prunesearch export made it (marker
+file ``.prunesearch-export.json``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import torch.nn as nn
+
+from search.base import FULL
+from search.config import ConfigError, StudyConfig
+from search.storage import (
+    TrialRecord,
+    check_compatible,
+    find_study,
+    inspect_storage,
+    pareto_front,
+    parse_storage,
+    read_trials,
+)
+from spaces.policy import Policy
+
+log = logging.getLogger(__name__)
+
+MARKER = ".prunesearch-export.json"
+
+
+@dataclass
+class ExportSummary:
+    out: Path
+    trials: list[int]
+    directories: list[Path]
+    plot: Path
+    metrics: dict[int, dict[str, Any]]
+
+
+def check_formats(formats: Sequence[str]) -> None:
+    if "onnx" in formats:
+        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(
+                f"export format 'onnx' needs the {' and '.join(missing)} package(s), not installed: "
+                "pip install 'prunesearch[onnx]' or drop 'onnx' from [export] formats / --formats"
+            )
+
+
+def prepare_out_dir(out: Path, study_name: str) -> None:
+    """Refuse a directory that is not a previous prunesearch export; clear our old output."""
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"export path {str(out)!r} exists and is not a directory: choose another --out")
+        marker = out / MARKER
+        if any(out.iterdir()) and not marker.is_file():
+            raise ConfigError(
+                f"export directory {str(out)!r} exists and is not a prunesearch export: "
+                "choose another --out or [export] dir, or empty it"
+            )
+        if marker.is_file():
+            for child in out.iterdir():  # only what an export writes
+                if child.is_dir() and child.name.startswith("trial-"):
+                    shutil.rmtree(child)
+                elif child.name == "pareto.png":
+                    child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"study": study_name, "created": time.time()}), encoding="utf-8")
+
+
+# -- rebuilding models ---------------------------------------------------------------------
+def build_recovered(policy: Policy, task: Any, settings: Any, space: Any) -> nn.Module:
+    """The pruned + recovered model an evaluation of ``policy`` measured, rebuilt here.
+
+    Mirrors ``evaluators.evaluate.evaluate`` step by step (same seed, threads, calibration
+    batches), so measuring it reproduces the recorded accuracy.
+    """
+    from evaluators.evaluate import calibration_batches
+    from evaluators.measure import torch_threads
+    from evaluators.prune import apply_policy
+    from evaluators.recover import recover
+
+    base = task.base_model()  # built before seeding, as the workers' base model is
+    with torch_threads(settings.threads):
+        torch.manual_seed(settings.seed)
+        calibration = calibration_batches(task, settings)
+        pruned = apply_policy(base, policy, task.example_inputs, calibration, groups=space.groups,
+                              round_to=space.round_to)
+        recovery = policy.recovery or settings.recovery
+        return recover(recovery, pruned, base=base, task=task, settings=settings, calibration=calibration).eval()
+
+
+def rebuild_structure(task: Any, policy: Policy, groups: Sequence[Any] | None = None, round_to: int = 1) -> nn.Module:
+    """The pruned architecture of ``policy`` (weights still the base model's)."""
+    from evaluators.prune import apply_policy
+
+    # Which channels survive does not matter: the state_dict replaces every weight. L1 needs
+    # no calibration data, whatever criterion the policy was searched with.
+    shape_only = Policy(ratios=dict(policy.ratios), method="l1")
+    return apply_policy(task.base_model(), shape_only, task.example_inputs, groups=groups, round_to=round_to)
+
+
+def load_exported(directory: str | Path, task: Any, groups: Sequence[Any] | None = None) -> nn.Module:
+    """Rebuild an exported trial's model from base architecture + policy + weights.pt."""
+    directory = Path(directory)
+    policy = Policy.from_json((directory / "policy.json").read_text(encoding="utf-8"))
+    info = json.loads((directory / "metrics.json").read_text(encoding="utf-8"))
+    model = rebuild_structure(task, policy, groups=groups, round_to=int(info.get("round_to", 1)))
+    state = torch.load(directory / "weights.pt", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# -- writing -------------------------------------------------------------------------------
+def export_trial(record: TrialRecord, task: Any, space: Any, settings: Any, directory: Path, *,
+                 finetune_steps: int = 0, formats: Sequence[str] = ("pt2",)) -> dict[str, Any]:
+    from evaluators.evaluate import calibration_batches, evaluate_model
+    from evaluators.measure import torch_threads
+    from evaluators.recover import recover
+
+    policy = record.policy
+    model = build_recovered(policy, task, settings, space)
+    remeasured = evaluate_model(model, task, settings)
+    exported = remeasured
+    if finetune_steps > 0:
+        ft = settings.replace(recovery="finetune", finetune_steps=finetune_steps)
+        base = task.base_model()
+        with torch_threads(settings.threads):
+            torch.manual_seed(settings.seed)
+            model = recover("finetune", model, base=base, task=task, settings=ft,
+                            calibration=calibration_batches(task, ft)).eval()
+        exported = evaluate_model(model, task, settings)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "policy.json").write_text(json.dumps(policy.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    torch.save(model.state_dict(), directory / "weights.pt")
+    info = {
+        "trial": record.number,
+        "searcher": record.searcher,
+        "generation": record.generation,
+        "fidelity": record.fidelity,
+        "task": task.name,
+        "round_to": space.round_to,
+        "recorded": record.metrics.to_dict() if record.metrics else None,
+        "remeasured": remeasured.to_dict(),
+        "export_finetune_steps": finetune_steps,
+        "exported": exported.to_dict(),
+        "settings": settings.to_dict(),
+        "files": ["policy.json", "metrics.json", "weights.pt"],
+    }
+    if "pt2" in formats:
+        # Batch dimension dynamic (an example of 2: a batch of 1 would be specialised to 1).
+        example = task.example_inputs.expand(2, *task.example_inputs.shape[1:]).clone()
+        program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+        torch.export.save(program, str(directory / "model.pt2"))
+        info["files"].append("model.pt2")
+    if "onnx" in formats:
+        torch.onnx.export(model.eval(), (task.example_inputs,), str(directory / "model.onnx"))
+        info["files"].append("model.onnx")
+    (directory / "metrics.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return info
+
+
+def plot_pareto(records: Sequence[TrialRecord], front: Sequence[TrialRecord], path: Path, *,
+                max_flops_ratio: float | None = None, title: str = "") -> Path:
+    """Accuracy vs FLOPs ratio of every COMPLETE trial, by searcher; the front highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    done = [r for r in records if r.state == optuna.trial.TrialState.COMPLETE and r.metrics is not None
+            and r.metrics.accuracy is not None and r.metrics.flops_ratio is not None]
+    searchers = sorted({r.searcher for r in done})
+    colours = plt.get_cmap("tab10")
+    for i, name in enumerate(searchers):
+        for fidelity, marker_face in ((FULL, None), ("other", "none")):
+            pts = [r for r in done if r.searcher == name and ((r.fidelity == FULL) == (fidelity == FULL))]
+            if not pts:
+                continue
+            label = name if fidelity == FULL else f"{name} (cheap)"
+            colour = colours(i % 10)
+            ax.scatter([r.metrics.flops_ratio for r in pts], [r.metrics.accuracy for r in pts], s=18,
+                       edgecolors=[colour], facecolors=[colour] if marker_face is None else "none",
+                       alpha=0.8, label=label)
+    if front:
+        xs = [r.metrics.flops_ratio for r in front]
+        ys = [r.metrics.accuracy for r in front]
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        ax.plot([xs[i] for i in order], [ys[i] for i in order], "-", color="black", lw=1, drawstyle="steps-post")
+        ax.scatter(xs, ys, s=70, facecolors="none", edgecolors="red", linewidths=1.5, label="Pareto front", zorder=5)
+    if max_flops_ratio is not None:
+        ax.axvline(max_flops_ratio, color="grey", ls="--", lw=1, label=f"max FLOPs ratio {max_flops_ratio}")
+    ax.set_xlabel("FLOPs ratio (pruned / base)")
+    ax.set_ylabel("proxy accuracy")
+    ax.set_title(title or "trials and Pareto front")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune_steps: int | None = None,
+                 formats: Sequence[str] | None = None, task_and_space: tuple[Any, Any] | None = None) -> ExportSummary:
+    """Export every feasible Pareto trial of ``config``'s study (storage is only read)."""
+    from search.runner import fingerprint_of, load_task_and_space
+
+    formats = tuple(formats if formats is not None else config.export.formats)
+    bad = [f for f in formats if f not in ("pt2", "onnx")]
+    if bad:
+        raise ConfigError(f"unknown export format {bad[0]!r} (known: pt2, onnx)")
+    check_formats(formats)
+    steps = config.export.finetune_steps if finetune_steps is None else finetune_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"export finetune_steps must be an integer >= 0, got {steps!r}")
+    out = Path(out) if out is not None else Path(config.export.dir) / config.name
+    spec = parse_storage(config.study.storage_url)
+    with inspect_storage(spec) as storage:
+        if storage is None or find_study(storage, config.name) is None:
+            raise ConfigError(f"no study {config.name!r} in {config.study.storage_url}: run `prunesearch run` first")
+        summary = find_study(storage, config.name)
+        study = optuna.load_study(study_name=config.name, storage=storage)
+        records = read_trials(study)
+    front = pareto_front(records, config.study.directions)
+    if not front:
+        raise ConfigError(f"study {config.name!r} has no feasible full-fidelity Pareto trial to export yet")
+    task, space = task_and_space if task_and_space is not None else load_task_and_space(config)
+    check_compatible(summary, fingerprint=fingerprint_of(config, space, task), objectives=config.study.objectives,
+                     evaluation=config.evaluation.to_dict(), where=config.study.storage_url)
+    prepare_out_dir(out, config.name)
+    settings = config.evaluation.replace(threads=config.study.threads_per_worker)
+    dirs, metrics = [], {}
+    for record in front:
+        directory = out / f"trial-{record.number}"
+        metrics[record.number] = export_trial(record, task, space, settings, directory,
+                                              finetune_steps=steps, formats=formats)
+        dirs.append(directory)
+        log.info("exported trial %d to %s", record.number, directory)
+    plot = plot_pareto(records, front, out / "pareto.png", max_flops_ratio=config.constraints.max_flops_ratio,
+                       title=f"{config.name}: {len(records)} trials, {len(front)} on the front")
+    with contextlib.suppress(OSError):
+        marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
+        marker["trials"] = [r.number for r in front]
+        (out / MARKER).write_text(json.dumps(marker), encoding="utf-8")
+    return ExportSummary(out=out, trials=[r.number for r in front], directories=dirs, plot=plot, metrics=metrics)

@@ -1,0 +1,158 @@
+"""The dynamic-channel-masking searcher: each proposal is the outcome of one masking run.
+
+A run (``search.masking_core.learn_ratios``) trains soft channel masks and per-group ratios
+on the task towards one FLOPs target; its rounded ratios become a Policy that the runner
+records and evaluates with the same pool and recovery as every other searcher, so results
+are comparable. Runs cycle through ``targets`` x ``lambdas`` (then again with the next
+seed) until the budget is spent. Each run is a Ray task when Ray is initialised (``parallel``
+of them at once), else it runs in-process. Results are released in run order, so the
+sequence of proposals is the same whatever order the tasks finish in.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from search.base import Outcome, Proposal, Searcher, SearcherContext, register_searcher
+from search.masking_core import MaskingConfig, learn_ratios
+from spaces.policy import Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MaskingOptions:
+    """Options of the ``masking`` searcher (``[searchers.options]`` in the study TOML)."""
+
+    targets: tuple[float, ...] = (0.3, 0.5, 0.7)
+    lambdas: tuple[float, ...] = (4.0,)
+    steps: int = 150
+    tau_start: float = 4.0
+    tau_end: float = 0.25
+    weight_lr: float = 0.01
+    ratio_lr: float = 0.5
+    rerank_every: int = 10
+    kd: bool = True
+    temperature: float = 4.0
+    method: str | None = None          # ranking criterion; default: the space's first method
+    batch_size: int = 64
+    parallel: int = 2                  # masking runs in flight at once (Ray tasks)
+    threads: int = 1                   # torch threads inside one run
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(float(t) for t in self.targets))
+        object.__setattr__(self, "lambdas", tuple(float(v) for v in self.lambdas))
+        if not self.targets:
+            raise ValueError("masking needs at least one FLOPs target")
+        if not self.lambdas:
+            raise ValueError("masking needs at least one lambda")
+        for target, lam in itertools.product(self.targets, self.lambdas):
+            self.config(target, lam, 0)  # validates target, lambda, steps, tau, rates
+        if self.batch_size < 1 or self.parallel < 1 or self.threads < 1:
+            raise ValueError("masking batch_size, parallel and threads must be >= 1")
+
+    def config(self, target: float, lam: float, seed: int, method: str = "l1") -> MaskingConfig:
+        shared = {f.name: getattr(self, f.name) for f in fields(MaskingConfig) if hasattr(self, f.name)}
+        shared.update(target=target, lam=lam, seed=seed, method=self.method or method)
+        return MaskingConfig(**shared)
+
+
+def _run(task: Any, space: Any, config: MaskingConfig, batch_size: int, threads: int) -> tuple[str, dict]:
+    """One masking run; returns (policy JSON, info). Module-level so Ray can ship it."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model = task.base_model()
+    train = task.batches("train", batch_size, seed=config.seed)
+    heldout = task.batches("calibration", batch_size, seed=config.seed)
+    policy, info = learn_ratios(model, space, train, heldout, task.example_inputs, config)
+    return policy.to_json(), info
+
+
+@register_searcher("masking")
+class MaskingSearcher(Searcher):
+    """Dynamic channel masking (Li et al. 2020): learnable ratios under a FLOPs-aware loss."""
+
+    Options = MaskingOptions
+
+    def __init__(self, context: SearcherContext, options: MaskingOptions | None = None) -> None:
+        super().__init__(context, options)
+        if getattr(context, "task", None) is None:
+            raise ValueError("the masking searcher needs the study's task (training data) in its context")
+        self.task = context.task
+        self._runs: Iterator[tuple[int, MaskingConfig]] = self._run_stream()
+        self._launched: dict[int, Any] = {}     # run index -> Ray ref or finished result
+        self._done: set[int] = set()            # run indices already proposed (this or a past launch)
+        self._next_release = 0
+        self._task_ref = None
+
+    def _run_stream(self) -> Iterator[tuple[int, MaskingConfig]]:
+        combos = list(itertools.product(self.options.targets, self.options.lambdas))
+        for index in itertools.count():
+            cycle, pos = divmod(index, len(combos))
+            target, lam = combos[pos]
+            yield index, self.options.config(target, lam, self.context.seed + cycle, self.space.methods[0])
+
+    def _launch(self, index: int, config: MaskingConfig) -> None:
+        import ray
+
+        if ray.is_initialized():
+            if self._task_ref is None:
+                self._task_ref = ray.put(self.task)
+            remote = ray.remote(num_cpus=self.options.threads, max_retries=2)(_run)
+            self._launched[index] = (config, remote.remote(self._task_ref, self.space, config,
+                                                           self.options.batch_size, self.options.threads))
+        else:
+            self._launched[index] = (config, _run(self.task, self.space, config, self.options.batch_size, self.options.threads))
+
+    def ask(self, n: int) -> list[Proposal]:
+        import ray
+
+        while len(self._launched) < self.options.parallel:
+            index, config = next(self._runs)
+            if index in self._done:
+                continue
+            self._launch(index, config)
+        proposals: list[Proposal] = []
+        while len(proposals) < n and self._next_release in self._launched:
+            index = self._next_release
+            config, result = self._launched[index]
+            if isinstance(result, ray.ObjectRef):
+                ready, _ = ray.wait([result], timeout=0)
+                if not ready:
+                    break
+                result = ray.get(result)
+            del self._launched[index]
+            self._done.add(index)
+            self._next_release += 1
+            while self._next_release in self._done and self._next_release not in self._launched:
+                self._next_release += 1
+            policy_json, info = result
+            proposals.append(Proposal(
+                policy=Policy.from_json(policy_json),
+                generation=index,
+                meta={
+                    "masking_run": index,
+                    "masking_target": config.target,
+                    "masking_lambda": config.lam,
+                    "masking_seed": config.seed,
+                    "learned_flops_ratio": round(float(info["learned_flops_ratio"]), 6),
+                },
+            ))
+        return proposals
+
+    def tell(self, outcome: Outcome) -> None:
+        """Masking runs are independent of each other's outcomes: nothing to learn."""
+
+    def rebuild(self, outcomes: Sequence[Outcome], pending: Sequence[Proposal] = ()) -> None:
+        for item in list(outcomes) + [p for p in pending]:
+            proposal = item.proposal if isinstance(item, Outcome) else item
+            run = proposal.meta.get("masking_run") if proposal.meta else None
+            if run is not None:
+                self._done.add(int(run))
+        while self._next_release in self._done:
+            self._next_release += 1

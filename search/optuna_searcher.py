@@ -1,0 +1,230 @@
+"""Searchers driven by Optuna samplers: TPE, NSGA-II and random (the baseline).
+
+Each searcher owns a study handle with its own seeded sampler on the shared study
+(``bind``) and proposes through ``study.ask(space.distributions())``, so its trials carry
+exactly the space's params. Samplers see every trial of the study of the fidelities in
+option ``fidelities`` (default ``["full"]``): a portfolio — TPE learns from the GA's
+promoted trials too, but not from its cheap step, whose accuracies are not comparable
+(``fidelities = []`` shows everything). Optuna's NSGA-II builds its populations from its
+own generations only. Constraints reach the samplers through ``trial.set_constraint`` (written by the
+runner before ``tell``), which Optuna 5 reads as ``trial.constraints``; the deprecated
+``constraints_func`` is not needed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from search.base import FULL, Outcome, Proposal, Searcher, SearcherContext, register_searcher
+
+
+class _FidelityView:
+    """A study as a sampler should see it: only trials of the given fidelities.
+
+    Cheap (low-fidelity) trials of the GA are systematically less accurate than full ones;
+    a sampler mixing both would learn that the GA's regions are bad. Everything but the
+    trial lists is the real study.
+    """
+
+    def __init__(self, study: optuna.Study, fidelities: frozenset[str]) -> None:
+        self._study = study
+        self._fidelities = fidelities
+
+    def _keep(self, trials: Any) -> list:
+        # proposals of other tools (no fidelity attr) count as full
+        return [t for t in trials if t.user_attrs.get("fidelity", FULL) in self._fidelities]
+
+    def _get_trials(self, *args: Any, **kwargs: Any) -> list:
+        return self._keep(self._study._get_trials(*args, **kwargs))
+
+    def get_trials(self, *args: Any, **kwargs: Any) -> list:
+        return self._keep(self._study.get_trials(*args, **kwargs))
+
+    @property
+    def trials(self) -> list:
+        return self.get_trials()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+class _FidelityFilter(optuna.samplers.BaseSampler):
+    """Wraps a sampler so it only learns from trials of some fidelities (see _FidelityView)."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, fidelities: Sequence[str]) -> None:
+        self.inner = inner
+        self.fidelities = frozenset(fidelities)
+
+    def _view(self, study: optuna.Study) -> Any:
+        return _FidelityView(study, self.fidelities)
+
+    def infer_relative_search_space(self, study, trial):  # type: ignore[no-untyped-def]
+        return self.inner.infer_relative_search_space(self._view(study), trial)
+
+    def sample_relative(self, study, trial, search_space):  # type: ignore[no-untyped-def]
+        return self.inner.sample_relative(self._view(study), trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):  # type: ignore[no-untyped-def]
+        return self.inner.sample_independent(self._view(study), trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):  # type: ignore[no-untyped-def]
+        self.inner.before_trial(self._view(study), trial)
+
+    def after_trial(self, study, trial, state, values):  # type: ignore[no-untyped-def]
+        self.inner.after_trial(self._view(study), trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+def derived_seed(seed: int, salt: int) -> int:
+    """A seed for the ``salt``-th restart of a searcher seeded with ``seed``."""
+    return (int(seed) * 1_000_003 + int(salt) * 7_919) % (2**32)
+
+
+class OptunaSearcher(Searcher):
+    """Base of the sampler-backed searchers: ``ask`` = ``study.ask(distributions)``."""
+
+    def __init__(self, context: SearcherContext, options: Any = None) -> None:
+        super().__init__(context, options)
+        self._round = 0
+        self._seed = context.seed
+        self.study: optuna.Study | None = None
+
+    def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        raise NotImplementedError
+
+    def sampler(self) -> optuna.samplers.BaseSampler:
+        with warnings.catch_warnings():  # experimental-feature warnings are noise here
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = self.make_sampler(self._seed)
+        fidelities = getattr(self.options, "fidelities", None)
+        return sampler if not fidelities else _FidelityFilter(sampler, fidelities)
+
+    def rebuild(self, outcomes: Sequence[Outcome], pending: Sequence[Proposal] = ()) -> None:
+        # The sampler reads the study itself; only the RNG must not restart where the
+        # first run started, or the random start-up phase would re-propose its policies.
+        done = list(outcomes) + list(pending)
+        if done:
+            self._seed = derived_seed(self.context.seed, len(done))
+            self._round = max(p.generation for p in [o.proposal for o in outcomes] + list(pending)) + 1
+
+    def generation_of(self, trial: optuna.trial.Trial) -> int:
+        return self._round
+
+    def ask(self, n: int) -> list[Proposal]:
+        if self.study is None:
+            raise RuntimeError(f"searcher {self.kind!r} asked before bind(study)")
+        proposals = []
+        for _ in range(max(0, n)):
+            trial = self.study.ask(self.space.distributions())
+            # samplers may return grid values off by float rounding (0.6000000000000001):
+            # snap so equal policies compare and cache equal
+            space = self.space
+            policy = space.decode(space.encode(space.from_params(trial.params)))
+            proposals.append(Proposal(policy, generation=self.generation_of(trial), trial=trial))
+            self._round += 1
+        return proposals
+
+    def tell(self, outcome: Outcome) -> None:
+        # Nothing to keep: the sampler reads values and constraints from the study.
+        return None
+
+
+def _check_fidelities(kind: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(f, str) and f for f in value):
+        raise ValueError(f"{kind} option fidelities must be a list of fidelity names ([] = all), got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class TPEOptions:
+    n_startup_trials: int = 10
+    n_ei_candidates: int = 24
+    multivariate: bool = True
+    constant_liar: bool = True
+    fidelities: Sequence[str] = (FULL,)   # trials the sampler learns from; [] = all
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fidelities", _check_fidelities("tpe", self.fidelities))
+        for name in ("n_startup_trials", "n_ei_candidates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"tpe option {name} must be an integer >= 1, got {value!r}")
+        for name in ("multivariate", "constant_liar"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"tpe option {name} must be true or false, got {getattr(self, name)!r}")
+
+
+@register_searcher("tpe")
+class TPESearcher(OptunaSearcher):
+    """Optuna's (multi-objective, constrained) TPE."""
+
+    Options = TPEOptions
+
+    def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        o = self.options
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            n_startup_trials=o.n_startup_trials,
+            n_ei_candidates=o.n_ei_candidates,
+            multivariate=o.multivariate,
+            constant_liar=o.constant_liar,
+        )
+
+
+@dataclass(frozen=True)
+class NSGA2Options:
+    population_size: int = 8
+    mutation_prob: float | None = None
+    crossover_prob: float = 0.9
+    swapping_prob: float = 0.5
+    fidelities: Sequence[str] = (FULL,)   # trials the sampler learns from; [] = all
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fidelities", _check_fidelities("nsga2", self.fidelities))
+        if isinstance(self.population_size, bool) or not isinstance(self.population_size, int) or self.population_size < 2:
+            raise ValueError(f"nsga2 option population_size must be an integer >= 2, got {self.population_size!r}")
+        for name in ("mutation_prob", "crossover_prob", "swapping_prob"):
+            value = getattr(self, name)
+            if value is None and name == "mutation_prob":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"nsga2 option {name} must be a number in [0, 1], got {value!r}")
+
+
+@register_searcher("nsga2")
+class NSGA2Searcher(OptunaSearcher):
+    """Optuna's NSGA-II with constrained domination; generation = the sampler's."""
+
+    Options = NSGA2Options
+
+    def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        o = self.options
+        return optuna.samplers.NSGAIISampler(
+            seed=seed,
+            population_size=o.population_size,
+            mutation_prob=o.mutation_prob,
+            crossover_prob=o.crossover_prob,
+            swapping_prob=o.swapping_prob,
+        )
+
+    def generation_of(self, trial: optuna.trial.Trial) -> int:
+        # Optuna's GA samplers keep the generation in a system attr "<Sampler>:generation".
+        for key, value in trial.storage.get_trial_system_attrs(trial._trial_id).items():
+            if key.endswith(":generation") and isinstance(value, int):
+                return value
+        return 0
+
+
+@register_searcher("random")
+class RandomSearcher(OptunaSearcher):
+    """Uniform sampling on the grid: the baseline every searcher must beat."""
+
+    def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.RandomSampler(seed=seed)

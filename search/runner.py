@@ -1,0 +1,544 @@
+"""The driver loop: searchers <-> EvaluatorPool <-> one Optuna study.
+
+``prepare`` does every check that can fail on bad input (config, task, space, reachable
+constraints, searcher options, an existing study's space/objectives/evaluation) before
+anything is written to storage. ``run_study`` then
+
+1. opens or creates the study and registers this launcher (run id, host, pid, heartbeat);
+2. resumes: RUNNING trials of dead launchers are marked FAIL (user attr ``stale``, not
+   counted) and their proposals re-submitted first; each searcher rebuilds its state from
+   its finished trials;
+3. loops: fill the pool up to its capacity with proposals (searchers picked by their
+   ``share``: the one furthest below its share of trials asks next), record each as one
+   trial, collect results, record metrics/constraints/values, tell the searcher;
+4. stops proposing once the budget is reached: ``n_trials`` counts finished trials of the
+   whole study (COMPLETE, and FAIL produced by the evaluation itself — a Metrics.error —
+   but not trials failed as stale), so the study ends with exactly ``n_trials``;
+   ``timeout_s`` stops proposing after that many seconds of this run's loop (task loading
+   and worker start-up excluded; running evaluations still finish and are recorded).
+
+A proposal whose policy and evaluation settings already have a COMPLETE trial is recorded
+as a new trial with the earlier metrics (``metrics.cached_from``) instead of being
+evaluated twice. With one worker, results are processed strictly in submission order, so
+the same config and seed give the same sequence of trial params whatever the timing.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from evaluators.metrics import Metrics
+from search.base import FULL, Proposal, Searcher, SearcherContext, make_searcher
+from search.config import ConfigError, StudyConfig
+from search.storage import (
+    STUDY_ATTR_EVALUATION,
+    STUDY_ATTR_FINGERPRINT,
+    STUDY_ATTR_OBJECTIVES,
+    STUDY_ATTR_TASK,
+    Launcher,
+    StorageSpec,
+    TrialRecord,
+    TrialRecorder,
+    check_compatible,
+    close_storage,
+    dominates,
+    find_study,
+    inspect_storage,
+    open_storage,
+    parse_storage,
+    pareto_front,
+    read_launchers,
+    read_trials,
+    write_heartbeat,
+)
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 30.0
+# How often searchers that wait for their own background work are asked again.
+POLL_S = 0.2
+# A launcher on another host is presumed dead when its heartbeat is older than this.
+GRACE_S = 4 * HEARTBEAT_S
+
+
+@dataclass
+class Prepared:
+    """Everything validated, nothing written: task, space, searchers, storage location."""
+
+    config: StudyConfig
+    task: Any
+    space: Any
+    spec: StorageSpec
+    searchers: dict[str, Searcher]
+    existing: bool
+
+
+@dataclass
+class RunSummary:
+    """What a run did and where the study stands.
+
+    ``driver_s`` is the driver thread's CPU time in storage writes (``storage``) and in the
+    searchers' ``ask``/``tell`` (``searchers``; for Optuna searchers this includes the
+    ``study.ask`` writes of params). CPU time, not wall time: on a loaded machine the
+    driver waits for cores, which is not work it does.
+    """
+
+    study_name: str
+    storage_url: str
+    n_trials: int | None
+    finished: int
+    new_trials: int
+    evaluations: int
+    cached: int
+    stale_failed: int
+    resubmitted: int
+    front: list[TrialRecord]
+    records: list[TrialRecord]
+    elapsed_s: float
+    driver_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def driver_ms_per_trial(self) -> dict[str, float]:
+        n = max(1, self.new_trials)
+        return {k: 1000.0 * v / n for k, v in self.driver_s.items()}
+
+
+def fingerprint_of(config: StudyConfig, space: Any, task: Any) -> dict[str, Any]:
+    fp = dict(space.fingerprint())
+    fp["task"] = config.task.name
+    return fp
+
+
+def searcher_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def make_context(config: StudyConfig, space: Any, index: int, task: Any = None) -> SearcherContext:
+    section = config.searchers[index]
+    return SearcherContext(
+        task=task,
+        space=space,
+        objectives=config.study.objectives,
+        directions=config.study.directions,
+        settings=config.evaluation,
+        seed=searcher_seed(config.study.seed, index),
+        label=section.name,
+        constraint_names=config.constraints.names,
+    )
+
+
+def load_task_and_space(config: StudyConfig) -> tuple[Any, Any]:
+    """The task (training its base model on first use) and the search space over it."""
+    from evaluators.tasks import load_task
+    from spaces.space import SearchSpace
+
+    try:
+        task = load_task(config.task.name, config.task.options, cache_dir=config.task.cache_dir)
+    except ValueError as exc:
+        raise ConfigError(f"[task] {config.task.name!r}: {exc}") from None
+    try:
+        space = SearchSpace.from_model(
+            task.base_model(), task.example_inputs, ignored=config.space.ignored, **config.space.space_options()
+        )
+    except ValueError as exc:
+        raise ConfigError(f"[space]: {exc}") from None
+    return task, space
+
+
+def check_constraints_reachable(config: StudyConfig, space: Any) -> None:
+    c = config.constraints
+    smallest = space.predict_cost(space.uniform(space.ratio_min))
+    base = space.base_cost
+    for name, bound, reachable in (
+        ("max_flops_ratio", c.max_flops_ratio, smallest.flops / base.flops),
+        ("max_params_ratio", c.max_params_ratio, smallest.params / base.params),
+    ):
+        if bound is not None and bound < reachable - 1e-12:
+            raise ConfigError(
+                f"[constraints] {name} = {bound} is below what the space can reach "
+                f"({reachable:.4f} with every group at ratio_min {space.ratio_min}): raise it or lower [space] ratio_min"
+            )
+
+
+def prepare(config: StudyConfig, *, task_and_space: tuple[Any, Any] | None = None) -> Prepared:
+    """Validate everything that can be wrong with the input; write nothing to storage."""
+    spec = parse_storage(config.study.storage_url)
+    task, space = task_and_space if task_and_space is not None else load_task_and_space(config)
+    check_constraints_reachable(config, space)
+    searchers: dict[str, Searcher] = {}
+    for i, section in enumerate(config.searchers):
+        try:
+            searchers[section.name] = make_searcher(section.kind, make_context(config, space, i, task), section.options)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"[[searchers]] {section.name!r}: {exc}") from None
+    existing = False
+    with inspect_storage(spec) as storage:
+        if storage is not None:
+            summary = find_study(storage, config.name)
+            if summary is not None:
+                existing = True
+                check_compatible(
+                    summary,
+                    fingerprint=fingerprint_of(config, space, task),
+                    objectives=config.study.objectives,
+                    evaluation=config.evaluation.to_dict(),
+                    where=config.study.storage_url,
+                )
+    return Prepared(config=config, task=task, space=space, spec=spec, searchers=searchers, existing=existing)
+
+
+PoolFactory = Callable[[Prepared, str | None], Any]
+
+
+def default_pool(prepared: Prepared, ray_address: str | None = None) -> Any:
+    from evaluators.pool import EvaluatorPool
+
+    s = prepared.config.study
+    return EvaluatorPool(
+        prepared.task,
+        groups=prepared.space.groups,
+        round_to=prepared.space.round_to,
+        settings=prepared.config.evaluation,
+        workers=s.workers,
+        threads_per_worker=s.threads_per_worker,
+        timeout_s=s.eval_timeout_s or None,
+        max_retries=s.max_retries,
+        window=s.window,
+        ray_address=ray_address,
+    )
+
+
+def open_study(prepared: Prepared) -> tuple[optuna.storages.BaseStorage, optuna.Study]:
+    """Open the storage and load or create the study (the first write of a run)."""
+    config = prepared.config
+    storage = open_storage(prepared.spec)
+    study = optuna.create_study(
+        study_name=config.name,
+        storage=storage,
+        directions=list(config.study.directions),
+        load_if_exists=True,
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+    if STUDY_ATTR_FINGERPRINT not in study.user_attrs:
+        study.set_user_attr(STUDY_ATTR_FINGERPRINT, fingerprint_of(config, prepared.space, prepared.task))
+        study.set_user_attr(STUDY_ATTR_OBJECTIVES, list(config.study.objectives))
+        study.set_user_attr(STUDY_ATTR_EVALUATION, config.evaluation.to_dict())
+        study.set_user_attr(STUDY_ATTR_TASK, {"name": config.task.name, "options": dict(config.task.options)})
+    return storage, study
+
+
+class _Progress:
+    """tqdm bar: trials done, feasible front size, best feasible full-fidelity accuracy."""
+
+    def __init__(self, total: int | None, initial: int, name: str, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=name, unit="trial", disable=not enabled,
+                        file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def update(self, n: int, front: int, best: float | None) -> None:
+        self.bar.set_postfix(front=front, best_acc=("-" if best is None else f"{best:.4f}"), refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Driver:
+    """State of one run's loop (kept in one object so ``run_study`` stays readable)."""
+
+    def __init__(self, prepared: Prepared, storage: Any, study: optuna.Study, pool: Any,
+                 recorder: TrialRecorder, me: Launcher, records: list[TrialRecord]) -> None:
+        self.p = prepared
+        self.config = prepared.config
+        self.storage = storage
+        self.study = study
+        self.pool = pool
+        self.recorder = recorder
+        self.me = me
+        self.searchers = prepared.searchers
+        self.shares = self.config.shares
+        self.ordered = self.config.study.workers == 1
+        self.timers = collections.Counter()
+        self.issued = collections.Counter(r.searcher for r in records)
+        self.finished = sum(r.evaluated for r in records)
+        self.cache: dict[tuple[str, str], tuple[int, Metrics]] = {}
+        self.evaluating: dict[tuple[str, str], int] = {}   # cache key -> trial being evaluated
+        self.followers: dict[int, list[int]] = {}           # that trial -> trials awaiting it
+        self.front: list[TrialRecord] = []      # feasible full-fidelity non-dominated trials
+        self.best_accuracy: float | None = None  # best feasible full-fidelity accuracy
+        for r in records:
+            self._remember(r)
+        self.in_flight: dict[int, tuple[str, Proposal, Any]] = {}
+        self.order: collections.deque[int] = collections.deque()
+        self.arrived: dict[int, tuple[Metrics, int | None]] = {}
+        self.new_trials = self.evaluations = self.cached = 0
+        self.last_heartbeat = time.monotonic()
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def _cache_key(self, policy_key: str, settings: Mapping[str, Any]) -> tuple[str, str]:
+        import json
+
+        return (policy_key, json.dumps(settings, sort_keys=True))
+
+    def _remember(self, r: TrialRecord) -> None:
+        if r.state == TrialState.COMPLETE and r.policy is not None and r.metrics is not None:
+            self.cache.setdefault(self._cache_key(r.policy.key(), r.settings), (r.number, r.metrics))
+        if r.feasible and r.fidelity == FULL and r.policy is not None and r.values is not None:
+            acc = r.metrics.accuracy if r.metrics is not None else None
+            if acc is not None and (self.best_accuracy is None or acc > self.best_accuracy):
+                self.best_accuracy = acc
+            # incremental front: O(front) per trial instead of O(n^2)
+            directions = self.config.study.directions
+            key = r.policy.key()
+            if any(f.policy.key() == key or dominates(f.values, r.values, directions) for f in self.front):
+                return
+            self.front = [f for f in self.front if not dominates(r.values, f.values, directions)] + [r]
+
+    def budget_left(self) -> int | None:
+        n = self.config.study.n_trials
+        return None if n is None else n - self.finished - len(self.in_flight)
+
+    # -- proposing -----------------------------------------------------------------------
+    def choose(self, blocked: set[str]) -> str | None:
+        best, best_key = None, None
+        for i, section in enumerate(self.config.searchers):
+            name = section.name
+            if name in blocked or self.searchers[name].finished:
+                continue
+            key = ((self.issued[name] + 1) / self.shares[name], i)
+            if best_key is None or key < best_key:
+                best, best_key = name, key
+        return best
+
+    def submit(self, label: str, proposal: Proposal) -> None:
+        t = time.thread_time()
+        trial = self.recorder.open(label, proposal)
+        self.timers["storage"] += time.thread_time() - t
+        number = trial.number
+        self.in_flight[number] = (label, proposal, trial)
+        self.order.append(number)
+        self.issued[label] += 1
+        self.new_trials += 1
+        key = self._cache_key(proposal.policy.key(), self.recorder.settings_overrides(proposal))
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.cached += 1
+            self.arrived[number] = (hit[1], hit[0])
+        elif key in self.evaluating:  # the same evaluation is under way: share its result
+            self.followers.setdefault(self.evaluating[key], []).append(number)
+        else:
+            self._evaluate(number, key, proposal)
+
+    def _evaluate(self, number: int, key: tuple[str, str], proposal: Proposal) -> None:
+        self.evaluations += 1
+        self.evaluating[key] = number
+        self.pool.submit(proposal.policy, tag=number, settings=proposal.settings)
+
+    # -- finishing -----------------------------------------------------------------------
+    def process(self, number: int, metrics: Metrics, cached_from: int | None, progress: _Progress) -> None:
+        label, proposal, trial = self.in_flight.pop(number)
+        key = self._cache_key(proposal.policy.key(), self.recorder.settings_overrides(proposal))
+        if self.evaluating.get(key) == number:
+            del self.evaluating[key]
+            followers = self.followers.pop(number, [])
+            if metrics.ok:
+                for follower in followers:
+                    self.cached += 1
+                    self.arrived[follower] = (metrics, number)
+            elif followers:  # a failure may be transient: the first follower is evaluated itself
+                self._evaluate(followers[0], key, self.in_flight[followers[0]][1])
+                if followers[1:]:
+                    self.followers[followers[0]] = followers[1:]
+        t = time.thread_time()
+        outcome = self.recorder.finish(trial, proposal, metrics, cached_from=cached_from)
+        self.timers["storage"] += time.thread_time() - t
+        self.finished += 1
+        record = TrialRecord(
+            number=number, trial_id=trial._trial_id, state=TrialState.COMPLETE if outcome.ok else TrialState.FAIL,
+            searcher=label, generation=proposal.generation, fidelity=proposal.fidelity, policy=proposal.policy,
+            metrics=outcome.metrics, values=outcome.values,
+            constraints=dict(zip(self.config.constraints.names, outcome.constraints)), run=self.me.run_id,
+            settings=self.recorder.settings_overrides(proposal),
+        )
+        self._remember(record)
+        t = time.thread_time()
+        self.searchers[label].tell(outcome)
+        self.timers["searchers"] += time.thread_time() - t
+        progress.update(1, len(self.front), self.best_accuracy)
+
+    def drain(self, progress: _Progress) -> bool:
+        """Process arrived results; True if any. Ordered: only the oldest, if it arrived."""
+        done = False
+        if self.ordered:
+            # One at a time, then refill: what a searcher has seen when it is asked next
+            # must not depend on how results happened to be batched.
+            if self.order and self.order[0] in self.arrived:
+                number = self.order.popleft()
+                metrics, cached_from = self.arrived.pop(number)
+                self.process(number, metrics, cached_from, progress)
+                done = True
+        else:
+            for number in list(self.arrived):
+                metrics, cached_from = self.arrived.pop(number)
+                self.order.remove(number)
+                self.process(number, metrics, cached_from, progress)
+                done = True
+        return done
+
+    def heartbeat(self) -> None:
+        if time.monotonic() - self.last_heartbeat >= HEARTBEAT_S:
+            t = time.thread_time()
+            self.me = write_heartbeat(self.storage, self.recorder.study_id, self.me)
+            self.timers["storage"] += time.thread_time() - t
+            self.last_heartbeat = time.monotonic()
+
+
+def resume(prepared: Prepared, storage: Any, recorder: TrialRecorder, me: Launcher,
+           records: list[TrialRecord]) -> tuple[list[TrialRecord], list[tuple[str, Proposal]], int]:
+    """Fail stale RUNNING trials, rebuild searchers; returns records, re-submissions, #stale."""
+    config = prepared.config
+    launchers = read_launchers(storage, recorder.study_id)
+    resubmit: list[tuple[str, Proposal]] = []
+    stale = 0
+    for r in records:
+        if r.state != TrialState.RUNNING:
+            continue
+        if r.run is None:
+            log.warning("trial %d is RUNNING without a prunesearch launcher; leaving it alone", r.number)
+            continue
+        owner = launchers.get(r.run)
+        if owner is not None and owner.alive(me, GRACE_S):
+            continue
+        recorder.fail_stale(r, f"launcher run {r.run} is gone")
+        stale += 1
+        if r.policy is not None and r.searcher in prepared.searchers:
+            resubmit.append((r.searcher, r.proposal(config.evaluation)))
+        else:
+            log.warning("stale trial %d of searcher %r is not re-proposed (searcher not in this config)",
+                        r.number, r.searcher)
+    if stale:
+        log.info("failed %d stale RUNNING trial(s) of dead launchers; %d re-proposed first", stale, len(resubmit))
+        records = read_trials(recorder.fixed_study)
+    for name, searcher in prepared.searchers.items():
+        outcomes = [r.outcome(config.evaluation, config.constraints.names)
+                    for r in records if r.searcher == name and r.evaluated and r.policy is not None]
+        pending = [p for label, p in resubmit if label == name]
+        if outcomes or pending:
+            searcher.rebuild(outcomes, pending)
+    return records, resubmit, stale
+
+
+def run_study(
+    config: StudyConfig,
+    *,
+    pool_factory: PoolFactory | None = None,
+    ray_address: str | None = None,
+    progress: bool = True,
+    prepared: Prepared | None = None,
+) -> RunSummary:
+    """Run (or resume) the study described by ``config`` until its budget is spent."""
+    start = time.monotonic()
+    prepared = prepared or prepare(config)
+    config = prepared.config
+    storage, study = open_study(prepared)
+    pool = None
+    bar = None
+    try:
+        me = write_heartbeat(storage, storage.get_study_id_from_name(config.name), Launcher.current())
+        recorder = TrialRecorder(storage, config.name, space=prepared.space, settings=config.evaluation,
+                                 objectives=config.study.objectives, constraints=config.constraints, run_id=me.run_id)
+        records = read_trials(study)
+        records, resubmit, stale = resume(prepared, storage, recorder, me, records)
+        for searcher in prepared.searchers.values():
+            sampler = searcher.sampler()
+            if sampler is not None:
+                searcher.bind(optuna.load_study(study_name=config.name, storage=storage, sampler=sampler))
+
+        pool = (pool_factory or default_pool)(prepared, ray_address)
+        driver = _Driver(prepared, storage, study, pool, recorder, me, records)
+        n_trials = config.study.n_trials
+        bar = _Progress(n_trials, min(driver.finished, n_trials or driver.finished), config.name, progress)
+        # the time budget is for searching: task loading and worker start-up do not count
+        deadline = time.monotonic() + config.study.timeout_s if config.study.timeout_s > 0 else None
+        _loop(driver, pool, bar, collections.deque(resubmit), deadline)
+        left = driver.budget_left()
+        if left is not None and left > 0 and (deadline is None or time.monotonic() < deadline):
+            log.warning("every searcher finished before the budget: %d trial(s) of %d left", left, n_trials)
+        records = read_trials(study)
+        summary = RunSummary(
+            study_name=config.name,
+            storage_url=config.study.storage_url,
+            n_trials=config.study.n_trials,
+            finished=sum(r.evaluated for r in records),
+            new_trials=driver.new_trials,
+            evaluations=driver.evaluations,
+            cached=driver.cached,
+            stale_failed=stale,
+            resubmitted=len(resubmit),
+            front=pareto_front(records, config.study.directions),
+            records=records,
+            elapsed_s=time.monotonic() - start,
+            driver_s=dict(driver.timers),
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.close()
+        close_storage(storage)
+    log.info("study %s: %d new trial(s) (%d evaluated, %d cached) in %.1f s; driver %s ms/trial",
+             config.name, summary.new_trials, summary.evaluations, summary.cached, summary.elapsed_s,
+             {k: round(v, 1) for k, v in summary.driver_ms_per_trial.items()})
+    return summary
+
+
+def _loop(driver: _Driver, pool: Any, bar: _Progress, queue: collections.deque, deadline: float | None) -> None:
+    """Fill the pool, collect, record, tell — until the budget or the searchers are spent."""
+    capacity = max(1, pool.capacity)
+    while True:
+        blocked: set[str] = set()
+        while len(driver.in_flight) < capacity:
+            left = driver.budget_left()
+            if (left is not None and left <= 0) or (deadline is not None and time.monotonic() >= deadline):
+                break
+            if queue:  # proposals of dead launchers go first
+                driver.submit(*queue.popleft())
+                continue
+            label = driver.choose(blocked)
+            if label is None:
+                break
+            t = time.thread_time()
+            proposals = driver.searchers[label].ask(1)
+            driver.timers["searchers"] += time.thread_time() - t
+            if not proposals:
+                blocked.add(label)  # waiting for its results; ask the others
+                continue
+            for proposal in proposals:
+                driver.submit(label, proposal)
+        if driver.drain(bar):
+            continue
+        if not driver.in_flight:
+            waiting = [n for n in blocked if driver.searchers[n].waiting]
+            left = driver.budget_left()
+            if waiting and (left is None or left > 0) and (deadline is None or time.monotonic() < deadline):
+                time.sleep(POLL_S)  # e.g. a masking run still training: ask again shortly
+                driver.heartbeat()
+                continue
+            return
+        # wake up soon when a searcher waits for its own background work
+        timeout = 1.0 if any(driver.searchers[n].waiting for n in blocked) else HEARTBEAT_S
+        for number, _policy, metrics in pool.results(timeout=timeout):
+            driver.arrived[number] = (metrics, None)
+        driver.drain(bar)
+        driver.heartbeat()
