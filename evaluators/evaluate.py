@@ -1,0 +1,124 @@
+"""evaluate: one policy -> Metrics, in this process (prune -> recover -> measure)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from evaluators.measure import latency_inputs, latency_ms, model_cost, top1_accuracy, torch_threads
+from evaluators.metrics import Metrics
+from evaluators.prune import apply_policy
+from evaluators.recover import recover
+from evaluators.settings import EvalSettings
+from evaluators.tasks import Task
+from spaces.cost import Cost
+from spaces.groups import ChannelGroup, discover_groups
+from spaces.policy import Policy
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_SETTINGS = EvalSettings()
+
+
+def calibration_batches(task: Task, settings: EvalSettings) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The calibration batches every phase of an evaluation shares (seeded)."""
+    return task.batches(
+        "calibration", settings.calibration_batch_size, limit=settings.calibration_samples, seed=settings.seed
+    )
+
+
+def validation_batches(task: Task, settings: EvalSettings) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Validation batches in stored order, so every policy is scored on the same samples."""
+    return task.batches("validation", settings.batch_size, limit=settings.eval_samples, seed=None)
+
+
+def _measure(
+    model: nn.Module, task: Task, settings: EvalSettings, base_cost: Cost, timings: dict[str, float]
+) -> dict[str, float | None]:
+    start = time.perf_counter()
+    accuracy = top1_accuracy(model, validation_batches(task, settings))
+    timings["accuracy"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    cost = model_cost(model, task.example_inputs)
+    timings["cost"] = time.perf_counter() - start
+
+    latency = None
+    if settings.measure_latency:
+        start = time.perf_counter()
+        inputs = latency_inputs(task.example_inputs, settings.latency_batch)
+        latency = latency_ms(model, inputs, runs=settings.latency_runs, threads=settings.threads)
+        timings["latency"] = time.perf_counter() - start
+    return {
+        "accuracy": accuracy,
+        "flops": cost.flops,
+        "params": cost.params,
+        "flops_ratio": cost.flops / base_cost.flops if base_cost.flops else None,
+        "params_ratio": cost.params / base_cost.params if base_cost.params else None,
+        "latency_ms": latency,
+    }
+
+
+def evaluate(
+    policy: Policy,
+    task: Task,
+    settings: EvalSettings = _DEFAULT_SETTINGS,
+    *,
+    groups: Sequence[ChannelGroup] | None = None,
+    round_to: int = 1,
+    base_model: nn.Module | None = None,
+    base_cost: Cost | None = None,
+) -> Metrics:
+    """Prune ``task``'s base model by ``policy``, recover it and measure it.
+
+    Never raises for a bad or failing policy: returns ``Metrics.failure``. ``groups``,
+    ``base_model`` (unpruned, never modified) and ``base_cost`` are computed when not
+    given; pass them when evaluating many policies. Deterministic given ``settings.seed``
+    (torch threads are fixed to ``settings.threads`` for the call).
+    """
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    try:
+        # fork_rng: seeding must not change the caller's random stream.
+        with torch_threads(settings.threads), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            base = base_model if base_model is not None else task.base_model()
+            if groups is None:
+                groups = discover_groups(base, task.example_inputs)
+            if base_cost is None:
+                base_cost = model_cost(base, task.example_inputs)
+            calibration = calibration_batches(task, settings)
+
+            t = time.perf_counter()
+            pruned = apply_policy(base, policy, task.example_inputs, calibration, groups=groups, round_to=round_to)
+            timings["prune"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            recovery = policy.recovery or settings.recovery
+            pruned = recover(recovery, pruned, base=base, task=task, settings=settings, calibration=calibration)
+            timings["recover"] = time.perf_counter() - t
+
+            values = _measure(pruned, task, settings, base_cost, timings)
+        return Metrics(
+            **values, eval_seconds=time.perf_counter() - start, fidelity=settings.fidelity, timings=timings
+        )
+    except Exception as exc:  # a failing policy is a result, not a crash
+        log.debug("evaluation of %s failed", policy.to_json(), exc_info=True)
+        return Metrics.failure(exc, eval_seconds=time.perf_counter() - start, fidelity=settings.fidelity)
+
+
+def evaluate_model(model: nn.Module, task: Task, settings: EvalSettings = _DEFAULT_SETTINGS) -> Metrics:
+    """Measure an already pruned (and recovered) ``model`` as ``evaluate`` would.
+
+    Raises on failure (the caller holds a concrete model, e.g. during export).
+    """
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    with torch_threads(settings.threads):
+        base_cost = model_cost(task.base_model(), task.example_inputs)
+        values = _measure(model, task, settings, base_cost, timings)
+    return Metrics(**values, eval_seconds=time.perf_counter() - start, fidelity=settings.fidelity, timings=timings)

@@ -1,0 +1,185 @@
+"""Recovery after pruning: a registry of methods that repair a pruned model cheaply.
+
+Built-ins: ``none``; ``adaptive_bn`` (EagleEye, Li et al. 2020: reset the BatchNorm
+running statistics and re-estimate them on calibration batches in train mode, without
+gradients); ``finetune`` (adaptive BN, then ``finetune_steps`` SGD steps on the train
+split, optionally distilled from the unpruned model at ``temperature``, then adaptive BN
+again for the final weights).
+
+Register another one with::
+
+    @register_recovery("mine")
+    def mine(pruned, *, base, task, settings, calibration):
+        ...
+        return pruned
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from evaluators.settings import EvalSettings
+    from evaluators.tasks import Task
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Recovery = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, Recovery] = {}
+# Modules of this package that register further recoveries (e.g. "cap"); imported on
+# first lookup rather than at import time, because they import this module themselves.
+_PLUGIN_MODULES = ("evaluators.compensation",)
+_plugins_loaded = False
+
+# Share of the fine-tune loss taken by the distillation term when ``settings.kd``.
+KD_ALPHA = 0.7
+
+
+def register_recovery(name: str):
+    """Decorator adding ``fn(pruned, *, base, task, settings, calibration) -> nn.Module``."""
+
+    def wrap(fn: Recovery) -> Recovery:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"recovery name must be a non-empty string, got {name!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"recovery {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for module in _PLUGIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # the module exists but one of its imports is missing
+                raise
+
+
+def available_recoveries() -> tuple[str, ...]:
+    """Names of every registered recovery method."""
+    _load_plugins()
+    return tuple(sorted(_REGISTRY))
+
+
+def recover(
+    name: str,
+    pruned: nn.Module,
+    *,
+    base: nn.Module,
+    task: "Task",
+    settings: "EvalSettings",
+    calibration: Sequence[Batch],
+) -> nn.Module:
+    """Apply recovery ``name`` to ``pruned`` (may modify it in place) and return it in eval mode."""
+    _load_plugins()
+    try:
+        fn = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown recovery {name!r} (known: {', '.join(available_recoveries())})") from None
+    model = fn(pruned, base=base, task=task, settings=settings, calibration=list(calibration))
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"recovery {name!r} returned {type(model).__name__}, not an nn.Module")
+    return model.eval()
+
+
+# -- built-ins ------------------------------------------------------------------------------
+@register_recovery("none")
+def no_recovery(pruned, *, base, task, settings, calibration) -> nn.Module:
+    """Leave the pruned model as it is."""
+    return pruned
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def recalibrate_bn(model: nn.Module, batches: Sequence[Batch]) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (EagleEye).
+
+    Only the BN layers are put in train mode (dropout etc. stay in eval), and momentum is
+    set to None for the pass so the statistics are the exact average over the batches
+    rather than a blend with the stale pre-pruning values.
+    """
+    bns = _batchnorms(model)
+    if not bns:
+        return model
+    if not batches:
+        raise ValueError("adaptive BN needs calibration batches; none were given")
+    was_training = model.training
+    model.eval()
+    momenta = []
+    for bn in bns:
+        momenta.append(bn.momentum)
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
+    return model
+
+
+@register_recovery("adaptive_bn")
+def adaptive_bn(pruned, *, base, task, settings, calibration) -> nn.Module:
+    """Reset BN statistics and recompute them on ``settings.bn_batches`` calibration batches."""
+    return recalibrate_bn(pruned, calibration[: settings.bn_batches])
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. 2015: KL(teacher_T || student_T) * T^2."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean") * t * t
+
+
+@register_recovery("finetune")
+def finetune(pruned, *, base, task, settings, calibration) -> nn.Module:
+    """Adaptive BN, ``finetune_steps`` SGD steps (cosine lr, KD from ``base`` when ``kd``), adaptive BN again."""
+    model = recalibrate_bn(pruned, calibration[: settings.bn_batches])
+    steps = settings.finetune_steps
+    if steps == 0:
+        return model
+    teacher = base.eval() if settings.kd else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.finetune_lr, momentum=0.9, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    generator = torch.Generator().manual_seed(settings.seed)
+    x_all, y_all = task.train
+    model.train()
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(len(y_all), (min(settings.batch_size, len(y_all)),), generator=generator)
+            x, y = x_all[idx], y_all[idx]
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(x)
+                loss = (1 - KD_ALPHA) * loss + KD_ALPHA * distillation_loss(out, target, settings.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.zero_grad(set_to_none=True)
+    # The running statistics drifted with the weights during training; re-estimate them
+    # for the final weights so evaluation matches what the fine-tune reached.
+    return recalibrate_bn(model, calibration[: settings.bn_batches]).eval()
