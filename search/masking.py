@@ -29,12 +29,12 @@ class MaskingOptions:
     """Options of the ``masking`` searcher (``[searchers.options]`` in the study TOML)."""
 
     targets: tuple[float, ...] = (0.3, 0.5, 0.7)
-    lambdas: tuple[float, ...] = (4.0,)
+    lambdas: tuple[float, ...] = (20.0,)
     steps: int = 150
     tau_start: float = 4.0
     tau_end: float = 0.25
-    weight_lr: float = 0.01
-    ratio_lr: float = 0.5
+    weight_lr: float = 0.003
+    ratio_lr: float = 0.1
     rerank_every: int = 10
     kd: bool = True
     temperature: float = 4.0
@@ -144,6 +144,11 @@ class MaskingSearcher(Searcher):
                 },
             ))
         return proposals
+
+    @property
+    def waiting(self) -> bool:
+        """True while a launched masking run has not been released as a proposal yet."""
+        return bool(self._launched)
 
     def tell(self, outcome: Outcome) -> None:
         """Masking runs are independent of each other's outcomes: nothing to learn."""

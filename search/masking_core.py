@@ -41,12 +41,12 @@ class MaskingConfig:
     """One masking run's hyper-parameters (validated on construction)."""
 
     target: float = 0.5            # FLOPs ratio to reach, in (0, 1]
-    lam: float = 4.0               # weight of the FLOPs penalty, >= 0
+    lam: float = 20.0              # weight of the FLOPs penalty, >= 0
     steps: int = 150               # alternating (weight step, ratio step) pairs, > 0
     tau_start: float = 4.0         # mask temperature, in channels
     tau_end: float = 0.25
-    weight_lr: float = 0.01
-    ratio_lr: float = 0.5
+    weight_lr: float = 0.003
+    ratio_lr: float = 0.1
     rerank_every: int = 10
     kd: bool = True
     temperature: float = 4.0
@@ -170,9 +170,13 @@ def learn_ratios(
             gm.rank = rank
 
     r_min = space.ratio_min
-    theta = nn.Parameter(torch.full((len(groups),), 3.0))  # start near ratio 1: nothing pruned yet
     channels = torch.tensor([float(g.channels) for g in groups])
     base_flops = float(space.base_cost.flops)
+    # Start every group at the uniform ratio that meets the target: the search then trades
+    # channels between groups instead of spending its steps shrinking the whole model.
+    start = _uniform_ratio_for(space, channels, base_flops, config.target)
+    p = min(max((start - r_min) / (1 - r_min), 1e-3), 1 - 1e-3) if r_min < 1 else 0.5
+    theta = nn.Parameter(torch.full((len(groups),), math.log(p / (1 - p))))
     weights = [p for p in student.parameters() if p.requires_grad]
     w_opt = torch.optim.SGD(weights, lr=config.weight_lr, momentum=0.9)
     # plain SGD, not Adam: Adam would normalise away the per-group FLOPs gradient scale that
@@ -204,6 +208,7 @@ def learn_ratios(
                 gm.set(ri, tau)
             w_opt.zero_grad()
             task_loss(x, y).backward()
+            nn.utils.clip_grad_norm_(weights, 5.0)  # soft masks can spike gradients early on
             w_opt.step()
             # ratio step on held-out data (weights fixed)
             x, y = heldout_batches[step % len(heldout_batches)]
@@ -232,6 +237,19 @@ def learn_ratios(
         "target": config.target,
     }
     return policy, info
+
+
+def _uniform_ratio_for(space: Any, channels: torch.Tensor, base_flops: float, target: float) -> float:
+    """Uniform remaining ratio whose (continuous) FLOPs ratio is ``target`` (bisection)."""
+    lo, hi = space.ratio_min, 1.0
+    with torch.no_grad():
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if float(space.cost_model.flops_torch(channels * mid)) / base_flops > target:
+                hi = mid
+            else:
+                lo = mid
+    return (lo + hi) / 2
 
 
 def snap_to_target(space: Any, policy: Policy, target: float, tolerance: float = 0.01) -> Policy:

@@ -1,0 +1,60 @@
+"""Dynamic channel masking on the real digits task: FLOPs targets are met, ratios are learned."""
+
+import numpy as np
+import pytest
+
+from evaluators.prune import apply_policy
+from evaluators.tasks import load_task
+from search.masking import MaskingOptions
+from search.masking_core import MaskingConfig, learn_ratios, snap_to_target
+from spaces.cost import count_cost
+from spaces.space import SearchSpace
+
+
+@pytest.fixture(scope="module")
+def digits():
+    task = load_task("digits", cache_dir="studies/cache")
+    model = task.base_model()
+    space = SearchSpace.from_model(model, task.example_inputs, ratio_min=0.1, ratio_step=0.05)
+    return task, model, space
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_exported_policy_meets_the_flops_target(digits, target):
+    task, model, space = digits
+    train = task.batches("train", 64, seed=0)
+    heldout = task.batches("calibration", 64, seed=0)
+    policy, info = learn_ratios(model, space, train, heldout, task.example_inputs,
+                                MaskingConfig(target=target, steps=25, rerank_every=5, seed=0))
+    pruned = apply_policy(model, policy, task.example_inputs, groups=space.groups)
+    real = count_cost(pruned, task.example_inputs).flops / space.base_cost.flops
+    assert abs(real - target) <= 0.03
+    # the learned (continuous) ratios already sit near the target before snapping
+    assert abs(info["learned_flops_ratio"] - target) <= 0.15
+    # ratios are learned per group, not one uniform ratio
+    assert len(set(policy.ratios.values())) > 1
+    assert np.std(list(info["learned_ratios"].values())) > 0.01
+
+
+def test_snap_to_target_moves_only_along_the_grid(digits):
+    _, _, space = digits
+    snapped = snap_to_target(space, space.uniform(0.63), 0.4, tolerance=0.01)
+    assert all(r in space.levels for r in snapped.ratios.values())
+    assert abs(space.flops_ratio(snapped) - 0.4) <= 0.01
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"target": 0.0}, "target"), ({"target": 1.5}, "target"), ({"lam": -1.0}, "lambda"),
+    ({"steps": 0}, "steps"), ({"tau_start": 0.1, "tau_end": 1.0}, "tau"),
+])
+def test_bad_masking_config_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MaskingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"targets": (0.5, 1.2)}, "target"), ({"lambdas": (-0.5,)}, "lambda"), ({"steps": -3}, "steps"), ({"targets": ()}, "target"),
+])
+def test_bad_searcher_options_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MaskingOptions(**kwargs)
