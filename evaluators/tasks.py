@@ -562,3 +562,8 @@ def image_folder_task(options: dict, cache_dir: Path) -> Task:
         name="image-folder", build_model=build, train=train, calibration=calibration, validation=validation,
         example_inputs=x[:1].clone(), num_classes=len(classes), base_state=dict(state), config=config,
     )
+
+
+# Built-in tasks defined in their own modules register on import; imported last, once every
+# helper above exists, so those modules can import this one (no cycle at import time).
+import evaluators.synthetic  # noqa: E402,F401  (registers "shapes")
