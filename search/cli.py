@@ -9,6 +9,7 @@ the path of the log file holding the traceback; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--formats", help="comma-separated: pt2,onnx (override [export] formats)")
     export.add_argument("--storage", help="override [study] storage")
     export.set_defaults(func=cmd_export)
+
+    verify = sub.add_parser("verify", help="check an exported model for the study's structural watermark")
+    verify.add_argument("config", help="study TOML file with a [watermark] section")
+    verify.add_argument("export_dir", nargs="?", help="an exported trial directory (trial-<n>/)")
+    verify.add_argument("--capacity", action="store_true", help="print the watermark capacity of the space and exit")
+    verify.set_defaults(func=cmd_verify)
 
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage")
     dash.add_argument("config")
@@ -241,6 +248,37 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"after export {m['exported']['accuracy']:.4f}, flops_ratio {m['exported']['flops_ratio']:.4f}")
     print(f"  plot: {summary.plot}")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the model carries the key's mark (p < alpha), 1 when it does not."""
+    from search.runner import load_task_and_space
+    from spaces import watermark as wmk
+
+    config = _load(args)
+    if config.watermark is None:
+        raise ConfigError("no [watermark] section: add key_file and message to verify a mark")
+    if not args.capacity and args.export_dir is None:
+        raise ConfigError("give an export directory to verify, or --capacity")
+    export_dir = Path(args.export_dir) if args.export_dir else None
+    if export_dir is not None and not export_dir.is_dir():
+        raise ConfigError(f"export directory {str(export_dir)!r} not found")
+    _, space = load_task_and_space(config)
+    if args.capacity:
+        capacity = wmk.space_capacity(space, config.watermark)
+        print(capacity.describe({g.name: g.channels for g in space.groups}))
+        return 0
+    try:
+        mark = wmk.Watermark.from_space(space, config.watermark)
+        counts = wmk.channel_counts_from_export_dir(export_dir, space.groups)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    result = mark.verify(counts)
+    print(result.describe())
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        for problem in mark.manifest_mismatches(wmk.read_manifest(export_dir)):
+            print(f"  watermark.json: {problem}")
+    return 0 if result.passed else 1
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:

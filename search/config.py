@@ -277,6 +277,7 @@ class StudyConfig:
     evaluation: Any = None  # evaluators.settings.EvalSettings
     constraints: ConstraintsSection = field(default_factory=ConstraintsSection)
     export: ExportSection = field(default_factory=ExportSection)
+    watermark: Any = None  # spaces.watermark.WatermarkConfig, or None for no watermark
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -335,7 +336,7 @@ class StudyConfig:
     def from_dict(cls, data: Mapping[str, Any], source: str = "") -> "StudyConfig":
         from evaluators.settings import EvalSettings
 
-        known = {"study", "task", "space", "evaluation", "constraints", "searchers", "export"}
+        known = {"study", "task", "space", "evaluation", "constraints", "searchers", "export", "watermark"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(sorted(known))}); remove or rename it")
@@ -377,8 +378,16 @@ class StudyConfig:
         if not isinstance(raw, list) or not all(isinstance(s, Mapping) for s in raw):
             raise ConfigError("[[searchers]] must be an array of tables: write each as [[searchers]] kind = \"...\"")
         searchers = tuple(build("searchers", SearcherSection, dict(s), required=("kind",)) for s in raw)
+        watermark = None
+        if "watermark" in data:
+            from spaces.watermark import WatermarkConfig
+
+            try:  # key_file is resolved against the working directory, like every path here
+                watermark = WatermarkConfig.from_dict(table("watermark"))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"[watermark]: {exc}") from None
         return cls(study=study, task=task, searchers=searchers, space=space, evaluation=evaluation,
-                   constraints=constraints, export=export, source=source)
+                   constraints=constraints, export=export, watermark=watermark, source=source)
 
 
 def load_config(path: str | Path) -> StudyConfig:

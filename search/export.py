@@ -256,11 +256,23 @@ def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune
                      evaluation=config.evaluation.to_dict(), where=config.study.storage_url)
     prepare_out_dir(out, config.name)
     settings = config.evaluation.replace(threads=config.study.threads_per_worker)
+    watermark = None
+    if config.watermark is not None:
+        from spaces.watermark import Watermark
+
+        try:
+            watermark = Watermark.from_space(space, config.watermark)
+        except ValueError as exc:
+            raise ConfigError(f"[watermark]: {exc}") from None
     dirs, metrics = [], {}
     for record in front:
         directory = out / f"trial-{record.number}"
         metrics[record.number] = export_trial(record, task, space, settings, directory,
                                               finetune_steps=steps, formats=formats)
+        if watermark is not None:  # bit count, carriers, message hash: never the key
+            from spaces.watermark import write_manifest
+
+            write_manifest(directory, watermark)
         dirs.append(directory)
         log.info("exported trial %d to %s", record.number, directory)
     plot = plot_pareto(records, front, out / "pareto.png", max_flops_ratio=config.constraints.max_flops_ratio,

@@ -26,7 +26,10 @@ the same config and seed give the same sequence of trial params whatever the tim
 from __future__ import annotations
 
 import collections
+import dataclasses
+import dataclasses
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -50,11 +53,13 @@ from search.storage import (
     TrialRecord,
     TrialRecorder,
     check_compatible,
+    claimed_trials,
     close_storage,
     dominates,
     find_study,
     inspect_storage,
     open_storage,
+    other_live_launchers,
     parse_storage,
     pareto_front,
     read_launchers,
@@ -81,6 +86,7 @@ class Prepared:
     spec: StorageSpec
     searchers: dict[str, Searcher]
     existing: bool
+    watermark: Any = None   # spaces.watermark.Watermark: every evaluated policy is projected onto it
 
 
 @dataclass
@@ -116,14 +122,19 @@ class RunSummary:
 def fingerprint_of(config: StudyConfig, space: Any, task: Any) -> dict[str, Any]:
     fp = dict(space.fingerprint())
     fp["task"] = config.task.name
+    if config.watermark is not None:  # non-secret scheme only: the key never reaches storage
+        fp["watermark"] = config.watermark.scheme()
     return fp
 
 
-def searcher_seed(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+def searcher_seed(seed: int, index: int, salt: str | None = None) -> int:
+    entropy = [int(seed), int(index)] + ([int(salt, 16)] if salt is not None else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
-def make_context(config: StudyConfig, space: Any, index: int, task: Any = None) -> SearcherContext:
+def make_context(config: StudyConfig, space: Any, index: int, task: Any = None,
+                 salt: str | None = None) -> SearcherContext:
+    """``salt`` (a launcher's hex run id) gives the searcher its own seed (see ``_own_seeds``)."""
     section = config.searchers[index]
     return SearcherContext(
         task=task,
@@ -131,7 +142,7 @@ def make_context(config: StudyConfig, space: Any, index: int, task: Any = None) 
         objectives=config.study.objectives,
         directions=config.study.directions,
         settings=config.evaluation,
-        seed=searcher_seed(config.study.seed, index),
+        seed=searcher_seed(config.study.seed, index, salt),
         label=section.name,
         constraint_names=config.constraints.names,
     )
@@ -175,6 +186,14 @@ def prepare(config: StudyConfig, *, task_and_space: tuple[Any, Any] | None = Non
     spec = parse_storage(config.study.storage_url)
     task, space = task_and_space if task_and_space is not None else load_task_and_space(config)
     check_constraints_reachable(config, space)
+    watermark = None
+    if config.watermark is not None:
+        from spaces.watermark import Watermark
+
+        try:
+            watermark = Watermark.from_space(space, config.watermark)
+        except ValueError as exc:
+            raise ConfigError(f"[watermark]: {exc}") from None
     searchers: dict[str, Searcher] = {}
     for i, section in enumerate(config.searchers):
         try:
@@ -194,7 +213,7 @@ def prepare(config: StudyConfig, *, task_and_space: tuple[Any, Any] | None = Non
                     evaluation=config.evaluation.to_dict(),
                     where=config.study.storage_url,
                 )
-    return Prepared(config=config, task=task, space=space, spec=spec, searchers=searchers, existing=existing)
+    return Prepared(config=config, task=task, space=space, spec=spec, searchers=searchers, existing=existing, watermark=watermark)
 
 
 PoolFactory = Callable[[Prepared, str | None], Any]
@@ -284,6 +303,8 @@ class _Driver:
         self.arrived: dict[int, tuple[Metrics, int | None]] = {}
         self.new_trials = self.evaluations = self.cached = 0
         self.last_heartbeat = time.monotonic()
+        # [reliability fix] set once another launcher's trials filled the study's budget
+        self.exhausted = False
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _cache_key(self, policy_key: str, settings: Mapping[str, Any]) -> tuple[str, str]:
@@ -307,7 +328,48 @@ class _Driver:
 
     def budget_left(self) -> int | None:
         n = self.config.study.n_trials
-        return None if n is None else n - self.finished - len(self.in_flight)
+        if n is None:
+            return None
+        if self.exhausted:
+            return 0
+        left = n - self.finished - len(self.in_flight)
+        if left > 0:
+            # [reliability fix] n_trials is the whole study's budget: launchers running at
+            # the same time spend it together, so count their trials too (storage-wide).
+            claims = self._shared_claims()
+            if claims is not None:
+                left = min(left, n - claims)
+        return left
+
+    def _shared_claims(self, below: int | None = None, always: bool = False) -> int | None:
+        """Trials holding a place in the budget study-wide (see ``claimed_trials``).
+
+        ``None`` when no other launcher is alive and not ``always``: then this launcher's
+        own count is exact, and the one cheap read of the launcher table is all it costs.
+        """
+        t = time.thread_time()
+        try:
+            launchers = read_launchers(self.storage, self.recorder.study_id)
+            if not always and not other_live_launchers(launchers, self.me, GRACE_S):
+                return None
+            trials = self.storage.get_all_trials(self.recorder.study_id, deepcopy=False)
+            return claimed_trials(trials, launchers, self.me, GRACE_S, below=below)
+        finally:
+            self.timers["storage"] += time.thread_time() - t
+
+    def _over_budget(self, number: int) -> bool:
+        """[reliability fix] Whether trial ``number``, just created, has no place in the budget.
+
+        Another launcher may have created trials between this launcher's budget check and
+        this trial's creation. Trial numbers are unique and follow creation order (Optuna
+        locks the study row in RDB storages; a journal is a log), so the first ``n_trials``
+        placeholders by number are the budget. Fewer than ``n_trials`` trials exist below
+        ``number`` when it is below ``n_trials``: then no read is needed.
+        """
+        n = self.config.study.n_trials
+        if n is None or number < n:
+            return False
+        return self._shared_claims(below=number, always=True) >= n
 
     # -- proposing -----------------------------------------------------------------------
     def choose(self, blocked: set[str]) -> str | None:
@@ -323,14 +385,20 @@ class _Driver:
 
     def submit(self, label: str, proposal: Proposal) -> None:
         t = time.thread_time()
-        trial = self.recorder.open(label, proposal)
+        trial = self.recorder.open(label, self._marked(proposal))
         self.timers["storage"] += time.thread_time() - t
         number = trial.number
+        if self._over_budget(number):
+            # [reliability fix] other launchers took the last places: take this trial back
+            self.recorder.fail_over_budget(trial._trial_id, "other launchers filled n_trials first")
+            log.info("trial %d: the study's budget was filled by other launchers; stopping", number)
+            self.exhausted = True
+            return
         self.in_flight[number] = (label, proposal, trial)
         self.order.append(number)
         self.issued[label] += 1
         self.new_trials += 1
-        key = self._cache_key(proposal.policy.key(), self.recorder.settings_overrides(proposal))
+        key = self._cache_key(self._marked(proposal).policy.key(), self.recorder.settings_overrides(proposal))
         hit = self.cache.get(key)
         if hit is not None:
             self.cached += 1
@@ -343,12 +411,24 @@ class _Driver:
     def _evaluate(self, number: int, key: tuple[str, str], proposal: Proposal) -> None:
         self.evaluations += 1
         self.evaluating[key] = number
-        self.pool.submit(proposal.policy, tag=number, settings=proposal.settings)
+        self.pool.submit(self._marked(proposal).policy, tag=number, settings=proposal.settings)
+
+    def _marked(self, proposal: Proposal) -> Proposal:
+        """``proposal`` projected onto the watermark (what is recorded and evaluated); the
+        searcher's own policy is kept in ``meta["proposal"]`` and is what it is told about."""
+        wm = self.p.watermark
+        if wm is None:
+            return proposal
+        marked = wm.project(proposal.policy)
+        if marked == proposal.policy:
+            return proposal
+        meta = {**dict(proposal.meta), "proposal": proposal.policy.to_json()}
+        return dataclasses.replace(proposal, policy=marked, meta=meta)
 
     # -- finishing -----------------------------------------------------------------------
     def process(self, number: int, metrics: Metrics, cached_from: int | None, progress: _Progress) -> None:
         label, proposal, trial = self.in_flight.pop(number)
-        key = self._cache_key(proposal.policy.key(), self.recorder.settings_overrides(proposal))
+        key = self._cache_key(self._marked(proposal).policy.key(), self.recorder.settings_overrides(proposal))
         if self.evaluating.get(key) == number:
             del self.evaluating[key]
             followers = self.followers.pop(number, [])
@@ -366,7 +446,7 @@ class _Driver:
         self.finished += 1
         record = TrialRecord(
             number=number, trial_id=trial._trial_id, state=TrialState.COMPLETE if outcome.ok else TrialState.FAIL,
-            searcher=label, generation=proposal.generation, fidelity=proposal.fidelity, policy=proposal.policy,
+            searcher=label, generation=proposal.generation, fidelity=proposal.fidelity, policy=self._marked(proposal).policy,
             metrics=outcome.metrics, values=outcome.values,
             constraints=dict(zip(self.config.constraints.names, outcome.constraints)), run=self.me.run_id,
             settings=self.recorder.settings_overrides(proposal),
@@ -404,29 +484,58 @@ class _Driver:
             self.last_heartbeat = time.monotonic()
 
 
+def _own_seeds(prepared: Prepared, me: Launcher) -> Prepared:
+    """[reliability fix] Searchers reseeded with this launcher's run id.
+
+    Another launcher is running the same config on this study: searchers seeded alike would
+    propose the very same policies, and both launchers would evaluate them. A launcher that
+    runs alone keeps the config's seeds (reproducible runs and resumes).
+    """
+    config = prepared.config
+    log.info("another launcher is running study %s: this launcher's searchers get their own seeds", config.name)
+    searchers = {
+        section.name: make_searcher(section.kind, make_context(config, prepared.space, i, prepared.task, salt=me.run_id),
+                                    section.options)
+        for i, section in enumerate(config.searchers)
+    }
+    return dataclasses.replace(prepared, searchers=searchers)
+
+
 def resume(prepared: Prepared, storage: Any, recorder: TrialRecorder, me: Launcher,
            records: list[TrialRecord]) -> tuple[list[TrialRecord], list[tuple[str, Proposal]], int]:
     """Fail stale RUNNING trials, rebuild searchers; returns records, re-submissions, #stale."""
     config = prepared.config
     launchers = read_launchers(storage, recorder.study_id)
+    others_alive = bool(other_live_launchers(launchers, me, GRACE_S))
     resubmit: list[tuple[str, Proposal]] = []
     stale = 0
     for r in records:
         if r.state != TrialState.RUNNING:
             continue
         if r.run is None:
-            log.warning("trial %d is RUNNING without a prunesearch launcher; leaving it alone", r.number)
-            continue
-        owner = launchers.get(r.run)
-        if owner is not None and owner.alive(me, GRACE_S):
-            continue
-        recorder.fail_stale(r, f"launcher run {r.run} is gone")
+            # [reliability fix] An Optuna searcher's study.ask creates the trial before the
+            # runner writes its attrs: a launcher killed in between leaves a RUNNING trial
+            # without a run id, which used to stay RUNNING forever. Only a live launcher can
+            # still be about to write its attrs, and only for a moment.
+            started = storage.get_trial(r.trial_id).datetime_start
+            age = time.time() - started.timestamp() if started is not None else math.inf
+            if others_alive and age <= GRACE_S:
+                log.warning("trial %d is RUNNING without a launcher id while another launcher runs; "
+                            "leaving it alone", r.number)
+                continue
+            reason = "RUNNING without a launcher id: its launcher died before recording the trial"
+        else:
+            owner = launchers.get(r.run)
+            if owner is not None and owner.alive(me, GRACE_S):
+                continue
+            reason = f"launcher run {r.run} is gone"
+        recorder.fail_stale(r, reason)
         stale += 1
         if r.policy is not None and r.searcher in prepared.searchers:
             resubmit.append((r.searcher, r.proposal(config.evaluation)))
         else:
-            log.warning("stale trial %d of searcher %r is not re-proposed (searcher not in this config)",
-                        r.number, r.searcher)
+            log.warning("stale trial %d (searcher %r) is not re-proposed: no recorded policy, or its searcher "
+                        "is not in this config", r.number, r.searcher)
     if stale:
         log.info("failed %d stale RUNNING trial(s) of dead launchers; %d re-proposed first", stale, len(resubmit))
         records = read_trials(recorder.fixed_study)
@@ -455,7 +564,10 @@ def run_study(
     pool = None
     bar = None
     try:
-        me = write_heartbeat(storage, storage.get_study_id_from_name(config.name), Launcher.current())
+        study_id = storage.get_study_id_from_name(config.name)
+        me = write_heartbeat(storage, study_id, Launcher.current())
+        if other_live_launchers(read_launchers(storage, study_id), me, GRACE_S):
+            prepared = _own_seeds(prepared, me)
         recorder = TrialRecorder(storage, config.name, space=prepared.space, settings=config.evaluation,
                                  objectives=config.study.objectives, constraints=config.constraints, run_id=me.run_id)
         records = read_trials(study)

@@ -304,6 +304,46 @@ def write_heartbeat(storage: optuna.storages.BaseStorage, study_id: int, me: Lau
     return me
 
 
+# [reliability fix] Several launchers on one study share one budget. Each launcher used to
+# count only its own trials (two launchers with n_trials = 8 ended with 16 COMPLETE); the
+# runner now asks the storage how many trials hold a place in the budget (below).
+def other_live_launchers(launchers: Mapping[str, Launcher], me: Launcher, grace_s: float) -> list[Launcher]:
+    """Launchers other than ``me`` that may still be running."""
+    return [l for run_id, l in launchers.items() if run_id != me.run_id and l.alive(me, grace_s)]
+
+
+def claimed_trials(trials: Sequence[FrozenTrial], launchers: Mapping[str, Launcher], me: Launcher,
+                   grace_s: float, *, below: int | None = None) -> int:
+    """How many trials (numbered below ``below``, if given) hold a place in the budget.
+
+    Finished by an evaluation (COMPLETE, or FAIL with the evaluation's error) or RUNNING for
+    a launcher that may still be alive. Trials failed as stale or over budget, and RUNNING
+    trials of dead launchers (they will be failed as stale), hold none. A RUNNING trial
+    without a launcher id holds a place only while it is young and another launcher is
+    alive: an Optuna searcher's ``study.ask`` creates the trial a moment before the runner
+    writes its ``run`` attr; with no other launcher alive it is a dead launcher's leftover.
+    """
+    now = time.time()
+    others = bool(other_live_launchers(launchers, me, grace_s))
+    count = 0
+    for t in trials:
+        if below is not None and t.number >= below:
+            continue
+        if t.state == TrialState.COMPLETE:
+            count += 1
+        elif t.state == TrialState.FAIL:
+            metrics = t.user_attrs.get("metrics")
+            count += isinstance(metrics, dict) and metrics.get("error") is not None
+        elif t.state == TrialState.RUNNING:
+            owner = launchers.get(t.user_attrs.get("run"))
+            if owner is not None:
+                count += owner.alive(me, grace_s)
+            elif others:
+                start = t.datetime_start.timestamp() if t.datetime_start is not None else 0.0
+                count += now - start <= grace_s
+    return count
+
+
 # -- reading trials back -----------------------------------------------------------------
 @dataclass(frozen=True)
 class TrialRecord:
@@ -366,8 +406,13 @@ class TrialRecord:
         return self.state == TrialState.COMPLETE and all(v <= 0 for v in self.constraints.values())
 
     def proposal(self, base_settings: Any) -> Proposal:
+        """The searcher's proposal; under a watermark ``policy`` is its projection and the
+        searcher's own policy is in ``meta["proposal"]``."""
         settings = base_settings.replace(**self.settings) if self.settings else None
-        return Proposal(self.policy, generation=self.generation, settings=settings, meta=self.meta)
+        meta = dict(self.meta)
+        own = meta.pop("proposal", None)
+        policy = Policy.from_json(own) if isinstance(own, str) else self.policy
+        return Proposal(policy, generation=self.generation, settings=settings, meta=meta)
 
     def outcome(self, base_settings: Any, constraint_names: Sequence[str]) -> Outcome:
         metrics = self.metrics or Metrics.failure("no metrics recorded", fidelity=self.fidelity)
@@ -508,6 +553,14 @@ class TrialRecorder:
         """Mark a RUNNING trial of a dead launcher FAIL (not counted in the budget)."""
         self.storage.set_trial_user_attr(record.trial_id, "stale", reason)
         self.storage.set_trial_state_values(record.trial_id, TrialState.FAIL)
+
+    def fail_over_budget(self, trial_id: int, reason: str) -> None:
+        """[reliability fix] Mark a just-created trial FAIL (user attr ``over_budget``, not
+        counted): other launchers filled the budget between this launcher's check and the
+        trial's creation. Optuna cannot delete a trial; this is the only way to take it back.
+        """
+        self.storage.set_trial_user_attr(trial_id, "over_budget", reason)
+        self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
 def _jsonable(value: Any) -> Any:
