@@ -22,6 +22,7 @@ class Metrics:
     flops_ratio: float | None = None
     params_ratio: float | None = None
     latency_ms: float | None = None
+    latency_ratio: float | None = None
     eval_seconds: float = 0.0
     error: str | None = None
     fidelity: str = "full"

@@ -42,6 +42,7 @@ CONSTRAINTS: dict[str, tuple[str, str]] = {
     "max_flops_ratio": ("flops_ratio", "max"),
     "max_params_ratio": ("params_ratio", "max"),
     "max_latency_ms": ("latency_ms", "max"),
+    "max_latency_ratio": ("latency_ratio", "max"),
     "min_accuracy": ("accuracy", "min"),
 }
 EXPORT_FORMATS = ("pt2", "onnx")
@@ -199,6 +200,7 @@ class ConstraintsSection:
     max_flops_ratio: float | None = None
     max_params_ratio: float | None = None
     max_latency_ms: float | None = None
+    max_latency_ratio: float | None = None
     min_accuracy: float | None = None
 
     def __post_init__(self) -> None:
@@ -226,6 +228,34 @@ class ConstraintsSection:
             else:
                 out.append(float(value) - bound if sense == "max" else bound - float(value))
         return tuple(out)
+
+
+@dataclass(frozen=True)
+class LatencySection:
+    """How latency is known during search: a measured lookup table (NetAdapt-style) built
+    once per (model, batch, threads, machine) and cached, or per-evaluation measurement."""
+
+    table: bool = True
+    batch: int = 1
+    threads: int = 1
+    runs: int = 15
+    warmup: int = 3
+    levels: tuple[float, ...] = (0.25, 0.5, 0.75)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.table, bool):
+            raise ConfigError(f"[latency] table must be true or false, got {self.table!r}")
+        object.__setattr__(self, "levels", tuple(self.levels))
+        try:
+            self.settings()
+        except ValueError as exc:
+            raise ConfigError(f"[latency]: {exc}") from None
+
+    def settings(self) -> Any:
+        from spaces.latency import LatencySettings
+
+        return LatencySettings(batch=self.batch, threads=self.threads, runs=self.runs, warmup=self.warmup,
+                               levels=self.levels)
 
 
 @dataclass(frozen=True)
@@ -278,6 +308,7 @@ class StudyConfig:
     constraints: ConstraintsSection = field(default_factory=ConstraintsSection)
     export: ExportSection = field(default_factory=ExportSection)
     watermark: Any = None  # spaces.watermark.WatermarkConfig, or None for no watermark
+    latency: LatencySection = field(default_factory=LatencySection)
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -297,15 +328,22 @@ class StudyConfig:
                 build_options(s.kind, s.options)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"[[searchers]] {s.name!r}: {exc}") from None
-        if "latency_ms" in self.study.objectives or self.constraints.max_latency_ms is not None:
-            if not self.evaluation.measure_latency:
-                raise ConfigError(
-                    "latency_ms is an objective or constraint but [evaluation] measure_latency is false: set it to true"
-                )
+        if self.uses_latency and not (self.latency.table or self.evaluation.measure_latency):
+            raise ConfigError(
+                "latency is an objective or constraint but neither [latency] table nor [evaluation] "
+                "measure_latency is true: enable one"
+            )
+        if self.constraints.max_latency_ratio is not None and not self.latency.table:
+            raise ConfigError("[constraints] max_latency_ratio needs [latency] table = true (the ratio is to the table's base latency)")
         if self.evaluation.fidelity != "full":
             raise ConfigError(f"[evaluation] fidelity must stay 'full' (the Pareto front's fidelity), got {self.evaluation.fidelity!r}")
 
     # -- derived --------------------------------------------------------------------------
+    @property
+    def uses_latency(self) -> bool:
+        c = self.constraints
+        return "latency_ms" in self.study.objectives or c.max_latency_ms is not None or c.max_latency_ratio is not None
+
     @property
     def name(self) -> str:
         return self.study.name
@@ -336,7 +374,7 @@ class StudyConfig:
     def from_dict(cls, data: Mapping[str, Any], source: str = "") -> "StudyConfig":
         from evaluators.settings import EvalSettings
 
-        known = {"study", "task", "space", "evaluation", "constraints", "searchers", "export", "watermark"}
+        known = {"study", "task", "space", "evaluation", "constraints", "searchers", "export", "watermark", "latency"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(sorted(known))}); remove or rename it")
@@ -368,6 +406,7 @@ class StudyConfig:
         space = build("space", SpaceSection, table("space"))
         constraints = build("constraints", ConstraintsSection, table("constraints"))
         export = build("export", ExportSection, table("export"))
+        latency = build("latency", LatencySection, table("latency"))
         evaluation_data = table("evaluation")
         evaluation_data.setdefault("seed", study.seed)
         try:
@@ -387,7 +426,7 @@ class StudyConfig:
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"[watermark]: {exc}") from None
         return cls(study=study, task=task, searchers=searchers, space=space, evaluation=evaluation,
-                   constraints=constraints, export=export, watermark=watermark, source=source)
+                   constraints=constraints, export=export, watermark=watermark, latency=latency, source=source)
 
 
 def load_config(path: str | Path) -> StudyConfig:

@@ -256,6 +256,9 @@ def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune
                      evaluation=config.evaluation.to_dict(), where=config.study.storage_url)
     prepare_out_dir(out, config.name)
     settings = config.evaluation.replace(threads=config.study.threads_per_worker)
+    if config.uses_latency:  # search used the lookup table; the exported models are timed for real
+        settings = settings.replace(measure_latency=True, latency_batch=config.latency.batch,
+                                    threads=config.latency.threads)
     watermark = None
     if config.watermark is not None:
         from spaces.watermark import Watermark

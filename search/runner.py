@@ -87,6 +87,7 @@ class Prepared:
     searchers: dict[str, Searcher]
     existing: bool
     watermark: Any = None   # spaces.watermark.Watermark: every evaluated policy is projected onto it
+    latency_table: Any = None  # spaces.latency.LatencyTable: latency_ms of every trial during search
 
 
 @dataclass
@@ -213,7 +214,14 @@ def prepare(config: StudyConfig, *, task_and_space: tuple[Any, Any] | None = Non
                     evaluation=config.evaluation.to_dict(),
                     where=config.study.storage_url,
                 )
-    return Prepared(config=config, task=task, space=space, spec=spec, searchers=searchers, existing=existing, watermark=watermark)
+    latency_table = None
+    if config.uses_latency and config.latency.table:
+        from spaces.latency import build_latency_table
+
+        latency_table = build_latency_table(task.base_model(), task.example_inputs, space,
+                                            config.latency.settings(), cache_dir=config.task.cache_dir)
+    return Prepared(config=config, task=task, space=space, spec=spec, searchers=searchers, existing=existing,
+                    watermark=watermark, latency_table=latency_table)
 
 
 PoolFactory = Callable[[Prepared, str | None], Any]
@@ -413,6 +421,17 @@ class _Driver:
         self.evaluating[key] = number
         self.pool.submit(self._marked(proposal).policy, tag=number, settings=proposal.settings)
 
+    def _with_latency(self, proposal: Proposal, metrics: Metrics) -> Metrics:
+        """Latency from the measured lookup table (cheap, noise-free ranking during search);
+        real latency of the Pareto models is measured at export."""
+        table = self.p.latency_table
+        if table is None or not metrics.ok:
+            return metrics
+        from spaces.latency import predict_latency_ms
+
+        ms = predict_latency_ms(table, self.p.space, self._marked(proposal).policy)
+        return dataclasses.replace(metrics, latency_ms=ms, latency_ratio=ms / table.base_ms)
+
     def _marked(self, proposal: Proposal) -> Proposal:
         """``proposal`` projected onto the watermark (what is recorded and evaluated); the
         searcher's own policy is kept in ``meta["proposal"]`` and is what it is told about."""
@@ -440,6 +459,7 @@ class _Driver:
                 self._evaluate(followers[0], key, self.in_flight[followers[0]][1])
                 if followers[1:]:
                     self.followers[followers[0]] = followers[1:]
+        metrics = self._with_latency(proposal, metrics)
         t = time.thread_time()
         outcome = self.recorder.finish(trial, proposal, metrics, cached_from=cached_from)
         self.timers["storage"] += time.thread_time() - t

@@ -69,7 +69,7 @@ def test_defaults_and_derived_values():
     (("study", "name"), "a b/c", r"\[study\] name"),
     (("study", "objectives"), ["accuracy", "speed"], r"unknown objective 'speed'"),
     (("study", "objectives"), ["accuracy", "accuracy"], r"distinct"),
-    (("study", "objectives"), ["accuracy", "latency_ms"], r"measure_latency"),
+    (("latency", "threads"), 0, r"latency"),
     (("study", "workers"), 0, r"workers must be >= 1"),
     (("searchers", "0", "kind"), "annealing", r"unknown searcher 'annealing'"),
     (("searchers", "0", "share"), 0, r"share .* must be > 0"),
