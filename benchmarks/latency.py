@@ -1,0 +1,204 @@
+"""Latency: does the lookup table rank policies like the clock, and does optimising it pay?
+
+Part 1 (LUT fidelity): on a ResNet-style and a MobileNet-style model (32x32 inputs,
+batch 8, 1 thread), 30 random policies spanning the space (a global level in
+[ratio_min, 1] plus per-group jitter) are timed for real and predicted by the table;
+reported: Spearman rank correlation (target >= 0.9) and the speedup-vs-FLOPs-reduction
+of each policy.
+
+Part 2 (objective): on digits, for 3 seeds, a study minimising LUT latency and a study
+minimising FLOPs with the same budget, searcher and recovery; for each study's Pareto
+models the real latency is measured, and we compare the lowest measured latency among
+models within 1 point of a common accuracy level (the worst of the two studies' best
+accuracies minus 1 point), plus measured speedup vs FLOPs reduction of the exported fronts.
+
+    python -m benchmarks.latency            # full run
+    python -m benchmarks.latency --quick    # CI smoke run
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import ROOT, base_parser, setup_logging, write_result
+
+BATCH = 8
+
+
+def _spanning_policies(space: Any, n: int, rng: np.random.Generator) -> list[Any]:
+    """Random policies covering small to large models: a global level plus per-group jitter."""
+    from spaces.policy import Policy
+
+    policies = []
+    for _ in range(n):
+        level = rng.uniform(space.ratio_min, 1.0)
+        ratios = {g: float(np.clip(level + rng.normal(0, 0.15), space.ratio_min, 1.0)) for g in space.group_names}
+        policies.append(Policy(ratios={g: space.snap(r) for g, r in ratios.items()}))
+    return policies
+
+
+def lut_fidelity(quick: bool, cache_dir: Path) -> dict[str, Any]:
+    from scipy.stats import spearmanr
+
+    from evaluators.prune import apply_policy
+    from spaces.latency import LatencySettings, build_latency_table, measure_latency_ms, predict_latency_ms
+    from spaces.space import SearchSpace
+    from tests.architectures import MobileNetV2Style, ResNetStyle
+
+    models = {
+        "resnet": lambda: ResNetStyle(widths=(32, 64, 128)),
+        "mobilenetv2": lambda: MobileNetV2Style(),
+    }
+    n = 6 if quick else 30
+    runs = 5 if quick else 20
+    out: dict[str, Any] = {}
+    for name, build in models.items():
+        torch.manual_seed(0)
+        model = build().eval()
+        example = torch.randn(1, 3, 32, 32)
+        space = SearchSpace.from_model(model, example, ratio_min=0.2, ratio_step=0.05)
+        settings = LatencySettings(batch=BATCH, threads=1, runs=runs, levels=(0.25, 0.5, 0.75))
+        start = time.perf_counter()
+        table = build_latency_table(model, example, space, settings, cache_dir=cache_dir)
+        build_s = time.perf_counter() - start
+        batch = example.repeat(BATCH, 1, 1, 1)
+        rows = []
+        for policy in _spanning_policies(space, n, np.random.default_rng(0)):
+            pruned = apply_policy(model, policy, example, groups=space.groups)
+            measured = measure_latency_ms(pruned, batch, runs=runs, threads=1, statistic="min")
+            rows.append({
+                "predicted_ms": predict_latency_ms(table, space, policy),
+                "measured_ms": measured,
+                "flops_ratio": space.flops_ratio(policy),
+            })
+        base = measure_latency_ms(model, batch, runs=runs, threads=1, statistic="min")
+        for r in rows:
+            r["speedup"] = base / r["measured_ms"]
+            r["flops_reduction"] = 1.0 / r["flops_ratio"]
+        rho = spearmanr([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows]).statistic
+        out[name] = {"groups": len(space.groups), "policies": rows, "spearman": float(rho),
+                     "base_ms": base, "table_build_s": build_s, "target": 0.9, "met": bool(rho >= 0.9)}
+        print(f"{name}: spearman {rho:.3f} over {n} policies (table built in {build_s:.1f} s)", file=sys.stderr)
+    return out
+
+
+def _study_config(tmp: Path, name: str, objective: str, seed: int, n_trials: int) -> Any:
+    from search.config import StudyConfig
+
+    return StudyConfig.from_dict({
+        "study": {"name": name, "storage": str(tmp / f"{name}.journal"), "seed": seed, "n_trials": n_trials,
+                  "objectives": ["accuracy", objective], "workers": 1, "log_file": str(tmp / f"{name}.log")},
+        "task": {"name": "digits", "cache_dir": str(ROOT / "studies" / "cache")},
+        "space": {"ratio_min": 0.2, "ratio_step": 0.05},
+        "evaluation": {"recovery": "adaptive_bn"},
+        "latency": {"batch": BATCH, "runs": 10},
+        "searchers": [{"kind": "nsga2", "options": {"population_size": 8}}],
+    })
+
+
+def objective_comparison(quick: bool) -> dict[str, Any]:
+    from evaluators.prune import apply_policy
+    from search.runner import load_task_and_space, run_study
+    from search.storage import open_storage, pareto_front, parse_storage, read_trials
+    from spaces.latency import measure_latency_ms
+
+    import optuna
+
+    seeds = [0] if quick else [0, 1, 2]
+    n_trials = 8 if quick else 40
+    out: dict[str, Any] = {"seeds": {}, "n_trials": n_trials}
+    task, space = None, None
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for seed in seeds:
+            per_seed: dict[str, Any] = {}
+            for objective in ("latency_ms", "flops"):
+                config = _study_config(tmp, f"{objective}-{seed}", objective, seed, n_trials)
+                if task is None:
+                    task, space = load_task_and_space(config)
+                run_study(config, progress=False)
+                study = optuna.load_study(study_name=config.name,
+                                          storage=open_storage(parse_storage(config.study.storage_url)))
+                front = pareto_front(read_trials(study), config.study.directions)
+                base = task.base_model()
+                batch = task.example_inputs.repeat(BATCH, 1, 1, 1)
+                base_ms = measure_latency_ms(base, batch, runs=20, statistic="min")
+                models = []
+                for r in front:
+                    pruned = apply_policy(base, r.policy, task.example_inputs, groups=space.groups)
+                    ms = measure_latency_ms(pruned, batch, runs=20, statistic="min")
+                    models.append({"accuracy": r.metrics.accuracy, "flops_ratio": r.metrics.flops_ratio,
+                                   "measured_ms": ms, "speedup": base_ms / ms,
+                                   "flops_reduction": 1.0 / r.metrics.flops_ratio})
+                per_seed[objective] = {"front": models, "base_ms": base_ms}
+            level = min(max(m["accuracy"] for m in per_seed[o]["front"]) for o in per_seed) - 0.01
+            for o in per_seed:
+                ok = [m["measured_ms"] for m in per_seed[o]["front"] if m["accuracy"] >= level]
+                per_seed[o]["fastest_at_level_ms"] = min(ok) if ok else None
+            per_seed["accuracy_level"] = level
+            lat, flo = per_seed["latency_ms"]["fastest_at_level_ms"], per_seed["flops"]["fastest_at_level_ms"]
+            per_seed["latency_study_faster"] = bool(lat is not None and flo is not None and lat < flo)
+            out["seeds"][seed] = per_seed
+            print(f"seed {seed}: at accuracy >= {level:.3f}: latency study {lat} ms, flops study {flo} ms", file=sys.stderr)
+    wins = [s["latency_study_faster"] for s in out["seeds"].values()]
+    ratios = [s["latency_ms"]["fastest_at_level_ms"] / s["flops"]["fastest_at_level_ms"]
+              for s in out["seeds"].values() if s["latency_ms"]["fastest_at_level_ms"] and s["flops"]["fastest_at_level_ms"]]
+    out["summary"] = {"latency_study_faster_in": f"{sum(wins)}/{len(wins)} seeds",
+                      "mean_latency_ratio": statistics.mean(ratios) if ratios else None}
+    return out
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, name in zip(axes[:2], ("resnet", "mobilenetv2")):
+        rows = results["lut"][name]["policies"]
+        ax.scatter([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows], s=14)
+        ax.set_title(f"{name}: LUT vs measured (rho={results['lut'][name]['spearman']:.2f})")
+        ax.set_xlabel("predicted ms (batch 8)")
+        ax.set_ylabel("measured ms")
+    ax = axes[2]
+    for name, marker in (("resnet", "o"), ("mobilenetv2", "s")):
+        rows = results["lut"][name]["policies"]
+        ax.scatter([r["flops_reduction"] for r in rows], [r["speedup"] for r in rows], marker=marker, s=14, label=name)
+    lim = max(r["flops_reduction"] for n in ("resnet", "mobilenetv2") for r in results["lut"][n]["policies"])
+    ax.plot([1, lim], [1, lim], "k--", lw=0.8, label="speedup = FLOPs reduction")
+    ax.set_xlabel("FLOPs reduction (x)")
+    ax.set_ylabel("measured speedup (x)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cache:
+        results = {"lut": lut_fidelity(args.quick, Path(cache))}
+    results["objective"] = objective_comparison(args.quick)
+    name = "latency_quick" if args.quick else "latency"
+    config = {"quick": args.quick, "batch": BATCH, "threads": 1, "wall_seconds": round(time.perf_counter() - start, 1)}
+    path = write_result(name, results, config=config, out_dir=args.out)
+    plot(results, Path(args.out) / f"{name}.png")
+    print(f"wrote {path} in {config['wall_seconds']} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
