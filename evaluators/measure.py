@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import statistics
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from spaces.cost import Cost, count_cost
-from spaces.groups import forward
+from spaces.latency import measure_latency_ms, torch_threads  # noqa: F401  (re-exported)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(threads)``, restoring the previous value."""
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
-    previous = torch.get_num_threads()
-    if previous != threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
 
 
 def top1_accuracy(model: nn.Module, batches: Sequence[Batch]) -> float:
@@ -71,20 +53,8 @@ def latency_ms(
 
     Threads are fixed for the measurement so numbers are comparable between workers.
     """
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
     model.eval()
-    times = []
-    with torch_threads(threads), torch.inference_mode():
-        for _ in range(warmup):
-            forward(model, inputs)
-        for _ in range(runs):
-            start = time.perf_counter()
-            forward(model, inputs)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
+    return measure_latency_ms(model, inputs, runs=runs, warmup=warmup, threads=threads)
 
 
 def latency_inputs(example_inputs: torch.Tensor, batch: int) -> torch.Tensor:

@@ -252,7 +252,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Exit 0 when the model carries the key's mark (p < alpha), 1 when it does not."""
-    from search.runner import load_task_and_space
+    from search.runner import build_watermark, load_task_and_space
     from spaces import watermark as wmk
 
     config = _load(args)
@@ -268,8 +268,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         capacity = wmk.space_capacity(space, config.watermark)
         print(capacity.describe({g.name: g.channels for g in space.groups}))
         return 0
+    mark = build_watermark(config, space)
     try:
-        mark = wmk.Watermark.from_space(space, config.watermark)
         counts = wmk.channel_counts_from_export_dir(export_dir, space.groups)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -230,7 +230,7 @@ def plot_pareto(records: Sequence[TrialRecord], front: Sequence[TrialRecord], pa
 def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune_steps: int | None = None,
                  formats: Sequence[str] | None = None, task_and_space: tuple[Any, Any] | None = None) -> ExportSummary:
     """Export every feasible Pareto trial of ``config``'s study (storage is only read)."""
-    from search.runner import fingerprint_of, load_task_and_space
+    from search.runner import build_watermark, fingerprint_of, load_task_and_space
 
     formats = tuple(formats if formats is not None else config.export.formats)
     bad = [f for f in formats if f not in ("pt2", "onnx")]
@@ -259,14 +259,7 @@ def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune
     if config.uses_latency:  # search used the lookup table; the exported models are timed for real
         settings = settings.replace(measure_latency=True, latency_batch=config.latency.batch,
                                     threads=config.latency.threads)
-    watermark = None
-    if config.watermark is not None:
-        from spaces.watermark import Watermark
-
-        try:
-            watermark = Watermark.from_space(space, config.watermark)
-        except ValueError as exc:
-            raise ConfigError(f"[watermark]: {exc}") from None
+    watermark = build_watermark(config, space)
     dirs, metrics = [], {}
     for record in front:
         directory = out / f"trial-{record.number}"

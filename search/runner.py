@@ -182,19 +182,24 @@ def check_constraints_reachable(config: StudyConfig, space: Any) -> None:
             )
 
 
+def build_watermark(config: StudyConfig, space: Any) -> Any:
+    """The study's watermark over ``space`` (None without a [watermark] section)."""
+    if config.watermark is None:
+        return None
+    from spaces.watermark import Watermark
+
+    try:
+        return Watermark.from_space(space, config.watermark)
+    except ValueError as exc:
+        raise ConfigError(f"[watermark]: {exc}") from None
+
+
 def prepare(config: StudyConfig, *, task_and_space: tuple[Any, Any] | None = None) -> Prepared:
     """Validate everything that can be wrong with the input; write nothing to storage."""
     spec = parse_storage(config.study.storage_url)
     task, space = task_and_space if task_and_space is not None else load_task_and_space(config)
     check_constraints_reachable(config, space)
-    watermark = None
-    if config.watermark is not None:
-        from spaces.watermark import Watermark
-
-        try:
-            watermark = Watermark.from_space(space, config.watermark)
-        except ValueError as exc:
-            raise ConfigError(f"[watermark]: {exc}") from None
+    watermark = build_watermark(config, space)
     searchers: dict[str, Searcher] = {}
     for i, section in enumerate(config.searchers):
         try:

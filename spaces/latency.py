@@ -35,19 +35,25 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """Run a block with ``threads`` intra-op threads, then restore the previous setting."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if previous != threads:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 def measure_latency_ms(model: nn.Module, inputs: Any, *, runs: int = 20, warmup: int = 3, threads: int = 1,
                        statistic: str = "median") -> float:
     """Median (or ``statistic="min"``) wall time (ms) of ``runs`` forward passes after ``warmup`` untimed ones."""
-    if runs < 1 or warmup < 0 or threads < 1:
-        raise ValueError(f"latency needs runs >= 1, warmup >= 0, threads >= 1; got {runs}, {warmup}, {threads}")
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"latency runs must be an integer >= 1, got {runs!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"latency warmup must be an integer >= 0, got {warmup!r}")
     was_training = model.training
     model.eval()
     times = []
