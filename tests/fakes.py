@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import functools
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,9 @@ class Harness:
                 for p in searcher.ask(want):
                     flight.append((p, self.recorder.open(label, p)))
             if not flight:
+                if searcher.waiting:  # background work of its own (masking runs): poll, as the runner does
+                    time.sleep(0.05)
+                    continue
                 break  # the searcher has nothing to propose
             p, trial = flight.popleft()
             outcome = self.recorder.finish(trial, p, metrics(p))
