@@ -89,7 +89,10 @@ def prepare_out_dir(out: Path, study_name: str) -> None:
                     shutil.rmtree(child)
                 elif child.name == "pareto.png":
                     child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError, PermissionError) as exc:
+        raise ConfigError(f"cannot create export directory {str(out)!r}: {exc.strerror or exc}: choose another --out") from None
     (out / MARKER).write_text(json.dumps({"study": study_name, "created": time.time()}), encoding="utf-8")
 
 

@@ -74,6 +74,8 @@ HEARTBEAT_S = 30.0
 POLL_S = 0.2
 # A launcher on another host is presumed dead when its heartbeat is older than this.
 GRACE_S = 4 * HEARTBEAT_S
+# How often a launcher running alone looks for other launchers on its study (seconds).
+OTHERS_RECHECK_S = 1.0
 
 
 @dataclass
@@ -318,6 +320,7 @@ class _Driver:
         self.last_heartbeat = time.monotonic()
         # [reliability fix] set once another launcher's trials filled the study's budget
         self.exhausted = False
+        self.others_alive, self.others_checked = False, -math.inf  # see _shared_claims
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _cache_key(self, policy_key: str, settings: Mapping[str, Any]) -> tuple[str, str]:
@@ -358,12 +361,19 @@ class _Driver:
         """Trials holding a place in the budget study-wide (see ``claimed_trials``).
 
         ``None`` when no other launcher is alive and not ``always``: then this launcher's
-        own count is exact, and the one cheap read of the launcher table is all it costs.
+        own count is exact. Alone, the launcher table is read at most every
+        ``OTHERS_RECHECK_S`` (a read per trial cost ~5 ms on SQLite): a launcher that starts
+        in between can only make this one create a trial ``_over_budget`` takes back.
         """
         t = time.thread_time()
         try:
+            now = time.monotonic()
+            if not always and not self.others_alive and now - self.others_checked < OTHERS_RECHECK_S:
+                return None
             launchers = read_launchers(self.storage, self.recorder.study_id)
-            if not always and not other_live_launchers(launchers, self.me, GRACE_S):
+            self.others_checked = now
+            self.others_alive = bool(other_live_launchers(launchers, self.me, GRACE_S))
+            if not always and not self.others_alive:
                 return None
             trials = self.storage.get_all_trials(self.recorder.study_id, deepcopy=False)
             return claimed_trials(trials, launchers, self.me, GRACE_S, below=below)

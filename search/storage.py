@@ -148,9 +148,29 @@ def open_storage(spec: StorageSpec, *, read_only: bool = False) -> optuna.storag
             skip_table_creation=read_only,
         )
     else:
-        rdb = optuna.storages.RDBStorage(spec.url, skip_table_creation=read_only)
+        rdb = _open_rdb(spec.url, read_only)
     # The same cached wrapper Optuna would build; shared by every study handle of the run.
     return optuna.storages.get_storage(rdb)
+
+
+def _open_rdb(url: str, read_only: bool, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """[reliability fix] ``RDBStorage(url)``, retried while another launcher creates the tables.
+
+    Launchers started together on a fresh server database race to create Optuna's schema
+    (PostgreSQL: "duplicate key value violates unique constraint pg_type_typname_nsp_index"
+    on ``CREATE TYPE``); the loser used to exit 1. A retry finds the schema there.
+    """
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, skip_table_creation=read_only)
+        except (IntegrityError, ProgrammingError, optuna.exceptions.StorageInternalError) as exc:
+            if read_only or attempt == attempts - 1:
+                raise
+            log.info("storage schema being created by another launcher (%s); retrying", type(exc).__name__)
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def close_storage(storage: optuna.storages.BaseStorage) -> None:
@@ -174,21 +194,39 @@ def inspect_storage(spec: StorageSpec) -> Iterator[optuna.storages.BaseStorage |
     if not spec.exists():
         yield None
         return
-    sidecars = []
-    if spec.kind == "sqlite":
-        if not _is_optuna_sqlite(spec.path):
-            raise ConfigError(f"{str(spec.path)!r} exists but is not an Optuna study storage: choose another storage path")
-        sidecars = [Path(f"{spec.path}{s}") for s in ("-wal", "-shm")]
+    if spec.kind == "rdb" and not _rdb_has_optuna_tables(spec.url):
+        # [reliability fix] a fresh server database (no Optuna tables yet) holds no study;
+        # opening it read-only used to fail ("relation version_info does not exist", exit 1).
+        yield None
+        return
+    sidecars = [Path(f"{spec.path}{s}") for s in ("-wal", "-shm")] if spec.kind == "sqlite" else []
+    # [reliability fix] noted before the format probe below: reading a WAL-mode file
+    # read-only creates -wal/-shm that the reader cannot remove, and the probe used to run
+    # first, so every `status` / `export` / bad-input run left them behind.
     before = {p: p.exists() for p in sidecars}
-    storage = open_storage(spec, read_only=True)
     try:
-        yield storage
+        if spec.kind == "sqlite" and not _is_optuna_sqlite(spec.path):
+            raise ConfigError(f"{str(spec.path)!r} exists but is not an Optuna study storage: choose another storage path")
+        storage = open_storage(spec, read_only=True)
+        try:
+            yield storage
+        finally:
+            close_storage(storage)
     finally:
-        close_storage(storage)
         for p, existed in before.items():
             if not existed and p.exists() and (p.name.endswith("-shm") or p.stat().st_size == 0):
                 with contextlib.suppress(OSError):
                     p.unlink()
+
+
+def _rdb_has_optuna_tables(url: str) -> bool:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        return "version_info" in sqlalchemy.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
 
 
 def _is_optuna_sqlite(path: Path) -> bool:

@@ -686,9 +686,11 @@ def channel_counts_from_exported(program: Any, groups: Sequence[ChannelGroup] | 
 
 
 def channel_counts_from_export_dir(
-    directory: str | Path, groups: Sequence[ChannelGroup] | Mapping[str, int]
+    directory: str | Path, groups: Sequence[ChannelGroup] | Mapping[str, int], *, trust_program: bool = False
 ) -> dict[str, int]:
-    """Counts from an export directory: ``weights.pt`` shapes, else ``model.pt2``.
+    """Counts from an export directory: ``weights.pt`` shapes (``weights_only`` load), else
+    ``model.pt2`` when ``trust_program`` (``torch.export.load`` unpickles, so a model of
+    unknown origin is never read that way by default).
 
     Reads the architecture itself, never policy.json (which anyone could edit).
     """
@@ -704,6 +706,11 @@ def channel_counts_from_export_dir(
         if not isinstance(state, Mapping):
             raise ValueError(f"{str(weights)!r} is not a state_dict")
         return channel_counts_from_state_dict(state, groups)
+    if program.is_file() and not trust_program:
+        raise ValueError(
+            f"export directory {str(d)!r} has no weights.pt; model.pt2 is not read because loading it "
+            "can run code: copy the export's weights.pt next to it"
+        )
     if program.is_file():
         try:
             ep = torch.export.load(str(program))

@@ -208,7 +208,7 @@ def test_recovery_after_torch_export_round_trip(r18, tmp_path):
     torch.export.save(program, str(tmp_path / "model.pt2"))
     loaded = torch.export.load(str(tmp_path / "model.pt2"))
     _assert_full_recovery(wm, channel_counts_from_exported(loaded, groups))
-    _assert_full_recovery(wm, channel_counts_from_export_dir(tmp_path, groups))  # model.pt2 only
+    _assert_full_recovery(wm, channel_counts_from_export_dir(tmp_path, groups, trust_program=True))  # model.pt2 only, trusted
 
 
 # -- wrong key, unmarked model, chance level ----------------------------------------------------
