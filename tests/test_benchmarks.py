@@ -1,0 +1,119 @@
+"""The search-quality benchmark's bookkeeping: hypervolume, uniform ratio sweep, per-seed summary, targets.
+
+No Ray, no task: these are the functions that decide the reported numbers and whether a
+target was met, checked on hand-made inputs.
+"""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks.search_quality import (
+    UNIFORM,
+    BenchConfig,
+    TaskPreset,
+    check_targets,
+    hypervolume,
+    hypervolume_curve,
+    summarize,
+    uniform_ratio_for,
+)
+
+
+def test_hypervolume_is_the_dominated_area_up_to_the_reference_point():
+    # (accuracy, flops): losses (0.2, 0.5) and (0.5, 0.2) -> union of two boxes in [0, 1]^2
+    area = 0.8 * 0.5 + 0.5 * 0.8 - 0.5 * 0.5
+    assert hypervolume([(0.8, 0.5), (0.5, 0.2)]) == pytest.approx(area)
+    # a dominated point adds nothing; a point beyond the reference is ignored
+    assert hypervolume([(0.8, 0.5), (0.5, 0.2), (0.6, 0.6), (0.99, 1.0)]) == pytest.approx(area)
+    assert hypervolume([]) == 0.0
+
+
+def test_hypervolume_curve_counts_every_trial_and_never_decreases():
+    curve = hypervolume_curve([None, (0.5, 0.5), None, (0.9, 0.4), (0.1, 0.9)])
+    assert len(curve) == 5
+    assert curve[0] == 0.0
+    assert curve[1] == pytest.approx(0.25)
+    assert curve == sorted(curve)
+    assert curve[-1] == pytest.approx(hypervolume([(0.5, 0.5), (0.9, 0.4), (0.1, 0.9)]))
+
+
+class _StepSpace:
+    """A space whose uniform FLOPs ratio is a step function of the ratio (kept channels are integers)."""
+
+    channels = 10
+
+    def uniform(self, ratio):
+        return ratio
+
+    def flops_ratio(self, ratio):
+        return (max(1, round(ratio * self.channels)) / self.channels) ** 2
+
+
+@pytest.mark.parametrize("level", [0.15, 0.3, 0.5, 1.0])
+def test_uniform_ratio_is_the_largest_within_the_level(level):
+    space = _StepSpace()
+    r = uniform_ratio_for(space, level)
+    assert space.flops_ratio(r) <= level
+    assert r == 1.0 or space.flops_ratio(min(1.0, r + 1e-3)) > level
+
+
+def _run(hv, best, finetuned=None):
+    return {"hypervolume": hv, "wall_s": 1.0,
+            "best_proxy": {lv: (None if a is None else {"accuracy": a}) for lv, a in best.items()},
+            "finetuned": {lv: {"accuracy": a} for lv, a in (finetuned or {}).items()}}
+
+
+def test_summary_pairs_seeds_and_targets_use_the_best_searcher():
+    per_seed = {
+        UNIFORM: {"0": _run(0.50, {"0.3": 0.60}), "1": _run(0.50, {"0.3": 0.70})},
+        "random": {"0": _run(0.40, {"0.3": 0.62}), "1": _run(0.50, {"0.3": 0.72})},
+        "tpe": {"0": _run(0.44, {"0.3": 0.70}), "1": _run(0.55, {"0.3": 0.74})},
+        "masking": {"0": _run(0.30, {"0.3": None}), "1": _run(0.30, {"0.3": 0.90})},
+    }
+    summary = summarize({"per_seed": per_seed}, [0.3])
+    tpe = summary["tpe"]
+    assert tpe["proxy_delta"]["0.3"]["values"] == pytest.approx([0.10, 0.04])
+    assert tpe["proxy_delta"]["0.3"]["mean"] == pytest.approx(0.07)
+    assert tpe["hv_vs_random"]["values"] == pytest.approx([0.10, 0.10])
+    # a seed without a feasible model is missing, not zero
+    assert summary["masking"]["proxy"]["0.3"]["n"] == 1
+    checks = {c["kind"]: c for c in check_targets("digits", summary)}
+    proxy = checks["proxy_delta"]
+    assert proxy["best"] == "masking" and proxy["value"] == pytest.approx(0.20) and proxy["met"]
+    shapes = check_targets("shapes", summary)
+    hv = next(c for c in shapes if c["kind"] == "hv_vs_random")
+    assert hv["best"] == "tpe" and hv["met"]
+    finetuned = next(c for c in shapes if c["kind"] == "finetuned_delta")
+    assert finetuned["value"] is None and not finetuned["met"]  # no fine-tuned numbers at 15%
+
+
+def test_a_missed_target_is_reported_as_missed():
+    per_seed = {UNIFORM: {"0": _run(0.5, {"0.3": 0.80})}, "random": {"0": _run(0.5, {"0.3": 0.82})}}
+    (check,) = check_targets("digits", summarize({"per_seed": per_seed}, [0.3]))
+    assert check["value"] == pytest.approx(0.02) and not check["met"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"levels": ()}, "levels"), ({"levels": (0.3, 1.5)}, "levels"),
+    ({"levels": (0.3, 0.5), "max_flops_ratio": 0.4}, "max_flops_ratio"),
+    ({"levels": (0.3,), "max_flops_ratio": 0.5, "finetune_steps": 0}, "finetune_steps"),
+])
+def test_bad_presets_are_refused(kwargs, match):
+    kwargs.setdefault("max_flops_ratio", 0.5)
+    with pytest.raises(ValueError, match=match):
+        TaskPreset(**kwargs)
+
+
+def test_bench_config_builds_a_valid_study_per_method(tmp_path):
+    cfg = BenchConfig(task="digits", preset=TaskPreset(levels=(0.3,), max_flops_ratio=0.5), n_trials=8)
+    for method in cfg.searchers:
+        config = cfg.study_config(method, 1, tmp_path)
+        assert config.study.n_trials == 8 and config.study.seed == 1
+        assert config.evaluation.seed == 1 and config.evaluation.recovery == "adaptive_bn"
+        assert config.constraints.max_flops_ratio == 0.5
+        assert str(tmp_path) in config.study.storage_url
+    with pytest.raises(ValueError, match="bogus"):
+        BenchConfig(task="digits", preset=TaskPreset(levels=(0.3,), max_flops_ratio=0.5), methods=(UNIFORM, "bogus"))
+    assert math.isclose(sum(s.share for s in cfg.study_config("portfolio", 0, tmp_path).searchers), 1.0)
