@@ -126,6 +126,22 @@ def _sqlite_connector(path: Path, read_only: bool):
     return connect
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path, enabled: bool = True):
+    """Exclusive advisory lock on ``path`` (POSIX flock) for the duration of the block."""
+    if not enabled:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def open_storage(spec: StorageSpec, *, read_only: bool = False) -> optuna.storages.BaseStorage:
     """Open ``spec`` (creating an SQLite file and its directory unless ``read_only``).
 
@@ -142,11 +158,14 @@ def open_storage(spec: StorageSpec, *, read_only: bool = False) -> optuna.storag
     if spec.kind == "sqlite":
         if not read_only:
             spec.path.parent.mkdir(parents=True, exist_ok=True)
-        rdb = optuna.storages.RDBStorage(
-            spec.url,
-            engine_kwargs={"creator": _sqlite_connector(spec.path, read_only)},
-            skip_table_creation=read_only,
-        )
+        # Launchers started together on a new file race to create Optuna's tables ("table
+        # trial_params already exists"): an exclusive lock beside the file serialises it.
+        with _file_lock(spec.path.with_name(spec.path.name + ".lock"), enabled=not read_only):
+            rdb = optuna.storages.RDBStorage(
+                spec.url,
+                engine_kwargs={"creator": _sqlite_connector(spec.path, read_only)},
+                skip_table_creation=read_only,
+            )
     else:
         rdb = _open_rdb(spec.url, read_only)
     # The same cached wrapper Optuna would build; shared by every study handle of the run.

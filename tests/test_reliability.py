@@ -72,6 +72,25 @@ def study_config(tmp_path: Path, *, name: str = "tiny", n_trials: int = 8, stora
     return path
 
 
+def barrier_task(barrier: str, parties: int = 2, timeout_s: float = 180.0, cache_dir: str | None = None):
+    """Task plugin: tests.fakes' tiny task, handed out once ``parties`` launchers asked.
+
+    Launchers started together then reach their search loops together, whatever their
+    interpreter start-up took on a loaded machine, so each of them gets a share of the budget.
+    """
+    from tests.fakes import tiny_task
+
+    folder = Path(barrier)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / str(os.getpid())).touch()
+    deadline = time.monotonic() + timeout_s
+    while len(list(folder.iterdir())) < parties:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"barrier {barrier}: the other launcher(s) never arrived")
+        time.sleep(0.05)
+    return tiny_task()
+
+
 def launcher(config: Path, address: str, *args: str) -> subprocess.Popen:
     """``prunesearch run CONFIG`` in its own process group, joining Ray at ``address``."""
     cmd = [sys.executable, "-m", "search", "run", str(config), "--no-progress", "--ray-address", address, *args]
@@ -265,6 +284,9 @@ def test_two_launchers_at_once_share_the_budget(tmp_path, ray_address, shared_st
     n = 8
     random_only = '\n[[searchers]]\nkind = "random"\n'
     path = study_config(tmp_path, n_trials=n, storage=shared_storage, searchers=random_only)
+    path.write_text(path.read_text().replace(
+        'name = "tests.fakes:tiny_task"',
+        f'name = "tests.test_reliability:barrier_task"\n[task.options]\nbarrier = "{tmp_path}/barrier"'))
     config = load_config(path)
     procs = [launcher(path, ray_address) for _ in range(2)]
     outs = [finish(p)[0] for p in procs]
