@@ -175,6 +175,14 @@ def notes(sq: dict[str, Any]) -> list[str]:
         lines.append(f"- {verdict} ({t['task']}): {t['name']} = {100 * t['value']:+.1f}{unit} "
                      f"(best: {t['best']}; threshold {100 * t['threshold']:+.0f}{unit}).")
     tasks = sq.get("results", {}).get("tasks", {})
+    for task, res in tasks.items():
+        summary = res.get("summary", {})
+        walls = {m: row["wall_s"]["mean"] for m, row in summary.items() if row.get("wall_s", {}).get("mean")}
+        others = sorted(w for m, w in walls.items() if m not in ("masking", "uniform"))
+        if "masking" in walls and others:
+            median = others[len(others) // 2]
+            lines.append(f"- {task}: a masking study took {walls['masking']:.0f} s against a median of {median:.0f} s "
+                         "for the other searchers at the same trial budget: each of its trials is a training run.")
     skipped = [f"{k} ({v['skipped']})" for k, v in tasks.items() if "skipped" in v]
     if skipped:
         lines.append(f"- Not run: {', '.join(skipped)}; its targets could not be checked.")

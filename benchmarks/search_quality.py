@@ -110,8 +110,8 @@ PRESETS: dict[str, TaskPreset] = {
     # region; the constraint (30%) does the rest. The uniform baseline is a continuous ratio,
     # not limited by the grid. Proxy recovery is CaP (least-squares compensation, no BN pass):
     # at 15% FLOPs adaptive BN leaves every policy near chance (uniform 19%, 12 classes), a
-    # proxy that cannot rank candidates (a full run with it is kept in
-    # search_quality_shapes_adaptive_bn.json: every searcher lost to uniform), while CaP gives
+    # proxy that cannot rank candidates (per-study results of a run with it are in
+    # search_quality_shapes_adaptive_bn.txt: no searcher's mean HV reached uniform's), while CaP gives
     # uniform 63% and random policies 26-63%, for ~2x the cost. 2400 validation images: the
     # proxy scores the first 500 (one sample = 0.2 pt, the same for every policy); fine-tuned
     # models are scored on all of them. Only the target level is fine-tuned (one fine-tune
@@ -235,6 +235,14 @@ class BenchConfig:
     @property
     def searchers(self) -> tuple[str, ...]:
         return tuple(m for m in self.methods if m != UNIFORM)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the per-study results depend on (checkpoints are reused only when it matches)."""
+        return json.loads(json.dumps({
+            "task": self.task, "preset": {k: v for k, v in self.preset.__dict__.items() if k != "finetune_steps"},
+            "n_trials": self.n_trials, "workers": self.workers, "quick": self.quick,
+            "methods": {m: _METHODS[m](self.preset, self.quick) for m in self.searchers},
+        }, default=list))
 
     def evaluation(self, seed: int) -> dict[str, Any]:
         """The proxy evaluation settings of one seed (its calibration draw and fine-tune stream)."""
@@ -435,7 +443,47 @@ def uniform_result(evaluated: Sequence[tuple[Any, Any]], levels: Sequence[float]
             "best_proxy": best, "points": points}
 
 
-def run_task(cfg: BenchConfig) -> dict[str, Any]:
+class Checkpoint:
+    """Per-study results of an unfinished run, saved after every study (``--resume`` reuses them).
+
+    A full run takes long on a shared machine; losing it to one killed process is worse
+    than one more small file. Results are reused only for the same task configuration.
+    """
+
+    def __init__(self, path: Path | None, resume: bool) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {}
+        if path is not None and resume and path.is_file():
+            try:
+                self.data = json.loads(path.read_text())
+            except ValueError:
+                log.warning("checkpoint %s unreadable; starting afresh", path)
+
+    def task(self, cfg: BenchConfig) -> dict[str, Any]:
+        """The saved state of ``cfg``'s task (empty when none or made with another configuration)."""
+        fp = cfg.fingerprint()
+        saved = self.data.get(cfg.task)
+        if saved is not None and saved.get("fingerprint") != fp:
+            log.warning("checkpoint for %s was made with another configuration; not reused", cfg.task)
+            saved = None
+        if saved is None:
+            saved = {"fingerprint": fp, "per_seed": {}, "elapsed_s": 0.0}
+            self.data[cfg.task] = saved
+        return saved
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, default=str))
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
+
+
+def run_task(cfg: BenchConfig, checkpoint: Checkpoint | None = None) -> dict[str, Any]:
     """Every method x seed of one task, then the equal fine-tune; raw per-seed results."""
     import torch
     from tqdm.auto import tqdm
@@ -469,13 +517,20 @@ def run_task(cfg: BenchConfig) -> dict[str, Any]:
                          settings=EvalSettings(**cfg.evaluation(cfg.seeds[0])), workers=cfg.workers,
                          threads_per_worker=1, window=2)
     shared = SharedPool(pool)
-    per_seed: dict[str, dict[str, Any]] = {m: {} for m in cfg.methods}
+    checkpoint = checkpoint or Checkpoint(None, False)
+    saved = checkpoint.task(cfg)
+    per_seed: dict[str, dict[str, Any]] = {m: dict(saved["per_seed"].get(m, {})) for m in cfg.methods}
+    previous_s = float(saved.get("elapsed_s", 0.0))
     try:
         pool.wait_ready(timeout=600)
         jobs = [(seed, m) for seed in cfg.seeds for m in cfg.methods]
         with tempfile.TemporaryDirectory(prefix="prunesearch-bench-") as tmp, \
                 tqdm(total=len(jobs), desc=f"{cfg.task} studies", file=sys.stderr, disable=None) as bar:
             for seed, method in jobs:
+                if str(seed) in per_seed[method]:
+                    log.info("%s seed %d %s: reused from the checkpoint", cfg.task, seed, method)
+                    bar.update(1)
+                    continue
                 settings = EvalSettings(**cfg.evaluation(seed))
                 t = time.perf_counter()
                 if method == UNIFORM:
@@ -491,6 +546,9 @@ def run_task(cfg: BenchConfig) -> dict[str, Any]:
                                         pool_factory=lambda p, _addr: shared.bind(p.config.evaluation))
                     res = study_result(summary, levels)
                 per_seed[method][str(seed)] = res
+                saved["per_seed"] = per_seed
+                saved["elapsed_s"] = previous_s + time.perf_counter() - start
+                checkpoint.save()
                 log.info("%s seed %d %s: HV %.4f, best proxy %s, %.0f s", cfg.task, seed, method, res["hypervolume"],
                          {lv: round(b["accuracy"], 4) for lv, b in res["best_proxy"].items() if b},
                          time.perf_counter() - t)
@@ -499,7 +557,9 @@ def run_task(cfg: BenchConfig) -> dict[str, Any]:
         info["finetune_timing"] = finetune(cfg, shared, per_seed)
     finally:
         pool.close()
-    info["wall_s"] = time.perf_counter() - start
+    info["wall_s"] = previous_s + time.perf_counter() - start  # a resumed run adds the earlier part
+    if previous_s:
+        info["resumed_after_s"] = previous_s
     return {**info, "per_seed": per_seed}
 
 
@@ -765,7 +825,7 @@ def resolve_task(name: str) -> str | None:
 
 def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_trials: int | None, workers: int,
         methods: Sequence[str] | None, task_options: Mapping[str, Any], cache_dir: str,
-        out_dir: Path, requested: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        out_dir: Path, requested: bool, checkpoint: Checkpoint | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     results: dict[str, Any] = {"tasks": {}, "targets": []}
     config: dict[str, Any] = {"quick": quick, "workers": workers, "reference_point": list(REFERENCE_POINT),
                               "n_trials": n_trials or (QUICK["n_trials"] if quick else 64),
@@ -788,7 +848,7 @@ def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_tri
         cfg = BenchConfig(task=name, preset=preset, seeds=tuple(config["seeds"]), n_trials=config["n_trials"],
                           workers=workers, methods=tuple(methods or available_methods()), cache_dir=cache_dir,
                           quick=quick)
-        res = run_task(cfg)
+        res = run_task(cfg, checkpoint)
         res.update({"levels": list(preset.levels), "max_flops_ratio": preset.max_flops_ratio,
                     "finetune_steps": preset.finetune_steps, "finetune_levels": list(preset.tuned_levels),
                     "proxy_recovery": cfg.evaluation(0)["recovery"]})
@@ -842,6 +902,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="evaluation workers (default %(default)s)")
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(available_methods())}")
     parser.add_argument("--cache-dir", default=str(ROOT / "studies" / "cache"), help="task model cache")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the studies an interrupted run saved in <out>/<name>.partial.json")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other tasks of an existing result file (same seeds and budget) and replace "
                              "only the tasks run now")
@@ -865,14 +927,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    name = "search_quality_quick" if args.quick else "search_quality"
+    checkpoint = Checkpoint(out / f"{name}.partial.json", args.resume)
     results, config = run(tasks, quick=args.quick, seeds=range(args.seeds) if args.seeds else None,
                           n_trials=args.trials, workers=args.workers, methods=methods, task_options=task_options,
-                          cache_dir=args.cache_dir, out_dir=out, requested=args.task is not None)
-    config["wall_seconds"] = round(time.perf_counter() - start, 1)
-    name = "search_quality_quick" if args.quick else "search_quality"
+                          cache_dir=args.cache_dir, out_dir=out, requested=args.task is not None,
+                          checkpoint=checkpoint)
+    config["wall_seconds"] = round(sum(r.get("wall_s", 0.0) for r in results["tasks"].values()), 1)
     if args.merge:
         merge_previous(out / f"{name}.json", results, config)
     path = write_result(name, results, config=config, out_dir=out)
+    checkpoint.remove()
     md = markdown(results, config)
     (out / f"{name}.md").write_text(md)
     print(md)
