@@ -241,6 +241,8 @@ class LatencySection:
     runs: int = 15
     warmup: int = 3
     levels: tuple[float, ...] = (0.25, 0.5, 0.75)
+    calibration: int = 16
+    predictor: str = "fitted"
 
     def __post_init__(self) -> None:
         if not isinstance(self.table, bool):
@@ -255,7 +257,7 @@ class LatencySection:
         from spaces.latency import LatencySettings
 
         return LatencySettings(batch=self.batch, threads=self.threads, runs=self.runs, warmup=self.warmup,
-                               levels=self.levels)
+                               levels=self.levels, calibration=self.calibration, predictor=self.predictor)
 
 
 @dataclass(frozen=True)

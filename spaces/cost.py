@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -95,6 +95,19 @@ _register(
 _register(nn.LayerNorm)(_numel("in", lambda m: 2.0 if m.elementwise_affine else 1.0))
 
 
+def layer_kind(m: nn.Module) -> str:
+    """Coarse compute class of a layer, for latency models: kernels of one class run at
+    similar speed per FLOP, kernels of different classes (a dense 3x3 conv vs a depthwise conv
+    vs a memory-bound batch norm) do not."""
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if m.groups > 1 and m.groups == m.in_channels == m.out_channels:
+            return "depthwise"
+        return "conv1x1" if math.prod(m.kernel_size) == 1 else "conv"
+    if isinstance(m, nn.Linear):
+        return "linear"
+    return "elementwise"
+
+
 def _first_tensor(x: Any) -> torch.Tensor | None:
     if isinstance(x, torch.Tensor):
         return x
@@ -154,6 +167,7 @@ class CostModel:
     flops_terms: tuple[Term, ...]
     param_terms: tuple[tuple[int, ...], ...]
     base: Cost
+    term_kinds: tuple[str, ...] = field(default=(), compare=False)  # layer_kind of each flops term
 
     @classmethod
     def build(cls, model: nn.Module, example_inputs: Any, groups: Sequence[ChannelGroup]) -> "CostModel":
@@ -177,13 +191,16 @@ class CostModel:
 
         base_modules = dict(model.named_modules())
         terms: list[Term] = []
+        kinds: list[str] = []
         for name, (in_shape, out_shape) in base_shapes.items():
             m = base_modules[name]
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups != 1:
                 touched = slopes[:, index[(name, "attr", 1)]].any()
                 if not (m.groups == m.in_channels == m.out_channels) and touched:
                     raise ValueError(f"cost model cannot follow grouped conv {name!r} under pruning")
-            terms.extend(_FORMULAS[type(m)](m, lambda kind, i, n=name: index[(n, kind, i)], in_shape, out_shape))
+            layer_terms = _FORMULAS[type(m)](m, lambda kind, i, n=name: index[(n, kind, i)], in_shape, out_shape)
+            terms.extend(layer_terms)
+            kinds.extend([layer_kind(m)] * len(layer_terms))
         params: list[tuple[int, ...]] = []
         seen: set[int] = set()
         for pname, p in model.named_parameters():
@@ -199,6 +216,7 @@ class CostModel:
             flops_terms=tuple(terms),
             param_terms=tuple(params),
             base=Cost(0.0, 0.0),
+            term_kinds=tuple(kinds),
         )
         object.__setattr__(self, "base", self.predict({}))
         return self
@@ -215,6 +233,14 @@ class CostModel:
         flops = sum(coef * float(np.prod(d[list(idx)])) for coef, idx in self.flops_terms)
         params = sum(float(np.prod(d[list(idx)])) for idx in self.param_terms)
         return Cost(flops=flops, params=params)
+
+    def flops_by_kind(self, kept: Mapping[str, int]) -> dict[str, float]:
+        """FLOPs split by ``layer_kind`` (sums to ``predict(kept).flops``)."""
+        d = self.dims(kept)
+        out: dict[str, float] = {}
+        for (coef, idx), kind in zip(self.flops_terms, self.term_kinds):
+            out[kind] = out.get(kind, 0.0) + coef * float(np.prod(d[list(idx)]))
+        return out
 
     def flops_torch(self, kept: "torch.Tensor") -> "torch.Tensor":
         """Differentiable FLOPs for real-valued kept counts (one per group, in group order).

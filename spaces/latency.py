@@ -11,13 +11,17 @@ disk under that key.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import logging
+import math
 import platform
 import statistics
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,34 @@ from spaces.groups import forward
 from spaces.policy import Policy
 
 log = logging.getLogger(__name__)
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+@functools.lru_cache(maxsize=1)
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing activation buffers back to the kernel after every forward pass.
+
+    By default glibc serves allocations over 128 KiB-32 MiB with ``mmap`` and trims the heap
+    on ``free``, so each forward pass of a CNN maps, page-faults and unmaps its activations
+    again. On the 2-core VMs we measured, that kernel time was ~20% of a ResNet forward and
+    made repeated timings of the *same* model vary by 20-50%. Raising the mmap and trim
+    thresholds keeps freed pages in the process (what jemalloc/tcmalloc do by default).
+    Idempotent; returns whether the allocator was tuned (False off glibc).
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        mallopt = None
+    if mallopt is None:
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024) == 1  # glibc's maximum
+    ok = mallopt(_M_TRIM_THRESHOLD, 1024 * 1024 * 1024) == 1 and ok
+    return ok
 
 
 @contextlib.contextmanager
@@ -54,6 +86,7 @@ def measure_latency_ms(model: nn.Module, inputs: Any, *, runs: int = 20, warmup:
         raise ValueError(f"latency runs must be an integer >= 1, got {runs!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"latency warmup must be an integer >= 0, got {warmup!r}")
+    keep_freed_memory()
     was_training = model.training
     model.eval()
     times = []
@@ -68,15 +101,48 @@ def measure_latency_ms(model: nn.Module, inputs: Any, *, runs: int = 20, warmup:
     return min(times) if statistic == "min" else statistics.median(times)
 
 
+def measure_paired_ms(model: nn.Module, reference: nn.Module, inputs: Any, *, rounds: int = 15, warmup: int = 3,
+                      threads: int = 1) -> tuple[float, float]:
+    """Fastest forward (ms) of ``model`` and of ``reference``, timed alternately.
+
+    Timing A, B, A, B, ... exposes both models to the same drifts (frequency changes, other
+    processes, cache state), so their *ratio* is far steadier than two separate timings,
+    which on a shared VM differ by 20% for the same model.
+    """
+    keep_freed_memory()
+    models = (model.eval(), reference.eval())
+    best = [math.inf, math.inf]
+    with torch_threads(threads), torch.inference_mode():
+        for m in models:
+            for _ in range(warmup):
+                forward(m, inputs)
+        for r in range(rounds):
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                start = time.perf_counter()
+                forward(models[i], inputs)
+                best[i] = min(best[i], (time.perf_counter() - start) * 1000.0)
+    return best[0], best[1]
+
+
+_PREDICTORS = ("fitted", "additive")
+
+
 @dataclass(frozen=True)
 class LatencySettings:
-    """How a latency table is measured."""
+    """How a latency table is measured.
+
+    ``runs`` interleaved rounds per measured model; ``levels`` the per-group ratios of the
+    NetAdapt table; ``calibration`` extra random whole-model policies measured to fit the
+    ``fitted`` predictor (see ``LatencyTable``).
+    """
 
     batch: int = 1
     threads: int = 1
     runs: int = 15
     warmup: int = 3
     levels: tuple[float, ...] = (0.25, 0.5, 0.75)
+    calibration: int = 16
+    predictor: str = "fitted"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", tuple(sorted(float(x) for x in self.levels)))
@@ -88,11 +154,26 @@ class LatencySettings:
             raise ValueError(f"latency runs must be >= 1 and warmup >= 0, got {self.runs}, {self.warmup}")
         if not self.levels or not all(0.0 < x < 1.0 for x in self.levels):
             raise ValueError(f"latency levels must lie in (0, 1), got {self.levels}")
+        if isinstance(self.calibration, bool) or not isinstance(self.calibration, int) or self.calibration < 0:
+            raise ValueError(f"latency calibration must be an integer >= 0, got {self.calibration!r}")
+        if self.predictor not in _PREDICTORS:
+            raise ValueError(f"latency predictor must be one of {', '.join(_PREDICTORS)}, got {self.predictor!r}")
 
 
 @dataclass(frozen=True)
 class LatencyTable:
-    """Per-group latency deltas (ms) at ratio levels; delta at ratio 1.0 is 0 by definition."""
+    """Measured latencies of one model over a search space, and two ways to predict a policy.
+
+    * ``additive`` (NetAdapt): base + the sum of per-group deltas, each measured with only
+      that group pruned (``deltas``, at ``levels``; 0 at ratio 1). It ignores that a conv's
+      cost is the *product* of its input and output widths, so it over-counts the savings of
+      pruning neighbouring groups together.
+    * ``fitted`` (default): latency = intercept + sum over layer kinds (dense conv, 1x1 conv,
+      depthwise, linear, elementwise) of a measured ms-per-FLOP times that kind's FLOPs under
+      the policy, from the exact cost model, so interactions between groups are exact. The
+      non-negative coefficients are least-squares fitted to every model timed for the table
+      (base, each group alone at each level, and ``calibration`` random whole-model policies).
+    """
 
     base_ms: float
     levels: tuple[float, ...]
@@ -100,6 +181,8 @@ class LatencyTable:
     key: str = ""
     build_seconds: float = 0.0
     meta: Mapping[str, Any] = field(default_factory=dict)
+    coefficients: Mapping[str, float] = field(default_factory=dict)  # "intercept" + ms per FLOP by kind
+    predictor: str = "additive"
 
     def group_delta(self, group: str, ratio: float) -> float:
         xs = list(self.levels) + [1.0]
@@ -110,13 +193,17 @@ class LatencyTable:
         return float(np.interp(ratio, xs, ys))
 
     def predict(self, ratios: Mapping[str, float]) -> float:
-        """Predicted latency (ms) when each group keeps the given fraction of its channels.
+        """Additive (NetAdapt) latency (ms) when each group keeps the given fraction of its channels.
 
-        Deltas are additive (NetAdapt); where groups share layers (one group's outputs are the
-        next one's inputs) additivity over-counts savings, so the sum is floored at 5% of base.
+        Where groups share layers additivity over-counts savings, so the sum is floored at 5% of base.
         """
         total = self.base_ms + sum(self.group_delta(g, r) for g, r in ratios.items() if g in self.deltas)
         return max(total, 0.05 * self.base_ms)
+
+    def predict_fitted(self, flops_by_kind: Mapping[str, float]) -> float:
+        """Fitted latency (ms) from a policy's FLOPs per layer kind (``CostModel.flops_by_kind``)."""
+        coef = self.coefficients
+        return coef.get("intercept", 0.0) + sum(coef.get(k, 0.0) * v for k, v in flops_by_kind.items())
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -129,6 +216,31 @@ class LatencyTable:
         data["levels"] = tuple(data["levels"])
         data["deltas"] = {k: tuple(v) for k, v in data["deltas"].items()}
         return cls(**data)
+
+
+def fit_latency_model(features: Sequence[Mapping[str, float]], measured_ms: Sequence[float]) -> dict[str, float]:
+    """Non-negative least squares: ms = intercept + sum_k coef_k * flops_k (per layer kind)."""
+    from scipy.optimize import nnls
+
+    kinds = sorted({k for f in features for k, v in f.items() if v > 0})
+    scale = {k: max(max(f.get(k, 0.0) for f in features), 1e-12) for k in kinds}  # condition the columns
+    x = np.array([[1.0] + [f.get(k, 0.0) / scale[k] for k in kinds] for f in features])
+    y = np.asarray(measured_ms, dtype=np.float64)
+    solution, _ = nnls(x, y)
+    coef = {"intercept": float(solution[0])}
+    coef.update({k: float(w / scale[k]) for k, w in zip(kinds, solution[1:])})
+    return coef
+
+
+def spanning_policies(space: Any, n: int, seed: int = 0) -> list[Policy]:
+    """Random policies covering small to large models: a global level plus per-group jitter."""
+    rng = np.random.default_rng(seed)
+    policies = []
+    for _ in range(n):
+        level = rng.uniform(space.ratio_min, 1.0)
+        ratios = {g: float(np.clip(level + rng.normal(0, 0.15), space.ratio_min, 1.0)) for g in space.group_names}
+        policies.append(Policy(ratios={g: space.snap(r) for g, r in ratios.items()}))
+    return policies
 
 
 def table_key(model: nn.Module, space: Any, settings: LatencySettings, device: str = "cpu") -> str:
@@ -169,24 +281,41 @@ def build_latency_table(
             log.warning("ignoring unreadable latency table %s", path)
     start = time.perf_counter()
     batch = example_inputs.repeat(settings.batch, *([1] * (example_inputs.dim() - 1)))
-    # The table uses the fastest run, not the median: on a shared machine other processes only
-    # ever add time, so the minimum is the steadiest estimate of a model's own cost.
-    timing = dict(runs=settings.runs, warmup=settings.warmup, threads=settings.threads, statistic="min")
+    timing = dict(rounds=settings.runs, warmup=settings.warmup, threads=settings.threads)
     base = model.eval()
-    base_ms = measure_latency_ms(base, batch, **timing)
-    deltas: dict[str, tuple[float, ...]] = {}
-    for g in space.groups:
-        row = []
-        for level in settings.levels:
-            pruned = apply_policy(base, Policy(ratios={g.name: level}), example_inputs,
-                                  groups=space.groups, round_to=space.round_to)
-            row.append(measure_latency_ms(pruned, batch, **timing) - base_ms)
-        deltas[g.name] = tuple(row)
-    # re-time the base at the end and average: drifts (turbo, other load) shift every delta alike
-    base_ms = (base_ms + measure_latency_ms(base, batch, **timing)) / 2
+    # Every model is timed alternately with the base; its latency is its ratio to the base in
+    # that pairing times the base's overall latency, so slow drifts cancel.
+    measured: list[tuple[Policy, float]] = []  # (policy, ratio to base)
+    base_times: list[float] = []
+
+    def time_policy(policy: Policy) -> float:
+        pruned = apply_policy(base, policy, example_inputs, groups=space.groups, round_to=space.round_to)
+        ms, ref = measure_paired_ms(pruned, base, batch, **timing)
+        base_times.append(ref)
+        return ms / ref
+
+    levels_ratio: dict[str, list[float]] = {}
+    variants = [(g, level) for g in space.groups for level in settings.levels]
+    calibration = spanning_policies(space, settings.calibration, seed=0)
+    for g, level in _progress(variants, "latency table"):
+        policy = Policy(ratios={g.name: level})
+        ratio = time_policy(policy)
+        levels_ratio.setdefault(g.name, []).append(ratio)
+        measured.append((policy, ratio))
+    for policy in _progress(calibration, "latency calibration"):
+        measured.append((policy, time_policy(policy)))
+    base_ms = statistics.median(base_times) if base_times else measure_latency_ms(base, batch, runs=settings.runs,
+                                                                                   statistic="min")
+    deltas = {name: tuple((r - 1.0) * base_ms for r in rs) for name, rs in levels_ratio.items()}
+    coefficients: dict[str, float] = {}
+    if space.cost_model is not None and space.cost_model.term_kinds:
+        features = [space.cost_model.flops_by_kind({})] + [
+            space.cost_model.flops_by_kind(space.kept(p)) for p, _ in measured]
+        coefficients = fit_latency_model(features, [base_ms] + [r * base_ms for _, r in measured])
     table = LatencyTable(
         base_ms=base_ms, levels=settings.levels, deltas=deltas, key=key,
         build_seconds=time.perf_counter() - start, meta={"batch": settings.batch, "threads": settings.threads},
+        coefficients=coefficients, predictor=settings.predictor if coefficients else "additive",
     )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +326,14 @@ def build_latency_table(
 
 
 def predict_latency_ms(table: LatencyTable, space: Any, policy: Any) -> float:
-    """LUT latency of ``policy``, using the kept fraction after channel rounding."""
+    """Predicted latency (ms) of ``policy`` by the table's predictor, after channel rounding."""
     kept = space.kept(policy)
+    if table.predictor == "fitted" and table.coefficients and space.cost_model is not None:
+        return max(table.predict_fitted(space.cost_model.flops_by_kind(kept)), 0.05 * table.base_ms)
     return table.predict({g.name: kept[g.name] / g.channels for g in space.groups})
+
+
+def _progress(items: list, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="model", leave=False, disable=not log.isEnabledFor(logging.INFO))

@@ -27,7 +27,11 @@ def deterministic_timer(monkeypatch):
     def fake(model, inputs, **kwargs):
         return count_cost(model, inputs[:1]).flops / 1e5
 
+    def fake_paired(model, reference, inputs, **kwargs):
+        return fake(model, inputs), fake(reference, inputs)
+
     monkeypatch.setattr(spaces.latency, "measure_latency_ms", fake)
+    monkeypatch.setattr(spaces.latency, "measure_paired_ms", fake_paired)
 
 
 def latency_config(tmp, constraints="max_latency_ratio = 0.6", latency=LATENCY, name="lat"):

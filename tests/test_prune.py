@@ -107,3 +107,13 @@ def test_differentiable_flops_match_integer_prediction(case):
     assert flops.item() == pytest.approx(space.predict_cost(policy).flops, rel=1e-9)
     flops.backward()
     assert (k.grad >= 0).all() and k.grad.sum() > 0  # keeping more channels never costs less
+
+
+def test_flops_by_layer_kind_add_up_to_the_exact_flops(case):
+    model, example, space = case
+    policy = space.sample(np.random.default_rng(4))
+    by_kind = space.cost_model.flops_by_kind(space.kept(policy))
+    assert sum(by_kind.values()) == pytest.approx(space.predict_cost(policy).flops, rel=1e-9)
+    has_depthwise = any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+                        for m in model.modules())
+    assert ("depthwise" in by_kind) == has_depthwise
