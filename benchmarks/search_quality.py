@@ -399,6 +399,8 @@ def study_result(summary: Any, levels: Sequence[float]) -> dict[str, Any]:
             "feasible": bool(r.feasible), "ok": p is not None,
             "accuracy": p["accuracy"] if p else None, "flops_ratio": p["flops_ratio"] if p else None,
         })
+        if r.meta and r.meta.get("masking_target") is not None:  # a masking run's proposal
+            points[-1]["masking_target"] = float(r.meta["masking_target"])
         if r.policy is not None:
             policies[r.number] = r.policy.to_dict()
     counted = [(p["accuracy"], p["flops_ratio"]) if p["ok"] and p["feasible"] and p["fidelity"] == "full" else None
@@ -637,6 +639,53 @@ def summarize(result: dict[str, Any], levels: Sequence[float]) -> dict[str, Any]
     return out
 
 
+def interpolate_uniform(points: Sequence[Mapping[str, Any]], flops_ratio: float) -> float | None:
+    """Uniform pruning's proxy accuracy at ``flops_ratio``, linear between the two sweep
+    points around it (``None`` outside the sweep's FLOPs range)."""
+    curve = sorted((p["flops_ratio"], p["accuracy"]) for p in points if p["ok"])
+    if not curve or not curve[0][0] - 1e-9 <= flops_ratio <= curve[-1][0] + 1e-9:
+        return None
+    xs, ys = zip(*curve)
+    return float(np.interp(flops_ratio, xs, ys))
+
+
+def masking_per_target(result: Mapping[str, Any], method: str = "masking") -> list[dict[str, Any]]:
+    """Per masking target: the runs' real FLOPs ratio and proxy accuracy, and the uniform
+    sweep's accuracy at each run's FLOPs ratio (same seed), paired.
+
+    Statistics are over the target's masking runs across every study seed (each run has
+    its own masking seed); ``per_seed`` keeps each study's mean.
+    """
+    per_seed = result["per_seed"]
+    if method not in per_seed:
+        return []
+    runs: dict[float, list[dict[str, Any]]] = {}
+    for seed, res in per_seed[method].items():
+        uniform = per_seed[UNIFORM][seed]["points"]
+        for p in res["points"]:
+            if "masking_target" not in p or not p["ok"] or p["fidelity"] != "full":
+                continue
+            u = interpolate_uniform(uniform, p["flops_ratio"])
+            runs.setdefault(p["masking_target"], []).append({
+                "seed": seed, "flops_ratio": p["flops_ratio"], "accuracy": p["accuracy"], "uniform": u,
+                "delta": None if u is None else p["accuracy"] - u})
+    rows = []
+    for target in sorted(runs):
+        got = runs[target]
+        seeds = sorted({r["seed"] for r in got}, key=int)
+        rows.append({
+            "target": target, "runs": len(got),
+            "flops_ratio": _stats([r["flops_ratio"] for r in got]),
+            "accuracy": _stats([r["accuracy"] for r in got]),
+            "uniform_accuracy": _stats([r["uniform"] for r in got]),
+            "delta": _stats([r["delta"] for r in got]),
+            "per_seed": {s: {k: statistics.fmean(v) if v else None for k, v in (
+                ("accuracy", [r["accuracy"] for r in got if r["seed"] == s]),
+                ("delta", [r["delta"] for r in got if r["seed"] == s and r["delta"] is not None]))} for s in seeds},
+        })
+    return rows
+
+
 def check_targets(task: str, summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Evaluate the issue's targets for ``task``: the best searcher (by mean) against the threshold."""
     checks = []
@@ -795,6 +844,16 @@ def markdown(results: Mapping[str, Any], config: Mapping[str, Any]) -> str:
             wall = row["wall_s"]["mean"]
             cells.append(f"{wall:.0f}" if wall is not None else "—")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        if res.get("masking_per_target"):
+            lines += ["", "Masking per target (every masking run of the studies; mean ± std over runs, each with its "
+                      "own masking seed; uniform = the uniform sweep interpolated at the run's FLOPs ratio, same "
+                      "seed; Δ = paired difference):", "",
+                      "| masking target | runs | FLOPs ratio | masking proxy | uniform proxy, same FLOPs | Δ |",
+                      "|---|---|---|---|---|---|"]
+            for row in res["masking_per_target"]:
+                lines.append(f"| {row['target']:g} | {row['runs']} | {_pm(row['flops_ratio'], scale=1.0, digits=3)} | "
+                             f"{_pm(row['accuracy'])} | {_pm(row['uniform_accuracy'])} | "
+                             f"{_pm(row['delta'], signed=True)} |")
         lines += ["", f"![{task} Pareto fronts]({res['plots']['pareto']})",
                   f"![{task} hypervolume vs trials]({res['plots']['hypervolume']})", ""]
     if results["targets"]:
@@ -853,6 +912,7 @@ def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_tri
                     "finetune_steps": preset.finetune_steps, "finetune_levels": list(preset.tuned_levels),
                     "proxy_recovery": cfg.evaluation(0)["recovery"]})
         res["summary"] = summarize(res, preset.levels)
+        res["masking_per_target"] = masking_per_target(res)
         res["targets"] = check_targets(name, res["summary"])
         res["plots"] = plot_task(res, out_dir, preset.levels, preset.max_flops_ratio, suffix)
         # per task, so a file merged from several runs (--merge) keeps where each came from

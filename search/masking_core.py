@@ -1,15 +1,18 @@
 """Dynamic channel masking (after Li et al. 2020, "AutoPruning with Dynamic Channel Masking").
 
-Every channel group gets a learnable remaining ratio ``r_g = r_min + (1 - r_min) *
-sigmoid(theta_g)``. Its channels are ranked by an importance criterion (re-ranked every few
-steps as the weights move) and channel ``c`` of ``C`` is multiplied by the soft mask
-``sigmoid((r_g * C - rank_c - 0.5) / tau)``, so the ratio is differentiable; ``tau`` anneals
-towards a hard mask. The loss is the task loss (+ optional distillation from the unpruned
-model) plus ``lambda * |FLOPs(r) / FLOPs_0 - target|`` where FLOPs(r) is the space's exact
-cost model evaluated on real-valued kept counts. Weights are updated on training batches and
-ratios on held-out batches, alternately.
+Every channel group gets a learnable remaining ratio ``r_g = r_min + (r_max - r_min) *
+sigmoid(theta_g)`` over the space's ratio range. Its channels are ranked by an importance
+criterion (re-ranked every few steps as the weights move) and channel ``c`` of ``C`` is
+multiplied by the soft mask ``sigmoid((r_g * C - rank_c - 0.5) / tau)``, so the ratio is
+differentiable; ``tau`` anneals towards a hard mask. The loss is the task loss (+ optional
+distillation from the unpruned model) plus ``lambda * |FLOPs(r) / FLOPs_0 - target|`` where
+FLOPs(r) is the space's exact cost model evaluated on real-valued kept counts. Weights are
+updated on training batches and ratios on held-out batches, alternately. The student runs
+with batch statistics in its norm layers, so a masked channel is charged what it costs once
+the norms re-adapt, as the evaluation's recovery (adaptive BN, compensation) lets them.
 
-The learned ratios are snapped to the space's grid and nudged (greedily, one grid step at a
+The learned ratios are scaled by one common factor to the target's FLOPs (keeping the
+learned allocation), snapped to the space's grid and nudged (greedily, one grid step at a
 time, on the exact cost model) until the FLOPs ratio is within ``tolerance`` of the target.
 """
 
@@ -148,6 +151,12 @@ def learn_ratios(
     student = copy.deepcopy(model).train()
     groups = list(space.groups)
     graph = build_graph(student, example_inputs)
+    # build_graph traces the model in eval mode and leaves it there. The student must train
+    # with batch statistics: with the unpruned model's running statistics every masked
+    # channel shifts the next norm's input off its stored mean, so the ratio gradients
+    # measured how badly a pruned model does *without* BN recalibration (they crushed the
+    # residual groups, the most important ones), not what the evaluation's recovery leaves.
+    student.train()
     masks: list[_GroupMask] = []
     handles = []
     for g in groups:
@@ -169,13 +178,13 @@ def learn_ratios(
             rank[order] = torch.arange(g.channels, dtype=torch.float32)
             gm.rank = rank
 
-    r_min = space.ratio_min
+    r_min, r_max = space.ratio_min, space.ratio_max
     channels = torch.tensor([float(g.channels) for g in groups])
     base_flops = float(space.base_cost.flops)
     # Start every group at the uniform ratio that meets the target: the search then trades
     # channels between groups instead of spending its steps shrinking the whole model.
     start = _uniform_ratio_for(space, channels, base_flops, config.target)
-    p = min(max((start - r_min) / (1 - r_min), 1e-3), 1 - 1e-3) if r_min < 1 else 0.5
+    p = min(max((start - r_min) / (r_max - r_min), 1e-3), 1 - 1e-3) if r_min < r_max else 0.5
     theta = nn.Parameter(torch.full((len(groups),), math.log(p / (1 - p))))
     weights = [p for p in student.parameters() if p.requires_grad]
     w_opt = torch.optim.SGD(weights, lr=config.weight_lr, momentum=0.9)
@@ -184,7 +193,7 @@ def learn_ratios(
     r_opt = torch.optim.SGD([theta], lr=config.ratio_lr, momentum=0.9)
 
     def ratios() -> torch.Tensor:
-        return r_min + (1 - r_min) * torch.sigmoid(theta)
+        return r_min + (r_max - r_min) * torch.sigmoid(theta)
 
     def task_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = student(x)
@@ -227,7 +236,10 @@ def learn_ratios(
             h.remove()
     learned = {g.name: float(v) for g, v in zip(groups, ratios().detach())}
     raw = Policy(ratios={n: min(1.0, max(v, 1e-6)) for n, v in learned.items()}, method=config.method)
-    policy = snap_to_target(space, raw, config.target, config.tolerance)
+    # Few ratio steps leave the learned FLOPs off the target (the task loss pulls every ratio
+    # up). Rescaling all ratios by one factor first keeps the learned allocation; the greedy
+    # grid snap alone would take the whole gap out of the groups with most FLOPs per step.
+    policy = snap_to_target(space, scale_to_target(space, raw, config.target), config.target, config.tolerance)
     info = {
         "learned_ratios": learned,
         "learned_flops_ratio": space.cost_model.predict(
@@ -250,6 +262,33 @@ def _uniform_ratio_for(space: Any, channels: torch.Tensor, base_flops: float, ta
             else:
                 lo = mid
     return (lo + hi) / 2
+
+
+def scale_to_target(space: Any, policy: Policy, target: float) -> Policy:
+    """Multiply every ratio by one factor (clipped to the space's range) so that the
+    continuous FLOPs ratio is ``target``: keeps the learned allocation between groups."""
+    names = list(space.group_names)
+    channels = torch.tensor([float(g.channels) for g in space.groups])
+    ratios = torch.tensor([policy.ratio(n) for n in names], dtype=torch.float32)
+    base = float(space.base_cost.flops)
+
+    def scaled(factor: float) -> torch.Tensor:
+        return (ratios * factor).clamp(space.ratio_min, space.ratio_max)
+
+    def flops(factor: float) -> float:
+        return float(space.cost_model.flops_torch(scaled(factor) * channels)) / base
+
+    lo, hi = 0.0, space.ratio_max / max(float(ratios.min()), 1e-6)
+    if flops(hi) <= target:
+        return Policy(ratios=dict(zip(names, scaled(hi).tolist())), method=policy.method)
+    with torch.no_grad():
+        for _ in range(40):  # FLOPs grow monotonically with the factor
+            mid = (lo + hi) / 2
+            if flops(mid) > target:
+                hi = mid
+            else:
+                lo = mid
+    return Policy(ratios=dict(zip(names, scaled((lo + hi) / 2).tolist())), method=policy.method)
 
 
 def snap_to_target(space: Any, policy: Policy, target: float, tolerance: float = 0.01) -> Policy:
