@@ -7,9 +7,12 @@ fine-tuning and re-export and is read from the architecture alone (weight shapes
 Scheme (everything secret comes from the key through HMAC-SHA256):
 
 * **Carriers.** A group is eligible when its kept-count range (the space's ratio range,
-  in steps of ``round_to``) holds a full QIM period; eligible groups are put in a keyed
-  order and the message is laid onto the first ones until it fits. Non-carrier groups
-  stay free for the search.
+  in steps of ``round_to``) holds a full QIM period. An *allocation* rule decides which
+  eligible groups carry how many bits (:data:`ALLOCATIONS`): ``"widest"`` (default) adds
+  one bit at a time where a QIM period is the smallest fraction of the group's channels,
+  so with fewer bits than the capacity the wide groups carry them and narrow ones stay
+  free; ``"keyed"`` (scheme v1) fills eligible groups to capacity in keyed order. The
+  carriers' order in the bit stream and ties are keyed. Non-carrier groups stay free.
 * **QIM.** A carrier with ``b`` bits uses symbols ``s`` in ``[0, 2**b)`` (Gray-coded, so
   a one-step error flips one bit). Its kept count ``k`` must lie on the coset
   ``k/round_to = dither + s*delta (mod delta * 2**b)`` (``delta`` counts in ``round_to``
@@ -28,9 +31,18 @@ Scheme (everything secret comes from the key through HMAC-SHA256):
   channel counts and these options only, never on the key.
 
 Projection (watermark-aware search): :meth:`Watermark.project` moves each carrier's kept
-count to the nearest count of its coset inside the ratio range and sets the carrier's ratio
-to exactly ``k / channels`` (so ``kept_channels`` gives ``k`` back). Such ratios are *off*
-the search grid; the runner keeps the un-projected proposal alongside.
+count onto its coset inside the ratio range, by a projection rule (:data:`PROJECTIONS`):
+``"capped"`` (default) takes the nearest lattice points and then moves carriers that went
+up down instead until the policy's FLOPs are no more than the proposal's (so marking never
+pushes a trial over a FLOPs constraint; only the range's lower end can force a carrier up);
+``"nearest"`` and ``"fewer"`` are the plain rules. A carrier's ratio becomes exactly
+``k / channels`` (so ``kept_channels`` gives ``k`` back). Such ratios are *off* the search
+grid; the runner keeps the un-projected proposal alongside.
+
+Cost (benchmarks/watermark.py, digits): a projection moves a carrier by up to half a period
+(``delta * 2**bits / 2`` channels). Sizing bits by ``max_shift`` alone and filling narrow
+groups first made the marked models lose several points; embed only the bits the p-value
+needs (``n_bits``), spread over the widest groups, and project with the cap.
 
 The key is never written anywhere: :func:`write_manifest` records bit count, carrier count,
 capacity, the non-secret scheme parameters and SHA-256 of the message.
@@ -70,9 +82,11 @@ log = logging.getLogger(__name__)
 MAX_BITS_PER_CARRIER = 8
 MANIFEST_NAME = "watermark.json"
 MANIFEST_FORMAT = "prunesearch-watermark"
-SCHEME_VERSION = 1
+SCHEME_VERSION = 2  # v2: allocation and projection rules recorded in the scheme
 _DOMAIN = b"prunesearch-watermark/v1"
 _EPS = 1e-9
+# Scheme fields that change what is evaluated but not how a model's bits are read.
+_DECODING_IRRELEVANT = frozenset({"projection"})
 
 # -- message encodings (registry: name -> message bytes, n_bits -> bits) -------------------
 
@@ -152,9 +166,139 @@ def _prf(key: bytes, label: str, name: str) -> int:
     return int.from_bytes(hmac.new(key, msg, hashlib.sha256).digest(), "big")
 
 
+# -- carrier allocation (registry: which groups carry how many bits) --------------------------
+#
+# An allocation gets each group's maximum bits (key-independent), channels, the bits to
+# place, the QIM step in channels, a keyed rank per group and ``fixed`` (bits_per_carrier
+# is set: a carrier takes all its bits or none); it returns {group: bits} for the carriers,
+# in bit-stream order. Total bits may exceed ``n_bits`` only when ``fixed`` (keyed padding).
+
+Allocation = Callable[[Mapping[str, int], Mapping[str, int], int, int, Callable[[str], int], bool], dict[str, int]]
+ALLOCATIONS: dict[str, Allocation] = {}
+
+
+def register_allocation(name: str):
+    """Decorator adding a carrier allocation rule under ``name``."""
+
+    def wrap(fn: Allocation) -> Allocation:
+        if name in ALLOCATIONS:
+            raise ValueError(f"watermark allocation {name!r} is already registered")
+        ALLOCATIONS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_allocation("keyed")
+def _allocate_keyed(max_bits, channels, n_bits, step, rank, fixed):
+    """Eligible groups in keyed order, each filled to its maximum, until the message fits
+    (scheme v1: a narrow group may carry its full capacity while wide ones stay free)."""
+    out: dict[str, int] = {}
+    for name in sorted((n for n, b in max_bits.items() if b > 0), key=lambda n: (rank(n), n)):
+        if sum(out.values()) >= n_bits:
+            break
+        out[name] = max_bits[name]
+    return out
+
+
+@register_allocation("widest")
+def _allocate_widest(max_bits, channels, n_bits, step, rank, fixed):
+    """One bit at a time to the group whose QIM period would be the smallest *fraction of
+    its channels* (keyed rank breaks ties).
+
+    Why: a carrier with ``b`` bits moves a proposal by up to half a period, ``step * 2**b / 2``
+    channels; what that costs in accuracy grows with the move relative to the layer, so bits
+    go where a period is cheapest — wide groups get several, narrow ones none until needed.
+    With fixed bits per carrier this takes the widest groups first.
+    """
+    bits = {n: 0 for n, b in max_bits.items() if b > 0}
+    placed = 0
+    while placed < n_bits:
+        open_ = [n for n in bits if bits[n] < max_bits[n]]
+        if not open_:
+            break
+        # increment: one bit, or a fixed-size carrier's whole bits at once
+        inc = {n: (max_bits[n] if fixed else 1) for n in open_}
+        best = min(open_, key=lambda n: (step * 2 ** (bits[n] + inc[n]) / channels[n], rank(n), n))
+        bits[best] += inc[best]
+        placed += inc[best]
+    chosen = [n for n, b in bits.items() if b > 0]
+    return {n: bits[n] for n in sorted(chosen, key=lambda n: (rank(n), n))}
+
+
+# -- projection rules (registry: which coset point each carrier moves to) ---------------------
+#
+# A rule gets the watermark and the proposal and returns every carrier's kept count; each
+# count must be a lattice point of the carrier's symbol inside the range.
+
+Projection = Callable[["Watermark", Policy], dict[str, int]]
+PROJECTIONS: dict[str, Projection] = {}
+
+
+def register_projection(name: str):
+    """Decorator adding a projection rule ``(watermark, proposal) -> {carrier: kept count}``."""
+
+    def wrap(fn: Projection) -> Projection:
+        if name in PROJECTIONS:
+            raise ValueError(f"watermark projection {name!r} is already registered")
+        PROJECTIONS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_projection("nearest")
+def _project_nearest(wm: "Watermark", policy: Policy) -> dict[str, int]:
+    """Each carrier to its symbol's lattice point nearest to the proposal (ties: more channels)."""
+    return {c.name: c.nearest(wm.proposed_count(c, policy), wm.symbol(c)) for c in wm.carriers}
+
+
+@register_projection("fewer")
+def _project_fewer(wm: "Watermark", policy: Policy) -> dict[str, int]:
+    """Each carrier to its symbol's largest lattice point not above the proposal (the lowest
+    in range when none is): costs only fall, but a carrier may lose up to a period - 1."""
+    return {c.name: c.at_most(wm.proposed_count(c, policy), wm.symbol(c)) for c in wm.carriers}
+
+
+@register_projection("capped")
+def _project_capped(wm: "Watermark", policy: Policy) -> dict[str, int]:
+    """Nearest points, then carriers moved up are moved down instead until the FLOPs are no
+    more than the proposal's: the one switch that alone meets the budget with the smallest
+    extra move (relative to the carrier's channels), else the switch saving the most FLOPs
+    per extra move, and again. Why: a marked trial is then never reported at a cost it did
+    not ask for and never pushed over a FLOPs constraint its proposal met, with far smaller
+    moves than ``fewer``. Only the range's lower end can force a carrier above its proposal.
+    Without a cost function (``Watermark(cost=None)``) this is ``nearest``.
+    """
+    counts = _project_nearest(wm, policy)
+    if wm.cost is None:
+        return counts
+    budget = wm.cost(policy) * (1 + 1e-12)
+    proposed = {c.name: wm.proposed_count(c, policy) for c in wm.carriers}
+    down = {c.name: c.at_most(proposed[c.name], wm.symbol(c)) for c in wm.carriers}
+    width = {c.name: c.channels for c in wm.carriers}
+    flops = wm.cost(wm.with_counts(policy, counts))
+    while flops > budget:
+        raised = [n for n in counts if counts[n] > proposed[n] and down[n] < counts[n]]
+        if not raised:
+            break  # only the range's lower end forced carriers up: nothing cheaper is marked
+        options = []
+        for n in raised:
+            after = wm.cost(wm.with_counts(policy, {**counts, n: down[n]}))
+            options.append((n, after, (counts[n] - down[n]) / width[n]))
+        enough = [o for o in options if o[1] <= budget]
+        if enough:
+            name, flops, _ = min(enough, key=lambda o: (o[2], o[0]))
+        else:
+            name, flops, _ = max(options, key=lambda o: ((flops - o[1]) / o[2], o[0]))
+        counts[name] = down[name]
+    return counts
+
+
 # -- configuration ---------------------------------------------------------------------------
 
-_CONFIG_KEYS = ("key_file", "message", "encoding", "n_bits", "delta", "bits_per_carrier", "max_shift", "alpha")
+_CONFIG_KEYS = ("key_file", "message", "encoding", "n_bits", "delta", "bits_per_carrier", "max_shift", "alpha",
+                "allocation", "projection")
 
 
 @dataclass(frozen=True)
@@ -167,6 +311,10 @@ class WatermarkConfig:
     carrier, or ``None`` to size them by channel count under ``max_shift`` (the largest
     projection move, as a fraction of a carrier's channels). ``alpha``: verification passes
     when the p-value is below it.
+
+    ``allocation``: which groups carry the bits when ``n_bits`` is below the capacity
+    (:data:`ALLOCATIONS`). ``projection``: which coset point a proposal is moved to
+    (:data:`PROJECTIONS`); it decides what is evaluated, never how bits are read.
     """
 
     key_file: str | Path | None = None
@@ -177,6 +325,8 @@ class WatermarkConfig:
     bits_per_carrier: int | None = None
     max_shift: float = 0.0625
     alpha: float = 1e-3
+    allocation: str = "widest"
+    projection: str = "capped"
     key: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -210,6 +360,14 @@ class WatermarkConfig:
             raise ValueError(f"watermark max_shift must be in (0, 0.5], got {self.max_shift!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < 1:
             raise ValueError(f"watermark alpha must be in (0, 1), got {self.alpha!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"unknown watermark allocation {self.allocation!r} (known: {', '.join(sorted(ALLOCATIONS))})"
+            )
+        if self.projection not in PROJECTIONS:
+            raise ValueError(
+                f"unknown watermark projection {self.projection!r} (known: {', '.join(sorted(PROJECTIONS))})"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base_dir: str | Path | None = None) -> "WatermarkConfig":
@@ -248,6 +406,8 @@ class WatermarkConfig:
             "delta": self.delta,
             "bits_per_carrier": self.bits_per_carrier,
             "max_shift": self.max_shift,
+            "allocation": self.allocation,
+            "projection": self.projection,
         }
 
 
@@ -383,6 +543,14 @@ class Carrier:
         best = min(candidates, key=lambda u: (abs(u - u0), -u))
         return best * self.round_to
 
+    def at_most(self, kept: int, symbol: int) -> int:
+        """Largest count of ``symbol``'s coset in range that is <= ``kept`` (else the smallest)."""
+        residue = (self.dither + symbol * self.delta) % self.period
+        first = self.unit_lo + (residue - self.unit_lo) % self.period
+        n = (self.unit_hi - first) // self.period
+        j = min(max(math.floor((kept / self.round_to - first) / self.period + _EPS), 0), n)
+        return (first + j * self.period) * self.round_to
+
 
 def _gray(s: int) -> int:
     return s ^ (s >> 1)
@@ -462,10 +630,12 @@ class Watermark:
         ratio_min: float = 0.1,
         ratio_max: float = 1.0,
         round_to: int = 1,
+        cost: Callable[[Policy], float] | None = None,
     ) -> None:
         if not isinstance(key, bytes) or not key:
             raise ValueError("watermark key must be non-empty bytes")
         self.config = config
+        self.cost = cost  # policy -> FLOPs, for the "capped" projection
         self.channels: dict[str, int] = _channels_of(channels)
         self.ratio_min, self.ratio_max, self.round_to = float(ratio_min), float(ratio_max), round_to
         self.capacity_plan = plan_capacity(
@@ -489,15 +659,15 @@ class Watermark:
                 "use a shorter message or fewer n_bits"
             )
         self._message_sha256 = hashlib.sha256(message).hexdigest()
-        # Keyed order of the eligible groups; the message takes the first ones it needs.
-        eligible = [n for n, b in self.capacity_plan.bits_per_group.items() if b > 0]
-        eligible.sort(key=lambda n: (_prf(key, "order", n), n))
+        # Which groups carry how many bits: the allocation rule; their order in the bit
+        # stream and tie-breaks are keyed.
+        allocation = ALLOCATIONS[config.allocation](
+            self.capacity_plan.bits_per_group, self.channels, len(self.bits), config.delta * round_to,
+            lambda n: _prf(key, "order", n), config.bits_per_carrier is not None,
+        )
         carriers: list[Carrier] = []
         total = 0
-        for name in eligible:
-            if total >= len(self.bits):
-                break
-            b = self.capacity_plan.bits_per_group[name]
+        for name, b in allocation.items():
             ulo, uhi = _unit_range(self.channels[name], self.ratio_min, self.ratio_max, round_to)
             period = config.delta * 2**b
             carriers.append(Carrier(
@@ -522,9 +692,13 @@ class Watermark:
     @classmethod
     def from_space(cls, space: Any, config: WatermarkConfig, key: bytes | None = None) -> "Watermark":
         """Watermark over a ``SearchSpace``'s groups, ratio range and rounding (key from config)."""
+        cost = None
+        if getattr(space, "cost_model", None) is not None:
+            def cost(policy: Policy) -> float:
+                return float(space.predict_cost(policy).flops)
         return cls(
             key if key is not None else config.load_key(), space.groups, config,
-            ratio_min=space.ratio_min, ratio_max=space.ratio_max, round_to=space.round_to,
+            ratio_min=space.ratio_min, ratio_max=space.ratio_max, round_to=space.round_to, cost=cost,
         )
 
     # -- properties ------------------------------------------------------------------------
@@ -544,14 +718,31 @@ class Watermark:
     # -- embedding ---------------------------------------------------------------------------
     def target_counts(self, policy: Policy) -> dict[str, int]:
         """Kept count of every carrier after projecting ``policy``."""
-        out = {}
-        for c in self.carriers:
-            proposed = kept_channels(c.channels, policy.ratio(c.name), self.round_to)
-            out[c.name] = c.nearest(proposed, self._symbols[c.name])
-        return out
+        return PROJECTIONS[self.config.projection](self, policy)
+
+    def proposed_count(self, carrier: Carrier, policy: Policy) -> int:
+        return kept_channels(carrier.channels, policy.ratio(carrier.name), self.round_to)
+
+    def symbol(self, carrier: Carrier) -> int:
+        """The QIM symbol ``carrier`` must hold (key-derived: keep private)."""
+        return self._symbols[carrier.name]
+
+    def with_counts(self, policy: Policy, counts: Mapping[str, int]) -> Policy:
+        """``policy`` with the named groups set to exactly ``counts`` channels (ratios ``k / channels``)."""
+        ratios = dict(policy.ratios)
+        for name, k in counts.items():
+            if kept_channels(self.channels[name], policy.ratio(name), self.round_to) == k:
+                continue  # already there: keep the proposal's own ratio
+            ratio = k / self.channels[name]
+            if kept_channels(self.channels[name], ratio, self.round_to) != k:  # pragma: no cover - float guard
+                raise RuntimeError(f"ratio {ratio!r} does not give {k} channels of group {name!r}")
+            ratios[name] = ratio
+        return Policy(ratios=ratios, method=policy.method, recovery=policy.recovery)
 
     def project(self, policy: Policy) -> Policy:
-        """The nearest watermark-consistent policy: carriers moved to their coset, others untouched.
+        """The watermark-consistent policy the projection rule picks (default ``"capped"``: the
+        nearest one whose FLOPs are no more than the proposal's): carriers moved onto their
+        coset, others untouched.
 
         A carrier's ratio becomes exactly ``k / channels`` (off the search grid), which
         ``kept_channels`` maps back to ``k``. Idempotent.
@@ -559,16 +750,7 @@ class Watermark:
         unknown = [n for n in policy.ratios if n not in self.channels]
         if unknown:
             raise ValueError(f"unknown group name {unknown[0]!r} in policy (not in the watermarked architecture)")
-        ratios = dict(policy.ratios)
-        for name, k in self.target_counts(policy).items():
-            current = kept_channels(self.channels[name], policy.ratio(name), self.round_to)
-            if current == k:
-                continue  # already on the coset: keep the proposal's own ratio
-            ratio = k / self.channels[name]
-            if kept_channels(self.channels[name], ratio, self.round_to) != k:  # pragma: no cover - float guard
-                raise RuntimeError(f"ratio {ratio!r} does not give {k} channels of group {name!r}")
-            ratios[name] = ratio
-        return Policy(ratios=ratios, method=policy.method, recovery=policy.recovery)
+        return self.with_counts(policy, self.target_counts(policy))
 
     def embed(self, policy: Policy) -> Policy:
         """Alias of :meth:`project`."""
@@ -636,6 +818,8 @@ class Watermark:
                 problems.append(f"{key}: export has {manifest.get(key)!r}, expected {mine[key]!r}")
         theirs = manifest.get("scheme", {}) if isinstance(manifest.get("scheme"), Mapping) else {}
         for key, value in mine["scheme"].items():
+            if key in _DECODING_IRRELEVANT:
+                continue
             if theirs.get(key) != value:
                 problems.append(f"scheme.{key}: export has {theirs.get(key)!r}, expected {value!r}")
         return problems
@@ -745,8 +929,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "Capacity", "Carrier", "VerifyResult", "Watermark", "WatermarkConfig", "binomial_p_value", "bits_to_bytes",
+    "ALLOCATIONS", "PROJECTIONS", "Capacity", "Carrier", "VerifyResult", "Watermark", "WatermarkConfig", "binomial_p_value", "bits_to_bytes",
     "channel_counts_from_export_dir", "channel_counts_from_exported", "channel_counts_from_model",
     "channel_counts_from_policy", "channel_counts_from_state_dict", "load_key", "plan_capacity",
-    "read_manifest", "register_encoding", "space_capacity", "write_manifest",
+    "read_manifest", "register_allocation", "register_encoding", "register_projection", "space_capacity", "write_manifest",
 ]

@@ -115,7 +115,8 @@ def test_bigger_groups_carry_more_bits(r18):
 
 
 def test_projection_is_nearest_consistent_and_idempotent(r18):
-    space, wm = r18["space"], r18["wm"]
+    space = r18["space"]
+    wm = Watermark.from_space(space, replace(r18["config"], projection="nearest"))
     rng = np.random.default_rng(1)
     carriers = {c.name: c for c in wm.carriers}
     for _ in range(20):
@@ -154,6 +155,97 @@ def test_projection_respects_round_to(r18):
     kept = space.kept(projected)
     assert all(kept[c.name] % 4 == 0 for c in wm.carriers)
     assert wm.extract(kept) == wm.bits
+
+
+def _flops(space, policy):
+    return space.predict_cost(policy).flops
+
+
+@pytest.fixture(scope="module")
+def costed(r18):
+    """r18's space with its analytic cost model (what the runner's spaces have)."""
+    return SearchSpace.from_model(r18["model"], r18["x"])
+
+
+def test_capped_projection_never_raises_flops_where_nearest_would(r18, costed):
+    space = costed
+    capped = Watermark.from_space(space, r18["config"])  # the default rule
+    assert capped.config.projection == "capped" and capped.cost is not None
+    nearest = Watermark.from_space(space, replace(r18["config"], projection="nearest"))
+    rng = np.random.default_rng(3)
+    raised_by_nearest = 0
+    for _ in range(40):
+        proposal = space.sample(rng)
+        p_near, p_cap = nearest.project(proposal), capped.project(proposal)
+        raised_by_nearest += _flops(space, p_near) > _flops(space, proposal)
+        assert capped.is_consistent(p_cap) and capped.project(p_cap) == p_cap
+        kept0, kept1, kept_near = space.kept(proposal), space.kept(p_cap), space.kept(p_near)
+        forced_up = False
+        for c in capped.carriers:
+            # Each carrier sits at its nearest point or at the one just below the proposal.
+            assert kept1[c.name] in (kept_near[c.name], c.at_most(kept0[c.name], c.decode(kept1[c.name])))
+            forced_up |= kept1[c.name] > kept0[c.name] and c.at_most(kept0[c.name], c.decode(kept1[c.name])) > kept0[c.name]
+        if not forced_up:  # only the range's lower end may force a carrier up
+            assert _flops(space, p_cap) <= _flops(space, proposal)
+        # Never more moved than the plain rule "fewer" would move.
+        p_few = Watermark.from_space(space, replace(r18["config"], projection="fewer")).project(proposal)
+        assert sum(abs(kept1[n] - kept0[n]) for n in kept0) <= sum(abs(space.kept(p_few)[n] - kept0[n]) for n in kept0)
+    assert raised_by_nearest >= 5  # the samples did exercise the cap
+
+
+def test_fewer_projection_never_adds_channels(r18):
+    space = r18["space"]
+    wm = Watermark.from_space(space, replace(r18["config"], projection="fewer"))
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        proposal = space.sample(rng)
+        projected = wm.project(proposal)
+        assert wm.is_consistent(projected) and wm.project(projected) == projected
+        kept0, kept1 = space.kept(proposal), space.kept(projected)
+        for c in wm.carriers:
+            if kept0[c.name] >= c.unit_lo * c.round_to + c.period:  # a lattice point below exists
+                assert kept0[c.name] - c.period < kept1[c.name] <= kept0[c.name]
+
+
+def test_projection_without_cost_model_is_nearest(r18):
+    space = r18["space"]  # built without a cost model
+    no_cost = Watermark.from_space(space, r18["config"])
+    nearest = Watermark.from_space(space, replace(r18["config"], projection="nearest"))
+    assert no_cost.cost is None
+    assert no_cost.project(r18["proposal"]) == nearest.project(r18["proposal"])
+
+
+def test_widest_allocation_puts_bits_where_a_period_is_the_smallest_share_of_a_layer(r18):
+    space, config = r18["space"], replace(r18["config"], n_bits=12)
+    cap = space_capacity(space, config)
+    channels = {g.name: g.channels for g in space.groups}
+    step = config.delta * space.round_to
+    for key in (r18["key"], b"another key entirely"):
+        wm = Watermark.from_space(space, config, key=key)
+        assert wm.n_bits == 12 == sum(c.bits for c in wm.carriers)
+        bits = {n: 0 for n in channels} | {c.name: c.bits for c in wm.carriers}
+        worst_used = max(step * 2 ** b / channels[n] for n, b in bits.items() if b > 0)
+        # Greedy water-filling: any further bit would cost at least the worst one placed.
+        for n, b in bits.items():
+            if b < cap.bits_per_group[n]:
+                assert step * 2 ** (b + 1) / channels[n] >= worst_used
+        assert wm.extract(space.kept(wm.project(r18["proposal"]))) == wm.bits
+    widest = max(channels.values())
+    carried = {c.name for c in Watermark.from_space(space, config).carriers}
+    assert all(n in carried for n, ch in channels.items() if ch == widest)
+    # The keyed v1 rule may leave the widest groups free and fill narrow ones instead.
+    assert Watermark.from_space(space, replace(config, allocation="keyed")).n_bits == 12
+
+
+def test_manifest_ignores_projection_but_not_allocation(r18, tmp_path):
+    wm = r18["wm"]
+    write_manifest(tmp_path, wm)
+    manifest = read_manifest(tmp_path)
+    assert manifest["scheme"]["allocation"] == "widest" and manifest["scheme"]["projection"] == "capped"
+    other_rule = Watermark.from_space(r18["space"], replace(r18["config"], projection="nearest"), key=r18["key"])
+    assert other_rule.manifest_mismatches(manifest) == []  # projection never changes how bits are read
+    keyed = Watermark.from_space(r18["space"], replace(r18["config"], allocation="keyed"), key=r18["key"])
+    assert any("allocation" in p for p in keyed.manifest_mismatches(manifest))
 
 
 # -- extraction after export, fine-tune, torch.export ---------------------------------------------
@@ -293,8 +385,13 @@ def test_raw_message_round_trips(r18):
     assert wm.n_bits == 32
     counts = r18["space"].kept(wm.project(r18["proposal"]))
     assert bits_to_bytes(wm.extract(counts)) == b"ACME"
-    # Fewer bits than capacity -> only some groups are carriers; the rest stay as proposed.
-    assert len(wm.carriers) < len(r18["space"].groups)
+    # Fewer bits than capacity -> carriers hold fewer bits than they could; no padding.
+    assert sum(c.bits for c in wm.carriers) == 32 < wm.capacity
+    keyed = Watermark.from_space(r18["space"], replace(r18["config"], encoding="raw", message="ACME",
+                                                       allocation="keyed"))
+    # Scheme v1 fills groups to capacity in keyed order: only some groups are carriers.
+    assert len(keyed.carriers) < len(r18["space"].groups)
+    assert bits_to_bytes(keyed.extract(r18["space"].kept(keyed.project(r18["proposal"])))) == b"ACME"
 
 
 def test_binomial_p_value():
@@ -340,7 +437,7 @@ def test_key_file_trailing_newline_is_ignored(tmp_path):
 def test_config_validation(tmp_path):
     for bad in ({"delta": 1}, {"encoding": "rot13"}, {"max_shift": 0.0}, {"alpha": 1.0},
                 {"bits_per_carrier": 9}, {"n_bits": 0}, {"encoding": "raw", "n_bits": 8},
-                {"key": b"k", "key_file": "f"}):
+                {"key": b"k", "key_file": "f"}, {"allocation": "random"}, {"projection": "up"}):
         with pytest.raises(ValueError):
             WatermarkConfig(message="m", **bad)
     with pytest.raises(ValueError, match="unknown \\[watermark\\] key"):
