@@ -24,7 +24,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS_DIR, ROOT, write_result
 
-SCRIPTS = ("eval_throughput", "methods", "latency", "search_quality", "scaling")
+SCRIPTS = ("eval_throughput", "methods", "latency", "watermark", "search_quality", "scaling")
 
 
 def available_scripts() -> list[str]:
@@ -93,6 +93,24 @@ def _latency_md(data: dict[str, Any], png: str | None) -> str | None:
         return None
 
 
+def _watermark_md(data: dict[str, Any]) -> str | None:
+    """A short watermark-cost section; ``None`` when the file's layout is not the one known here."""
+    try:
+        res = data["results"]
+        s = res["summary"]
+        paired, tuned = s["paired_cost_pts"], s.get("finetuned_best_cost_pts", {})
+        lines = ["## Watermark cost (digits)", "",
+                 f"{res['bits']}-bit mark, {res['n_trials']} trials x {len(res['seeds'])} seeds. Paired cost "
+                 f"(unmarked Pareto policies vs their marked projections): {paired['mean']:.2f} +- {paired['se']:.2f} "
+                 f"pts over {paired['n']} pairs (target <= {s['target_pts']}: {'met' if s['met'] else '**missed**'})."]
+        if tuned:
+            lines.append("After the same fine-tune, best models: " + ", ".join(
+                f"<= {float(k):.0%} FLOPs {v['mean']:+.2f} +- {v['se']:.2f} pts" for k, v in tuned.items()) + ".")
+        return "\n".join(lines)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def _wall_from_results(out: Path, quick: bool) -> list[dict[str, Any]]:
     """Per-script wall times recorded in the result files (when no bench.json was written)."""
     rows = []
@@ -151,6 +169,11 @@ def results_markdown(out: Path, runs: list[dict[str, Any]] | None, quick: bool) 
     lat = _load(out, lat_name)
     if lat is not None:
         md = _latency_md(lat, f"{prefix}{lat_name}.png" if (out / f"{lat_name}.png").is_file() else None)
+        if md:
+            parts += [md, ""]
+    wm = _load(out, "watermark_quick" if quick else "watermark")
+    if wm is not None:
+        md = _watermark_md(wm)
         if md:
             parts += [md, ""]
     tp = _load(out, "eval_throughput")
