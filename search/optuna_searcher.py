@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import optuna
@@ -96,8 +96,15 @@ class OptunaSearcher(Searcher):
         self._seed = context.seed
         self.study: optuna.Study | None = None
 
+    #: the Optuna sampler class; its keyword arguments are the options' fields (but ``fidelities``)
+    sampler_class: type[optuna.samplers.BaseSampler] | None = None
+
     def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        raise NotImplementedError
+        if self.sampler_class is None:
+            raise NotImplementedError(f"{type(self).__name__} sets neither sampler_class nor make_sampler")
+        kwargs = {} if self.options is None else {
+            f.name: getattr(self.options, f.name) for f in fields(self.options) if f.name != "fidelities"}
+        return self.sampler_class(seed=seed, **kwargs)
 
     def sampler(self) -> optuna.samplers.BaseSampler:
         with warnings.catch_warnings():  # experimental-feature warnings are noise here
@@ -166,16 +173,7 @@ class TPESearcher(OptunaSearcher):
     """Optuna's (multi-objective, constrained) TPE."""
 
     Options = TPEOptions
-
-    def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        o = self.options
-        return optuna.samplers.TPESampler(
-            seed=seed,
-            n_startup_trials=o.n_startup_trials,
-            n_ei_candidates=o.n_ei_candidates,
-            multivariate=o.multivariate,
-            constant_liar=o.constant_liar,
-        )
+    sampler_class = optuna.samplers.TPESampler
 
 
 @dataclass(frozen=True)
@@ -203,16 +201,7 @@ class NSGA2Searcher(OptunaSearcher):
     """Optuna's NSGA-II with constrained domination; generation = the sampler's."""
 
     Options = NSGA2Options
-
-    def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        o = self.options
-        return optuna.samplers.NSGAIISampler(
-            seed=seed,
-            population_size=o.population_size,
-            mutation_prob=o.mutation_prob,
-            crossover_prob=o.crossover_prob,
-            swapping_prob=o.swapping_prob,
-        )
+    sampler_class = optuna.samplers.NSGAIISampler
 
     def generation_of(self, trial: optuna.trial.Trial) -> int:
         # Optuna's GA samplers keep the generation in a system attr "<Sampler>:generation".
@@ -226,5 +215,4 @@ class NSGA2Searcher(OptunaSearcher):
 class RandomSearcher(OptunaSearcher):
     """Uniform sampling on the grid: the baseline every searcher must beat."""
 
-    def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.RandomSampler(seed=seed)
+    sampler_class = optuna.samplers.RandomSampler
