@@ -248,8 +248,9 @@ class CostModel:
         Used by dynamic channel masking: the gradient of expected FLOPs w.r.t. each group's
         kept count, with exactly the same formula ``predict`` uses on integers.
         """
-        base = torch.as_tensor(self.base_dims, dtype=kept.dtype, device=kept.device)
-        slopes = torch.as_tensor(self.slopes, dtype=kept.dtype, device=kept.device)
+        # torch.tensor copies: arrays shipped through Ray's object store are read-only
+        base = torch.tensor(self.base_dims, dtype=kept.dtype, device=kept.device)
+        slopes = torch.tensor(self.slopes, dtype=kept.dtype, device=kept.device)
         channels = torch.as_tensor(self.group_channels, dtype=kept.dtype, device=kept.device)
         d = base - (channels - kept) @ slopes
         total = kept.new_zeros(())
