@@ -90,19 +90,24 @@ _DECODING_IRRELEVANT = frozenset({"projection"})
 
 # -- message encodings (registry: name -> message bytes, n_bits -> bits) -------------------
 
+def _registrar(table: dict[str, Any], kind: str) -> Callable[[str], Callable[[Any], Any]]:
+    """A ``@register_<kind>(name)`` decorator filling ``table``; a name registers once."""
+
+    def register(name: str) -> Callable[[Any], Any]:
+        def wrap(fn: Any) -> Any:
+            if name in table:
+                raise ValueError(f"watermark {kind} {name!r} is already registered")
+            table[name] = fn
+            return fn
+
+        return wrap
+
+    register.__doc__ = f"Decorator adding a watermark {kind} under ``name``."
+    return register
+
+
 _ENCODINGS: dict[str, Callable[[bytes, int | None], list[int]]] = {}
-
-
-def register_encoding(name: str):
-    """Decorator adding a message -> bits encoding under ``name``."""
-
-    def wrap(fn: Callable[[bytes, int | None], list[int]]):
-        if name in _ENCODINGS:
-            raise ValueError(f"watermark encoding {name!r} is already registered")
-        _ENCODINGS[name] = fn
-        return fn
-
-    return wrap
+register_encoding = _registrar(_ENCODINGS, "encoding")  # message bytes, n_bits -> bits
 
 
 def _bytes_to_bits(data: bytes) -> list[int]:
@@ -175,18 +180,7 @@ def _prf(key: bytes, label: str, name: str) -> int:
 
 Allocation = Callable[[Mapping[str, int], Mapping[str, int], int, int, Callable[[str], int], bool], dict[str, int]]
 ALLOCATIONS: dict[str, Allocation] = {}
-
-
-def register_allocation(name: str):
-    """Decorator adding a carrier allocation rule under ``name``."""
-
-    def wrap(fn: Allocation) -> Allocation:
-        if name in ALLOCATIONS:
-            raise ValueError(f"watermark allocation {name!r} is already registered")
-        ALLOCATIONS[name] = fn
-        return fn
-
-    return wrap
+register_allocation = _registrar(ALLOCATIONS, "allocation")
 
 
 @register_allocation("keyed")
@@ -233,18 +227,7 @@ def _allocate_widest(max_bits, channels, n_bits, step, rank, fixed):
 
 Projection = Callable[["Watermark", Policy], dict[str, int]]
 PROJECTIONS: dict[str, Projection] = {}
-
-
-def register_projection(name: str):
-    """Decorator adding a projection rule ``(watermark, proposal) -> {carrier: kept count}``."""
-
-    def wrap(fn: Projection) -> Projection:
-        if name in PROJECTIONS:
-            raise ValueError(f"watermark projection {name!r} is already registered")
-        PROJECTIONS[name] = fn
-        return fn
-
-    return wrap
+register_projection = _registrar(PROJECTIONS, "projection")  # (watermark, proposal) -> {carrier: kept}
 
 
 @register_projection("nearest")

@@ -21,3 +21,19 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_setup():
+    """The built-in digits task (trained once, cached under studies/cache), its base model and
+    ``space(ratio_min)``, a search space over it on the 0.05 grid."""
+    from evaluators.tasks import load_task
+    from spaces.space import SearchSpace
+
+    task = load_task("digits", cache_dir="studies/cache")
+    model = task.base_model()
+
+    def space(ratio_min: float) -> SearchSpace:
+        return SearchSpace.from_model(model, task.example_inputs, ratio_min=ratio_min, ratio_step=0.05)
+
+    return task, model, space

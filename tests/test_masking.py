@@ -4,19 +4,15 @@ import numpy as np
 import pytest
 
 from evaluators.prune import apply_policy
-from evaluators.tasks import load_task
 from search.masking import MaskingOptions
 from search.masking_core import MaskingConfig, learn_ratios, snap_to_target
 from spaces.cost import count_cost
-from spaces.space import SearchSpace
 
 
 @pytest.fixture(scope="module")
-def digits():
-    task = load_task("digits", cache_dir="studies/cache")
-    model = task.base_model()
-    space = SearchSpace.from_model(model, task.example_inputs, ratio_min=0.1, ratio_step=0.05)
-    return task, model, space
+def digits(digits_setup):
+    task, model, space = digits_setup
+    return task, model, space(0.1)
 
 
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])

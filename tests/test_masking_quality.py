@@ -5,18 +5,14 @@ import pytest
 import torch
 
 from benchmarks.search_quality import UNIFORM, interpolate_uniform, masking_per_target
-from evaluators.tasks import load_task
 from search.masking_core import MaskingConfig, learn_ratios, scale_to_target
 from spaces.policy import Policy
-from spaces.space import SearchSpace
 
 
 @pytest.fixture(scope="module")
-def digits():
-    task = load_task("digits", cache_dir="studies/cache")
-    model = task.base_model()
-    space = SearchSpace.from_model(model, task.example_inputs, ratio_min=0.2, ratio_step=0.05)
-    return task, model, space
+def digits(digits_setup):
+    task, model, space = digits_setup
+    return task, model, space(0.2)
 
 
 def _continuous_flops_ratio(space, policy):
