@@ -74,8 +74,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_result(name: str, results: Mapping[str, Any], *, config: Mapping[str, Any] | None = None,
-                 out_dir: str | Path | None = None) -> Path:
-    """Write ``benchmarks/results/<name>.json`` with machine info and commit; return its path."""
+                 out_dir: str | Path | None = None, markdown: str | None = None) -> Path:
+    """Write ``benchmarks/results/<name>.json`` with machine info and commit; return its path.
+
+    With ``markdown``, also write it to ``<name>.md`` beside the JSON and print it.
+    """
     out = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -91,6 +94,11 @@ def write_result(name: str, results: Mapping[str, Any], *, config: Mapping[str, 
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+    if markdown is not None:
+        md_tmp = out / f"{name}.md.tmp"
+        md_tmp.write_text(markdown)
+        os.replace(md_tmp, out / f"{name}.md")
+        print(markdown)
     return path
 
 

@@ -182,10 +182,7 @@ def main(argv: list[str] | None = None) -> int:
               "low_data_samples": LOW_DATA_SAMPLES, "low_data_seeds": [0] if args.quick else list(LOW_DATA_SEEDS),
               "threads": 1, "wall_seconds": round(time.perf_counter() - start, 1)}
     name = "methods_quick" if args.quick else "methods"
-    path = write_result(name, results, config=config, out_dir=args.out)
-    md = markdown(results, config)
-    (Path(args.out) / f"{name}.md").write_text(md)
-    print(md)
+    path = write_result(name, results, config=config, out_dir=args.out, markdown=markdown(results, config))
     print(f"wrote {path} and {Path(args.out) / f'{name}.md'} in {config['wall_seconds']} s", file=sys.stderr)
     return 0
 

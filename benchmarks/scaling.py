@@ -228,10 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {"quick": args.quick, "n_trials": n, "studies": [list(s) for s in studies], "widths": [list(w) for w in WIDTHS],
               "targets": TARGETS, "wall_seconds": round(time.perf_counter() - start, 1)}
     name = "scaling_quick" if args.quick else "scaling"
-    path = write_result(name, results, config=config, out_dir=args.out)
-    md = markdown(results, config)
-    (Path(args.out) / f"{name}.md").write_text(md)
-    print(md)
+    path = write_result(name, results, config=config, out_dir=args.out, markdown=markdown(results, config))
     print(f"wrote {path} in {config['wall_seconds']} s", file=sys.stderr)
     return 0
 

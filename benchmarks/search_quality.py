@@ -996,11 +996,8 @@ def main(argv: list[str] | None = None) -> int:
     config["wall_seconds"] = round(sum(r.get("wall_s", 0.0) for r in results["tasks"].values()), 1)
     if args.merge:
         merge_previous(out / f"{name}.json", results, config)
-    path = write_result(name, results, config=config, out_dir=out)
+    path = write_result(name, results, config=config, out_dir=out, markdown=markdown(results, config))
     checkpoint.remove()
-    md = markdown(results, config)
-    (out / f"{name}.md").write_text(md)
-    print(md)
     print(f"wrote {path} and {out / f'{name}.md'} in {config['wall_seconds']} s", file=sys.stderr)
     return 0
 
