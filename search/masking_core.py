@@ -183,7 +183,7 @@ def learn_ratios(
     base_flops = float(space.base_cost.flops)
     # Start every group at the uniform ratio that meets the target: the search then trades
     # channels between groups instead of spending its steps shrinking the whole model.
-    start = _uniform_ratio_for(space, channels, base_flops, config.target)
+    start = scale_to_target(space, Policy(ratios={g.name: 1.0 for g in groups}), config.target).ratio(groups[0].name)
     p = min(max((start - r_min) / (r_max - r_min), 1e-3), 1 - 1e-3) if r_min < r_max else 0.5
     theta = nn.Parameter(torch.full((len(groups),), math.log(p / (1 - p))))
     weights = [p for p in student.parameters() if p.requires_grad]
@@ -251,19 +251,6 @@ def learn_ratios(
     return policy, info
 
 
-def _uniform_ratio_for(space: Any, channels: torch.Tensor, base_flops: float, target: float) -> float:
-    """Uniform remaining ratio whose (continuous) FLOPs ratio is ``target`` (bisection)."""
-    lo, hi = space.ratio_min, 1.0
-    with torch.no_grad():
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if float(space.cost_model.flops_torch(channels * mid)) / base_flops > target:
-                hi = mid
-            else:
-                lo = mid
-    return (lo + hi) / 2
-
-
 def scale_to_target(space: Any, policy: Policy, target: float) -> Policy:
     """Multiply every ratio by one factor (clipped to the space's range) so that the
     continuous FLOPs ratio is ``target``: keeps the learned allocation between groups."""
@@ -279,16 +266,13 @@ def scale_to_target(space: Any, policy: Policy, target: float) -> Policy:
         return float(space.cost_model.flops_torch(scaled(factor) * channels)) / base
 
     lo, hi = 0.0, space.ratio_max / max(float(ratios.min()), 1e-6)
-    if flops(hi) <= target:
-        return Policy(ratios=dict(zip(names, scaled(hi).tolist())), method=policy.method)
     with torch.no_grad():
-        for _ in range(40):  # FLOPs grow monotonically with the factor
-            mid = (lo + hi) / 2
-            if flops(mid) > target:
-                hi = mid
-            else:
-                lo = mid
-    return Policy(ratios=dict(zip(names, scaled((lo + hi) / 2).tolist())), method=policy.method)
+        if flops(hi) > target:
+            for _ in range(40):  # FLOPs grow monotonically with the factor
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if flops(mid) > target else (mid, hi)
+            hi = (lo + hi) / 2
+    return Policy(ratios=dict(zip(names, scaled(hi).tolist())), method=policy.method)
 
 
 def snap_to_target(space: Any, policy: Policy, target: float, tolerance: float = 0.01) -> Policy:
