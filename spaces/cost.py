@@ -230,16 +230,18 @@ class CostModel:
     def predict(self, kept: Mapping[str, int]) -> Cost:
         """Cost of the model when group ``name`` keeps ``kept[name]`` channels (others all)."""
         d = self.dims(kept)
-        flops = sum(coef * float(np.prod(d[list(idx)])) for coef, idx in self.flops_terms)
         params = sum(float(np.prod(d[list(idx)])) for idx in self.param_terms)
-        return Cost(flops=flops, params=params)
+        return Cost(flops=sum(self._term_flops(d)), params=params)
+
+    def _term_flops(self, d: np.ndarray) -> list[float]:
+        """FLOPs of every term at dimensions ``d``."""
+        return [coef * float(np.prod(d[list(idx)])) for coef, idx in self.flops_terms]
 
     def flops_by_kind(self, kept: Mapping[str, int]) -> dict[str, float]:
         """FLOPs split by ``layer_kind`` (sums to ``predict(kept).flops``)."""
-        d = self.dims(kept)
         out: dict[str, float] = {}
-        for (coef, idx), kind in zip(self.flops_terms, self.term_kinds):
-            out[kind] = out.get(kind, 0.0) + coef * float(np.prod(d[list(idx)]))
+        for value, kind in zip(self._term_flops(self.dims(kept)), self.term_kinds):
+            out[kind] = out.get(kind, 0.0) + value
         return out
 
     def flops_torch(self, kept: "torch.Tensor") -> "torch.Tensor":

@@ -46,8 +46,8 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves allocations over 128 KiB-32 MiB with ``mmap`` and trims the heap
     on ``free``, so each forward pass of a CNN maps, page-faults and unmaps its activations
-    again. On the 2-core VMs we measured, that kernel time was ~20% of a ResNet forward and
-    made repeated timings of the *same* model vary by 20-50%. Raising the mmap and trim
+    again: kernel time inside every forward pass, and repeated timings of the *same* model
+    that wander with the state of the page cache. Raising the mmap and trim
     thresholds keeps freed pages in the process (what jemalloc/tcmalloc do by default).
     Idempotent; returns whether the allocator was tuned (False off glibc).
     """
@@ -107,7 +107,7 @@ def measure_paired_ms(model: nn.Module, reference: nn.Module, inputs: Any, *, ro
 
     Timing A, B, A, B, ... exposes both models to the same drifts (frequency changes, other
     processes, cache state), so their *ratio* is far steadier than two separate timings,
-    which on a shared VM differ by 20% for the same model.
+    which on a shared VM can differ a lot for the same model.
     """
     keep_freed_memory()
     models = (model.eval(), reference.eval())
@@ -236,9 +236,10 @@ def spanning_policies(space: Any, n: int, seed: int = 0) -> list[Policy]:
     """Random policies covering small to large models: a global level plus per-group jitter."""
     rng = np.random.default_rng(seed)
     policies = []
+    lo, hi = space.ratio_min, space.ratio_max
     for _ in range(n):
-        level = rng.uniform(space.ratio_min, 1.0)
-        ratios = {g: float(np.clip(level + rng.normal(0, 0.15), space.ratio_min, 1.0)) for g in space.group_names}
+        level = rng.uniform(lo, hi)
+        ratios = {g: float(np.clip(level + rng.normal(0, 0.15), lo, hi)) for g in space.group_names}
         policies.append(Policy(ratios={g: space.snap(r) for g, r in ratios.items()}))
     return policies
 
@@ -328,7 +329,7 @@ def build_latency_table(
 def predict_latency_ms(table: LatencyTable, space: Any, policy: Any) -> float:
     """Predicted latency (ms) of ``policy`` by the table's predictor, after channel rounding."""
     kept = space.kept(policy)
-    if table.predictor == "fitted" and table.coefficients and space.cost_model is not None:
+    if table.predictor == "fitted" and space.cost_model is not None:
         return max(table.predict_fitted(space.cost_model.flops_by_kind(kept)), 0.05 * table.base_ms)
     return table.predict({g.name: kept[g.name] / g.channels for g in space.groups})
 
