@@ -91,6 +91,15 @@ CASES = [
     Case("key-inline-in-toml", "unknown [watermark] key(s): key", old='key_file = "{tmp}/owner.key"', new='key = "hunter2"'),
     Case("key-missing-on-verify", "does not exist", ("verify", "{config}", "{tmp}/empty-dir"), old="{tmp}/owner.key",
          new="{tmp}/missing.key", files={"empty-dir": None}),
+    Case("watermark-unknown-allocation", "unknown watermark allocation 'magic'", old='message = "(c) tests"',
+         new='message = "(c) tests"\nallocation = "magic"'),
+    Case("watermark-unknown-projection", "unknown watermark projection 'magic'", old='message = "(c) tests"',
+         new='message = "(c) tests"\nprojection = "magic"'),
+    # -- latency table settings ---------------------------------------------------------------
+    Case("latency-unknown-predictor", "latency predictor must be one of fitted, additive, got 'magic'",
+         old="[evaluation]\n", new='[latency]\npredictor = "magic"\n[evaluation]\n'),
+    Case("latency-negative-calibration", "latency calibration must be an integer >= 0, got -1",
+         old="[evaluation]\n", new="[latency]\ncalibration = -1\n[evaluation]\n"),
     Case("verify-missing-export-dir", "not found", ("verify", "{config}", "{tmp}/no-such-export")),
     Case("verify-not-an-export", "{tmp}/empty-dir", ("verify", "{config}", "{tmp}/empty-dir"), files={"empty-dir": None}),
 ]
