@@ -515,11 +515,15 @@ class Carrier:
         v = (kept // self.round_to - self.dither) % self.period
         return ((v + self.delta // 2) // self.delta) % 2**self.bits
 
-    def nearest(self, kept: int, symbol: int) -> int:
-        """Kept count of ``symbol``'s coset inside the range, nearest to ``kept`` (ties: more channels)."""
+    def _coset(self, symbol: int) -> tuple[int, int]:
+        """``symbol``'s lattice inside the range: its first point (round_to units) and last index."""
         residue = (self.dither + symbol * self.delta) % self.period
         first = self.unit_lo + (residue - self.unit_lo) % self.period
-        n = (self.unit_hi - first) // self.period  # last index in range
+        return first, (self.unit_hi - first) // self.period
+
+    def nearest(self, kept: int, symbol: int) -> int:
+        """Kept count of ``symbol``'s coset inside the range, nearest to ``kept`` (ties: more channels)."""
+        first, n = self._coset(symbol)
         u0 = kept / self.round_to
         j = min(max(round((u0 - first) / self.period), 0), n)
         candidates = [first + i * self.period for i in (j - 1, j, j + 1) if 0 <= i <= n]
@@ -528,9 +532,7 @@ class Carrier:
 
     def at_most(self, kept: int, symbol: int) -> int:
         """Largest count of ``symbol``'s coset in range that is <= ``kept`` (else the smallest)."""
-        residue = (self.dither + symbol * self.delta) % self.period
-        first = self.unit_lo + (residue - self.unit_lo) % self.period
-        n = (self.unit_hi - first) // self.period
+        first, n = self._coset(symbol)
         j = min(max(math.floor((kept / self.round_to - first) / self.period + _EPS), 0), n)
         return (first + j * self.period) * self.round_to
 
