@@ -37,8 +37,8 @@ def lut_fidelity(quick: bool, cache_dir: Path) -> dict[str, Any]:
     from scipy.stats import spearmanr
 
     from evaluators.prune import apply_policy
-    from spaces.latency import (LatencySettings, build_latency_table, measure_paired_ms, predict_latency_ms,
-                                spanning_policies)
+    from spaces.latency import (LatencySettings, additive_latency_ms, build_latency_table, measure_paired_ms,
+                                predict_latency_ms, spanning_policies)
     from spaces.space import SearchSpace
     from tests.architectures import MobileNetV2Style, ResNetStyle
 
@@ -68,8 +68,7 @@ def lut_fidelity(quick: bool, cache_dir: Path) -> dict[str, Any]:
             ms, ref = measure_paired_ms(pruned, model, batch, rounds=runs, threads=1)
             rows.append({
                 "predicted_ms": predict_latency_ms(table, space, policy),
-                "predicted_additive_ms": table.predict(
-                    {g.name: space.kept(policy)[g.name] / g.channels for g in space.groups}),
+                "predicted_additive_ms": additive_latency_ms(table, space, policy),
                 "measured_ms": ms / ref * table.base_ms,
                 "flops_ratio": space.flops_ratio(policy),
             })

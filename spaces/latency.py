@@ -328,9 +328,14 @@ def build_latency_table(
 
 def predict_latency_ms(table: LatencyTable, space: Any, policy: Any) -> float:
     """Predicted latency (ms) of ``policy`` by the table's predictor, after channel rounding."""
-    kept = space.kept(policy)
     if table.predictor == "fitted" and space.cost_model is not None:
-        return max(table.predict_fitted(space.cost_model.flops_by_kind(kept)), 0.05 * table.base_ms)
+        return max(table.predict_fitted(space.cost_model.flops_by_kind(space.kept(policy))), 0.05 * table.base_ms)
+    return additive_latency_ms(table, space, policy)
+
+
+def additive_latency_ms(table: LatencyTable, space: Any, policy: Any) -> float:
+    """The table's NetAdapt (sum of per-group deltas) latency of ``policy``, after channel rounding."""
+    kept = space.kept(policy)
     return table.predict({g.name: kept[g.name] / g.channels for g in space.groups})
 
 
