@@ -104,9 +104,10 @@ class _Evaluator:
 
 def paired(front: list[Any], mark: Any, evaluate: _Evaluator, finetune_steps: int) -> dict[str, Any]:
     """Each unmarked Pareto policy vs its projection, same evaluation settings."""
-    pairs = []
+    pairs, projected = [], []
     for r in front:
         marked = mark.project(r.policy)
+        projected.append(marked)
         (a0, f0), (a1, f1) = evaluate(r.policy), evaluate(marked)
         # [channels, proposed, marked] per carrier: no names (carrier positions are key-derived)
         moved = sorted([mark.channels[n], k0, k1] for n, k0, k1 in _moves(mark, r.policy, marked))
@@ -131,23 +132,19 @@ def paired(front: list[Any], mark: Any, evaluate: _Evaluator, finetune_steps: in
             if not cands:
                 ft[str(lv)] = None
                 continue
-            r = front[max(cands)[1]]
-            a0, _ = evaluate(r.policy, recovery="finetune", finetune_steps=finetune_steps)
-            a1, _ = evaluate(mark.project(r.policy), recovery="finetune", finetune_steps=finetune_steps)
+            i = max(cands)[1]
+            a0, _ = evaluate(front[i].policy, recovery="finetune", finetune_steps=finetune_steps)
+            a1, _ = evaluate(projected[i], recovery="finetune", finetune_steps=finetune_steps)
             ft[str(lv)] = {"acc_plain": a0, "acc_marked": a1, "cost_pts": 100 * (a0 - a1)}
         out["finetuned_best"] = ft
     return out
 
 
 def _moves(mark: Any, before: Any, after: Any) -> list[tuple[str, int, int]]:
-    from spaces.space import kept_channels
+    from spaces.watermark import channel_counts_from_policy
 
-    out = []
-    for name in mark.carrier_names:
-        c = mark.channels[name]
-        k0, k1 = kept_channels(c, before.ratio(name), mark.round_to), kept_channels(c, after.ratio(name), mark.round_to)
-        out.append((name, k0, k1))
-    return out
+    k0, k1 = (channel_counts_from_policy(p, mark.channels, mark.round_to) for p in (before, after))
+    return [(name, k0[name], k1[name]) for name in mark.carrier_names]
 
 
 def params_match_policy(study: Any, space: Any) -> dict[str, int]:
@@ -160,10 +157,9 @@ def params_match_policy(study: Any, space: Any) -> dict[str, int]:
         if not isinstance(t.user_attrs.get("policy"), str):
             continue
         policy = Policy.from_json(t.user_attrs["policy"])
-        kept_params = {n: space.kept(space.from_params(t.params))[n] for n in space.group_names} if t.params else None
-        if kept_params is None:
+        if not t.params:
             continue
-        if kept_params == space.kept(policy):
+        if space.kept(space.from_params(t.params)) == space.kept(policy):
             same += 1
         else:
             differ += 1
