@@ -6,11 +6,13 @@ batch 8, 1 thread), 30 random policies spanning the space (a global level in
 reported: Spearman rank correlation (target >= 0.9) and the speedup-vs-FLOPs-reduction
 of each policy.
 
-Part 2 (objective): on digits, for 3 seeds, a study minimising LUT latency and a study
-minimising FLOPs with the same budget, searcher and recovery; for each study's Pareto
-models the real latency is measured, and we compare the lowest measured latency among
-models within 1 point of a common accuracy level (the worst of the two studies' best
-accuracies minus 1 point), plus measured speedup vs FLOPs reduction of the exported fronts.
+Part 2 (objective): on digits, for 3 seeds, NSGA-II studies with the same budget and
+recovery in three arms: minimise the LUT-predicted latency, minimise the latency measured
+in every evaluation (``latency_ratio``: timed alternately with the unpruned model), and
+minimise FLOPs. Every study's Pareto models are timed afresh; each latency arm is compared
+with the FLOPs arm on the lowest measured latency among models within 1 point of a common
+accuracy level (the worse of the two studies' best accuracies minus 1 point) and on the
+hypervolume of the measured (error, latency ratio) front.
 
     python -m benchmarks.latency            # full run
     python -m benchmarks.latency --quick    # CI smoke run
@@ -89,78 +91,110 @@ def lut_fidelity(quick: bool, cache_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _study_config(tmp: Path, name: str, objective: str, seed: int, n_trials: int) -> Any:
+# Study arms of part 2: objective and how latency is known during the search.
+ARMS: dict[str, dict[str, Any]] = {
+    "latency_table": {"objective": "latency_ms", "latency": {"table": True}},
+    "latency_measured": {"objective": "latency_ratio", "latency": {"table": False},
+                         "evaluation": {"measure_latency": True, "latency_batch": BATCH, "latency_runs": 10}},
+    "flops": {"objective": "flops", "latency": {"table": True}},
+}
+LATENCY_ARMS = ("latency_table", "latency_measured")
+
+
+def _study_config(tmp: Path, name: str, arm: str, seed: int, n_trials: int) -> Any:
     from search.config import StudyConfig
 
+    spec = ARMS[arm]
     return StudyConfig.from_dict({
         "study": {"name": name, "storage": str(tmp / f"{name}.journal"), "seed": seed, "n_trials": n_trials,
-                  "objectives": ["accuracy", objective], "workers": 1, "log_file": str(tmp / f"{name}.log")},
+                  "objectives": ["accuracy", spec["objective"]], "workers": 1, "log_file": str(tmp / f"{name}.log")},
         "task": {"name": "digits", "cache_dir": str(ROOT / "studies" / "cache")},
         "space": {"ratio_min": 0.2, "ratio_step": 0.05},
-        "evaluation": {"recovery": "adaptive_bn"},
-        "latency": {"batch": BATCH, "runs": 10},
+        "evaluation": {"recovery": "adaptive_bn", **spec.get("evaluation", {})},
+        "latency": {"batch": BATCH, "runs": 10, **spec["latency"]},
         "searchers": [{"kind": "nsga2", "options": {"population_size": 8}}],
     })
 
 
-def objective_comparison(quick: bool) -> dict[str, Any]:
+def _measured_front(front: list[Any], task: Any, space: Any, base_ms: float) -> list[dict[str, Any]]:
+    """Each Pareto model timed alternately with the base: drifts cancel in the ratio, and one
+    common ``base_ms`` keeps every study's fronts comparable."""
     from evaluators.prune import apply_policy
+    from spaces.latency import measure_paired_ms
+
+    base = task.base_model()
+    batch = task.example_inputs.repeat(BATCH, 1, 1, 1)
+    models = []
+    for r in front:
+        pruned = apply_policy(base, r.policy, task.example_inputs, groups=space.groups)
+        ms, ref = measure_paired_ms(pruned, base, batch, rounds=20)
+        ms = ms / ref * base_ms
+        models.append({"accuracy": r.metrics.accuracy, "flops_ratio": r.metrics.flops_ratio,
+                       "measured_ms": ms, "speedup": base_ms / ms, "latency_ratio": ms / base_ms,
+                       "flops_reduction": 1.0 / r.metrics.flops_ratio})
+    return models
+
+
+def _fastest_at(front: list[dict[str, Any]], level: float) -> float | None:
+    ok = [m["measured_ms"] for m in front if m["accuracy"] >= level]
+    return min(ok) if ok else None
+
+
+def objective_comparison(quick: bool) -> dict[str, Any]:
+    """Each latency arm against the FLOPs arm, same seed, budget, searcher and recovery."""
     from search.runner import load_task_and_space, run_study
     from search.storage import open_storage, pareto_front, parse_storage, read_trials
-    from spaces.latency import measure_latency_ms, measure_paired_ms
+    from spaces.latency import measure_latency_ms
 
     import optuna
 
     seeds = [0] if quick else [0, 1, 2]
     n_trials = 8 if quick else 40
-    out: dict[str, Any] = {"seeds": {}, "n_trials": n_trials}
+    out: dict[str, Any] = {"seeds": {}, "n_trials": n_trials, "arms": ARMS}
     task, space, base_ms = None, None, None
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for seed in seeds:
             per_seed: dict[str, Any] = {}
-            for objective in ("latency_ms", "flops"):
-                config = _study_config(tmp, f"{objective}-{seed}", objective, seed, n_trials)
+            for arm in ARMS:
+                config = _study_config(tmp, f"{arm}-{seed}", arm, seed, n_trials)
                 if task is None:
                     task, space = load_task_and_space(config)
+                    base_ms = measure_latency_ms(task.base_model(), task.example_inputs.repeat(BATCH, 1, 1, 1),
+                                                 runs=50, statistic="min")
+                start = time.perf_counter()
                 run_study(config, progress=False)
+                study_s = time.perf_counter() - start
                 study = optuna.load_study(study_name=config.name,
                                           storage=open_storage(parse_storage(config.study.storage_url)))
-                front = pareto_front(read_trials(study), config.study.directions)
-                base = task.base_model()
-                batch = task.example_inputs.repeat(BATCH, 1, 1, 1)
-                if base_ms is None:  # one base latency for every study: fronts stay comparable
-                    base_ms = measure_latency_ms(base, batch, runs=50, statistic="min")
-                models = []
-                for r in front:  # each model timed alternately with the base: drifts cancel in the ratio
-                    pruned = apply_policy(base, r.policy, task.example_inputs, groups=space.groups)
-                    ms, ref = measure_paired_ms(pruned, base, batch, rounds=20)
-                    ms = ms / ref * base_ms
-                    models.append({"accuracy": r.metrics.accuracy, "flops_ratio": r.metrics.flops_ratio,
-                                   "measured_ms": ms, "speedup": base_ms / ms, "latency_ratio": ms / base_ms,
-                                   "flops_reduction": 1.0 / r.metrics.flops_ratio})
-                per_seed[objective] = {"front": models, "base_ms": base_ms}
-            level = min(max(m["accuracy"] for m in per_seed[o]["front"]) for o in per_seed) - 0.01
-            for o in per_seed:
-                ok = [m["measured_ms"] for m in per_seed[o]["front"] if m["accuracy"] >= level]
-                per_seed[o]["fastest_at_level_ms"] = min(ok) if ok else None
-            per_seed["accuracy_level"] = level
-            for o in ("latency_ms", "flops"):  # the whole measured front, not one point of it
-                per_seed[o]["measured_hypervolume"] = _measured_hypervolume(per_seed[o])
-            lat, flo = per_seed["latency_ms"]["fastest_at_level_ms"], per_seed["flops"]["fastest_at_level_ms"]
-            per_seed["latency_study_faster"] = bool(lat is not None and flo is not None and lat < flo)
+                front = _measured_front(pareto_front(read_trials(study), config.study.directions), task, space, base_ms)
+                per_seed[arm] = {"front": front, "base_ms": base_ms, "study_seconds": study_s}
+                per_seed[arm]["measured_hypervolume"] = _measured_hypervolume(per_seed[arm])
+            for arm in LATENCY_ARMS:  # at a common accuracy level: the worse best of the pair, minus 1 pt
+                pair = (per_seed[arm]["front"], per_seed["flops"]["front"])
+                level = min(max(m["accuracy"] for m in f) for f in pair) - 0.01
+                lat, flo = (_fastest_at(f, level) for f in pair)
+                per_seed[arm]["vs_flops"] = {"accuracy_level": level, "fastest_ms": lat, "flops_fastest_ms": flo,
+                                             "faster": bool(lat is not None and flo is not None and lat < flo)}
+                print(f"seed {seed} {arm}: at accuracy >= {level:.3f}: {lat} ms vs flops study {flo} ms; HV "
+                      f"{per_seed[arm]['measured_hypervolume']:.3f} vs {per_seed['flops']['measured_hypervolume']:.3f}",
+                      file=sys.stderr)
             out["seeds"][seed] = per_seed
-            print(f"seed {seed}: at accuracy >= {level:.3f}: latency study {lat} ms, flops study {flo} ms", file=sys.stderr)
-    wins = [s["latency_study_faster"] for s in out["seeds"].values()]
-    ratios = [s["latency_ms"]["fastest_at_level_ms"] / s["flops"]["fastest_at_level_ms"]
-              for s in out["seeds"].values() if s["latency_ms"]["fastest_at_level_ms"] and s["flops"]["fastest_at_level_ms"]]
-    hv = [(s["latency_ms"]["measured_hypervolume"], s["flops"]["measured_hypervolume"]) for s in out["seeds"].values()]
-    out["summary"] = {"latency_study_faster_in": f"{sum(wins)}/{len(wins)} seeds",
-                      "mean_latency_ratio": statistics.mean(ratios) if ratios else None,
-                      "measured_hypervolume_latency_study": [a for a, _ in hv],
-                      "measured_hypervolume_flops_study": [b for _, b in hv],
-                      "latency_study_higher_hypervolume_in": f"{sum(a > b for a, b in hv)}/{len(hv)} seeds"}
+    out["summary"] = {arm: _arm_summary(out["seeds"], arm) for arm in LATENCY_ARMS}
     return out
+
+
+def _arm_summary(seeds: dict[Any, Any], arm: str) -> dict[str, Any]:
+    vs = [s[arm]["vs_flops"] for s in seeds.values()]
+    ratios = [v["fastest_ms"] / v["flops_fastest_ms"] for v in vs if v["fastest_ms"] and v["flops_fastest_ms"]]
+    hv = [(s[arm]["measured_hypervolume"], s["flops"]["measured_hypervolume"]) for s in seeds.values()]
+    return {"faster_at_equal_accuracy_in": f"{sum(v['faster'] for v in vs)}/{len(vs)} seeds",
+            "mean_fastest_ratio_to_flops_study": statistics.mean(ratios) if ratios else None,
+            "measured_hypervolume": [a for a, _ in hv],
+            "measured_hypervolume_flops_study": [b for _, b in hv],
+            "higher_hypervolume_in": f"{sum(a > b for a, b in hv)}/{len(hv)} seeds",
+            "study_seconds": [s[arm]["study_seconds"] for s in seeds.values()],
+            "flops_study_seconds": [s["flops"]["study_seconds"] for s in seeds.values()]}
 
 
 def _measured_hypervolume(study: dict[str, Any]) -> float:

@@ -42,7 +42,8 @@ SCHEME = {"max_shift": 0.125, "n_bits": 12, "allocation": "widest", "projection"
 MESSAGE = "(c) prunesearch benchmark"
 
 
-def _config(tmp: Path, name: str, seed: int, n_trials: int, key_file: Path | None) -> Any:
+def _config(tmp: Path, name: str, seed: int, n_trials: int, key_file: Path | None,
+            select_samples: int | None = None) -> Any:
     from search.config import StudyConfig
     from spaces.watermark import WatermarkConfig
 
@@ -51,7 +52,7 @@ def _config(tmp: Path, name: str, seed: int, n_trials: int, key_file: Path | Non
                   "workers": 1, "log_file": str(tmp / f"{name}.log")},
         "task": {"name": "digits", "cache_dir": str(ROOT / "studies" / "cache")},
         "space": {"ratio_min": 0.2, "ratio_step": 0.05},
-        "evaluation": {"recovery": "adaptive_bn"},
+        "evaluation": {"recovery": "adaptive_bn", **({"eval_samples": select_samples} if select_samples else {})},
         "searchers": [{"kind": "tpe", "options": {"n_startup_trials": 8}}],
     })
     if key_file is None:
@@ -81,6 +82,17 @@ def _mean_se(values: list[float]) -> dict[str, Any]:
     }
 
 
+def held_out_task(task: Any, select_samples: int | None) -> Any:
+    """``task`` whose validation split is the samples after the first ``select_samples``,
+    which the study (``eval_samples``, stored order) never saw."""
+    if select_samples is None:
+        raise ValueError("the benchmark's studies must select on part of the validation split")
+    x, y = task.validation
+    if not 0 < select_samples < len(y):
+        raise ValueError(f"select_samples must leave held-out samples: {select_samples} of {len(y)}")
+    return replace(task, validation=(x[select_samples:], y[select_samples:]))
+
+
 class _Evaluator:
     """Evaluates policies as the study's workers do (same task, settings, groups)."""
 
@@ -88,14 +100,19 @@ class _Evaluator:
         from evaluators.measure import model_cost
 
         self.task, self.space, self.settings = task, space, config.evaluation
+        self.held_out = held_out_task(task, config.evaluation.eval_samples)
         self.base = task.base_model()
         self.base_cost = model_cost(self.base, task.example_inputs)
 
-    def __call__(self, policy: Any, **overrides: Any) -> tuple[float, float]:
+    def __call__(self, policy: Any, held_out: bool = False, **overrides: Any) -> tuple[float, float]:
+        """(accuracy, FLOPs ratio) on the samples the study selected on, or on the held-out rest."""
         from evaluators.evaluate import evaluate
 
         settings = self.settings.replace(**overrides) if overrides else self.settings
-        m = evaluate(policy, self.task, settings, groups=self.space.groups, round_to=self.space.round_to,
+        task = self.task
+        if held_out:
+            task, settings = self.held_out, settings.replace(eval_samples=None)
+        m = evaluate(policy, task, settings, groups=self.space.groups, round_to=self.space.round_to,
                      base_model=self.base, base_cost=self.base_cost)
         if not m.ok:
             raise RuntimeError(f"evaluation failed: {m.error}")
@@ -108,11 +125,13 @@ def paired(front: list[Any], mark: Any, evaluate: _Evaluator, finetune_steps: in
     for r in front:
         marked = mark.project(r.policy)
         projected.append(marked)
-        (a0, f0), (a1, f1) = evaluate(r.policy), evaluate(marked)
+        (a0, f0), (a1, f1) = evaluate(r.policy, held_out=True), evaluate(marked, held_out=True)
+        s0, s1 = evaluate(r.policy)[0], evaluate(marked)[0]
         # [channels, proposed, marked] per carrier: no names (carrier positions are key-derived)
         moved = sorted([mark.channels[n], k0, k1] for n, k0, k1 in _moves(mark, r.policy, marked))
         pairs.append({"acc_plain": a0, "acc_marked": a1, "flops_plain": f0, "flops_marked": f1,
-                      "cost_pts": 100 * (a0 - a1), "moves": moved})
+                      "cost_pts": 100 * (a0 - a1), "acc_plain_in_sample": s0, "acc_marked_in_sample": s1,
+                      "cost_pts_in_sample": 100 * (s0 - s1), "moves": moved})
     plain_pts = [(p["acc_plain"], p["flops_plain"]) for p in pairs]
     marked_pts = [(p["acc_marked"], p["flops_marked"]) for p in pairs]
     # Against the unmarked front at the marked model's own FLOPs (best unmarked accuracy at
@@ -133,8 +152,8 @@ def paired(front: list[Any], mark: Any, evaluate: _Evaluator, finetune_steps: in
                 ft[str(lv)] = None
                 continue
             i = max(cands)[1]
-            a0, _ = evaluate(front[i].policy, recovery="finetune", finetune_steps=finetune_steps)
-            a1, _ = evaluate(projected[i], recovery="finetune", finetune_steps=finetune_steps)
+            a0, _ = evaluate(front[i].policy, held_out=True, recovery="finetune", finetune_steps=finetune_steps)
+            a1, _ = evaluate(projected[i], held_out=True, recovery="finetune", finetune_steps=finetune_steps)
             ft[str(lv)] = {"acc_plain": a0, "acc_marked": a1, "cost_pts": 100 * (a0 - a1)}
         out["finetuned_best"] = ft
     return out
@@ -180,10 +199,12 @@ def run(quick: bool, finetune_steps: int) -> dict[str, Any]:
         tmp = Path(tmp_name)
         key_file = tmp / "owner.key"
         key_file.write_text("benchmark-owner-key-do-not-reuse")
-        marked_config = _config(tmp, "c", 0, 1, key_file)
-        task, space = load_task_and_space(marked_config)
+        task, space = load_task_and_space(_config(tmp, "c", 0, 1, key_file))
+        select = len(task.validation[1]) // 2  # studies select on the first half, pairs judged on the rest
+        marked_config = _config(tmp, "c", 0, 1, key_file, select)
         mark = build_watermark(marked_config, space)
         evaluate = _Evaluator(marked_config, task, space)
+        out["select_samples"], out["held_out_samples"] = select, len(task.validation[1]) - select
         out["capacity_bits"] = mark.capacity
         out["bits"] = mark.n_bits
         out["carriers"] = {}
@@ -193,7 +214,7 @@ def run(quick: bool, finetune_steps: int) -> dict[str, Any]:
             per: dict[str, Any] = {}
             for marked in (False, True):
                 config = _config(tmp, f"{'marked' if marked else 'plain'}-{seed}", seed, n_trials,
-                                 key_file if marked else None)
+                                 key_file if marked else None, select)
                 run_study(config, progress=False)
                 study = optuna.load_study(study_name=config.name,
                                           storage=open_storage(parse_storage(config.study.storage_url)))
@@ -229,13 +250,15 @@ def summarize(seeds: dict[Any, Any]) -> dict[str, Any]:
     paired_stats = _mean_se(costs)
     summary: dict[str, Any] = {
         "paired_cost_pts": paired_stats,
+        "paired_cost_pts_in_sample": _mean_se([p["cost_pts_in_sample"] for p in pairs]),
         "vs_plain_front_at_marked_flops_pts": _mean_se(
             [v for s in seeds.values() for v in s["paired"]["vs_plain_front_at_marked_flops_pts"]]),
         "paired_flops_change": _mean_se([p["flops_marked"] - p["flops_plain"] for p in pairs]),
         "paired_share_flops_not_higher": (sum(p["flops_marked"] <= p["flops_plain"] + 1e-12 for p in pairs) / len(pairs)
                                           if pairs else None),
         "target_pts": TARGET_PTS,
-        "judged_on": "paired_cost_pts.mean (unmarked Pareto policies vs their projections, same settings)",
+        "judged_on": "paired_cost_pts.mean (unmarked Pareto policies vs their projections, same settings, "
+                     "on held-out validation samples the studies did not select on)",
         "met": paired_stats["mean"] is not None and paired_stats["mean"] <= TARGET_PTS,
     }
     for key, field in (("paired_at_level_cost_pts", lambda s, lv: s["paired"]["at_level_cost_pts"][lv]),

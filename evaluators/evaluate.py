@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from evaluators.measure import latency_inputs, latency_ms, model_cost, top1_accuracy, torch_threads
+import spaces.latency
 from evaluators.metrics import Metrics
 from evaluators.prune import apply_policy
 from evaluators.recover import recover
@@ -37,7 +38,8 @@ def validation_batches(task: Task, settings: EvalSettings) -> list[tuple[torch.T
 
 
 def _measure(
-    model: nn.Module, task: Task, settings: EvalSettings, base_cost: Cost, timings: dict[str, float]
+    model: nn.Module, task: Task, settings: EvalSettings, base_cost: Cost, timings: dict[str, float],
+    base: nn.Module | None = None,
 ) -> dict[str, float | None]:
     start = time.perf_counter()
     accuracy = top1_accuracy(model, validation_batches(task, settings))
@@ -47,11 +49,16 @@ def _measure(
     cost = model_cost(model, task.example_inputs)
     timings["cost"] = time.perf_counter() - start
 
-    latency = None
+    latency = ratio = None
     if settings.measure_latency:
         start = time.perf_counter()
         inputs = latency_inputs(task.example_inputs, settings.latency_batch)
-        latency = latency_ms(model, inputs, runs=settings.latency_runs, threads=settings.threads)
+        if base is None:
+            latency = latency_ms(model, inputs, runs=settings.latency_runs, threads=settings.threads)
+        else:  # timed alternately with the unpruned model: the ratio is free of the machine's drifts
+            latency, base_ms = spaces.latency.measure_paired_ms(model, base, inputs, rounds=settings.latency_runs,
+                                                 threads=settings.threads)
+            ratio = latency / base_ms
         timings["latency"] = time.perf_counter() - start
     return {
         "accuracy": accuracy,
@@ -60,6 +67,7 @@ def _measure(
         "flops_ratio": cost.flops / base_cost.flops if base_cost.flops else None,
         "params_ratio": cost.params / base_cost.params if base_cost.params else None,
         "latency_ms": latency,
+        "latency_ratio": ratio,
     }
 
 
@@ -102,7 +110,7 @@ def evaluate(
             pruned = recover(recovery, pruned, base=base, task=task, settings=settings, calibration=calibration)
             timings["recover"] = time.perf_counter() - t
 
-            values = _measure(pruned, task, settings, base_cost, timings)
+            values = _measure(pruned, task, settings, base_cost, timings, base=base)
         return Metrics(
             **values, eval_seconds=time.perf_counter() - start, fidelity=settings.fidelity, timings=timings
         )
@@ -119,6 +127,7 @@ def evaluate_model(model: nn.Module, task: Task, settings: EvalSettings = _DEFAU
     start = time.perf_counter()
     timings: dict[str, float] = {}
     with torch_threads(settings.threads):
-        base_cost = model_cost(task.base_model(), task.example_inputs)
-        values = _measure(model, task, settings, base_cost, timings)
+        base = task.base_model()
+        base_cost = model_cost(base, task.example_inputs)
+        values = _measure(model, task, settings, base_cost, timings, base=base)
     return Metrics(**values, eval_seconds=time.perf_counter() - start, fidelity=settings.fidelity, timings=timings)

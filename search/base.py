@@ -120,6 +120,8 @@ class SearcherContext:
     seed: int = 0
     label: str = ""
     constraint_names: tuple[str, ...] = ()
+    #: the study's FLOPs budget ([constraints] max_flops_ratio), where start points are placed
+    max_flops_ratio: float | None = None
     #: the study's Task (model factory + data), for searchers that train (masking); may be None
     task: Any = field(default=None, compare=False, repr=False)
 

@@ -36,6 +36,7 @@ OBJECTIVES: dict[str, tuple[str, str]] = {
     "flops": ("flops_ratio", MINIMIZE),
     "params": ("params_ratio", MINIMIZE),
     "latency_ms": ("latency_ms", MINIMIZE),
+    "latency_ratio": ("latency_ratio", MINIMIZE),  # to the unpruned model's latency
 }
 # Constraint name -> (Metrics field, sense): value - bound (max) or bound - value (min).
 CONSTRAINTS: dict[str, tuple[str, str]] = {
@@ -335,8 +336,6 @@ class StudyConfig:
                 "latency is an objective or constraint but neither [latency] table nor [evaluation] "
                 "measure_latency is true: enable one"
             )
-        if self.constraints.max_latency_ratio is not None and not self.latency.table:
-            raise ConfigError("[constraints] max_latency_ratio needs [latency] table = true (the ratio is to the table's base latency)")
         if self.evaluation.fidelity != "full":
             raise ConfigError(f"[evaluation] fidelity must stay 'full' (the Pareto front's fidelity), got {self.evaluation.fidelity!r}")
 
@@ -344,7 +343,8 @@ class StudyConfig:
     @property
     def uses_latency(self) -> bool:
         c = self.constraints
-        return "latency_ms" in self.study.objectives or c.max_latency_ms is not None or c.max_latency_ratio is not None
+        return (any(o in self.study.objectives for o in ("latency_ms", "latency_ratio"))
+                or c.max_latency_ms is not None or c.max_latency_ratio is not None)
 
     @property
     def name(self) -> str:

@@ -4,13 +4,15 @@ A run (``search.masking_core.learn_ratios``) trains soft channel masks and per-g
 on the task towards one FLOPs target; its rounded ratios become a Policy that the runner
 records and evaluates with the same pool and recovery as every other searcher, so results
 are comparable. Runs cycle through ``targets`` x ``lambdas`` (then again with the next
-seed) until the budget is spent. Each run is a Ray task when Ray is initialised (``parallel``
+seed) until the budget is spent; with ``all_targets`` a run also proposes its learned
+allocation rescaled to every other target (one trained run, a policy per target). Each run is a Ray task when Ray is initialised (``parallel``
 of them at once), else it runs in-process. Results are released in run order, so the
 sequence of proposals is the same whatever order the tasks finish in.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
@@ -18,7 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from search.base import Outcome, Proposal, Searcher, SearcherContext, register_searcher
-from search.masking_core import MaskingConfig, learn_ratios
+from search.masking_core import MaskingConfig, learn_ratios, scale_to_target, snap_to_target
 from spaces.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class MaskingOptions:
     batch_size: int = 64
     parallel: int = 2                  # masking runs in flight at once (Ray tasks)
     threads: int = 1                   # torch threads inside one run
+    all_targets: bool = False          # each run also proposes its allocation rescaled to the other targets
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(float(t) for t in self.targets))
@@ -54,6 +57,8 @@ class MaskingOptions:
             self.config(target, lam, 0)  # validates target, lambda, steps, tau, rates
         if self.batch_size < 1 or self.parallel < 1 or self.threads < 1:
             raise ValueError("masking batch_size, parallel and threads must be >= 1")
+        if not isinstance(self.all_targets, bool):
+            raise ValueError(f"masking option all_targets must be true or false, got {self.all_targets!r}")
 
     def config(self, target: float, lam: float, seed: int, method: str = "l1") -> MaskingConfig:
         shared = {f.name: getattr(self, f.name) for f in fields(MaskingConfig) if hasattr(self, f.name)}
@@ -89,6 +94,7 @@ class MaskingSearcher(Searcher):
         self._done: set[int] = set()            # run indices already proposed (this or a past launch)
         self._next_release = 0
         self._task_ref = None
+        self._ready: collections.deque[Proposal] = collections.deque()  # released, not yet asked for
 
     def _run_stream(self) -> Iterator[tuple[int, MaskingConfig]]:
         combos = list(itertools.product(self.options.targets, self.options.lambdas))
@@ -118,6 +124,8 @@ class MaskingSearcher(Searcher):
                 continue
             self._launch(index, config)
         proposals: list[Proposal] = []
+        while len(proposals) < n and self._ready:
+            proposals.append(self._ready.popleft())
         while len(proposals) < n and self._next_release in self._launched:
             index = self._next_release
             config, result = self._launched[index]
@@ -132,23 +140,31 @@ class MaskingSearcher(Searcher):
             while self._next_release in self._done and self._next_release not in self._launched:
                 self._next_release += 1
             policy_json, info = result
-            proposals.append(Proposal(
-                policy=Policy.from_json(policy_json),
-                generation=index,
-                meta={
-                    "masking_run": index,
-                    "masking_target": config.target,
-                    "masking_lambda": config.lam,
-                    "masking_seed": config.seed,
-                    "learned_flops_ratio": round(float(info["learned_flops_ratio"]), 6),
-                },
-            ))
+            meta = {"masking_run": index, "masking_lambda": config.lam, "masking_seed": config.seed,
+                    "learned_flops_ratio": round(float(info["learned_flops_ratio"]), 6)}
+            released = [Proposal(policy=Policy.from_json(policy_json), generation=index,
+                                 meta={**meta, "masking_target": config.target})]
+            if self.options.all_targets:
+                released += [Proposal(policy=policy, generation=index,
+                                      meta={**meta, "masking_target": target, "masking_learned_at": config.target})
+                             for target, policy in self._rescaled(info, config)]
+            take = n - len(proposals)
+            proposals += released[:take]
+            self._ready.extend(released[take:])
         return proposals
+
+    def _rescaled(self, info: dict, config: MaskingConfig) -> list[tuple[float, Policy]]:
+        """The run's learned allocation moved to each other target by one common factor (the
+        way the run's own proposal is made): one trained run, a policy per FLOPs target."""
+        raw = Policy(ratios={n: min(1.0, max(float(v), 1e-6)) for n, v in info["learned_ratios"].items()},
+                     method=config.method)
+        return [(t, snap_to_target(self.space, scale_to_target(self.space, raw, t), t, config.tolerance))
+                for t in self.options.targets if t != config.target]
 
     @property
     def waiting(self) -> bool:
         """True while a launched masking run has not been released as a proposal yet."""
-        return bool(self._launched)
+        return bool(self._launched) or bool(self._ready)
 
     def tell(self, outcome: Outcome) -> None:
         """Masking runs are independent of each other's outcomes: nothing to learn."""

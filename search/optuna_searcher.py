@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 
 from search.base import FULL, Outcome, Proposal, Searcher, SearcherContext, register_searcher
+from spaces.policy import Policy
 
 
 class _FidelityView:
@@ -94,17 +95,25 @@ class OptunaSearcher(Searcher):
         super().__init__(context, options)
         self._round = 0
         self._seed = context.seed
+        self._asked = 0
         self.study: optuna.Study | None = None
 
-    #: the Optuna sampler class; its keyword arguments are the options' fields (but ``fidelities``)
+    #: the Optuna sampler class; its keyword arguments are the options' fields but these
     sampler_class: type[optuna.samplers.BaseSampler] | None = None
+    _OWN_OPTIONS = ("fidelities", "uniform_start")
 
     def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         if self.sampler_class is None:
             raise NotImplementedError(f"{type(self).__name__} sets neither sampler_class nor make_sampler")
         kwargs = {} if self.options is None else {
-            f.name: getattr(self.options, f.name) for f in fields(self.options) if f.name != "fidelities"}
+            f.name: getattr(self.options, f.name) for f in fields(self.options) if f.name not in self._OWN_OPTIONS}
         return self.sampler_class(seed=seed, **kwargs)
+
+    def start_policies(self) -> list[Policy]:
+        """The first proposals (option ``uniform_start``): uniform policies spread over the
+        FLOPs budget, enqueued so the sampler learns from a front uniform pruning already has."""
+        n = getattr(self.options, "uniform_start", 0)
+        return self.space.uniform_sweep(n, self.context.max_flops_ratio) if n else []
 
     def sampler(self) -> optuna.samplers.BaseSampler:
         with warnings.catch_warnings():  # experimental-feature warnings are noise here
@@ -117,6 +126,7 @@ class OptunaSearcher(Searcher):
         # The sampler reads the study itself; only the RNG must not restart where the
         # first run started, or the random start-up phase would re-propose its policies.
         done = list(outcomes) + list(pending)
+        self._asked = len(done)
         if done:
             self._seed = derived_seed(self.context.seed, len(done))
             self._round = max(p.generation for p in [o.proposal for o in outcomes] + list(pending)) + 1
@@ -128,7 +138,11 @@ class OptunaSearcher(Searcher):
         if self.study is None:
             raise RuntimeError(f"searcher {self.kind!r} asked before bind(study)")
         proposals = []
+        starts = self.start_policies() if self._asked < getattr(self.options, "uniform_start", 0) else []
         for _ in range(max(0, n)):
+            if self._asked < len(starts):  # the driver asks right after enqueueing: this trial is ours
+                self.study.enqueue_trial(self.space.to_params(starts[self._asked]))
+            self._asked += 1
             trial = self.study.ask(self.space.distributions())
             # samplers may return grid values off by float rounding (0.6000000000000001):
             # snap so equal policies compare and cache equal
@@ -149,6 +163,11 @@ def _check_fidelities(kind: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _check_uniform_start(kind: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{kind} option uniform_start must be an integer >= 0, got {value!r}")
+
+
 @dataclass(frozen=True)
 class TPEOptions:
     n_startup_trials: int = 10
@@ -156,9 +175,11 @@ class TPEOptions:
     multivariate: bool = True
     constant_liar: bool = True
     fidelities: Sequence[str] = (FULL,)   # trials the sampler learns from; [] = all
+    uniform_start: int = 0                # first proposals: uniform policies over the FLOPs budget
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fidelities", _check_fidelities("tpe", self.fidelities))
+        _check_uniform_start("tpe", self.uniform_start)
         for name in ("n_startup_trials", "n_ei_candidates"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -183,9 +204,11 @@ class NSGA2Options:
     crossover_prob: float = 0.9
     swapping_prob: float = 0.5
     fidelities: Sequence[str] = (FULL,)   # trials the sampler learns from; [] = all
+    uniform_start: int = 0                # first proposals: uniform policies over the FLOPs budget
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fidelities", _check_fidelities("nsga2", self.fidelities))
+        _check_uniform_start("nsga2", self.uniform_start)
         if isinstance(self.population_size, bool) or not isinstance(self.population_size, int) or self.population_size < 2:
             raise ValueError(f"nsga2 option population_size must be an integer >= 2, got {self.population_size!r}")
         for name in ("mutation_prob", "crossover_prob", "swapping_prob"):

@@ -148,6 +148,7 @@ def make_context(config: StudyConfig, space: Any, index: int, task: Any = None,
         seed=searcher_seed(config.study.seed, index, salt),
         label=section.name,
         constraint_names=config.constraints.names,
+        max_flops_ratio=config.constraints.max_flops_ratio,
     )
 
 

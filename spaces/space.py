@@ -129,6 +129,30 @@ class SearchSpace:
         """Every group at the same remaining ``ratio`` (not snapped to the grid)."""
         return Policy(ratios={n: ratio for n in self.group_names}, method=method or self.methods[0])
 
+    def uniform_sweep(self, n: int, max_flops_ratio: float | None = None) -> list[Policy]:
+        """Up to ``n`` distinct uniform policies on the ratio grid whose FLOPs ratios are spread
+        evenly from the smallest model to the largest within ``max_flops_ratio`` (largest first).
+
+        The uniform baseline is strong on its own (every group pruned alike); searchers that
+        start from it explore per-group deviations around a front that is already good.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        grid = sorted(self.levels)
+        flops = [self.flops_ratio(self.uniform(r)) for r in grid]
+        cap = 1.0 if max_flops_ratio is None else max_flops_ratio
+        feasible = [(f, r) for f, r in zip(flops, grid) if f <= cap + 1e-12] or [(flops[0], grid[0])]
+        if n == 0:
+            return []
+        lo, hi = feasible[0][0], feasible[-1][0]
+        targets = [hi] if n == 1 else [hi - i * (hi - lo) / (n - 1) for i in range(n)]
+        chosen: list[float] = []
+        for t in targets:  # the grid ratio nearest in FLOPs, each used once
+            r = min(feasible, key=lambda fr: abs(fr[0] - t))[1]
+            if r not in chosen:
+                chosen.append(r)
+        return [self.uniform(r) for r in chosen]
+
     def sample(self, rng: np.random.Generator) -> Policy:
         """A uniformly random policy on the grid."""
         genome = [int(rng.integers(0, n)) for n in self.genome_sizes()]

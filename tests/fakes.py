@@ -172,7 +172,8 @@ class Harness:
 
     def context(self, seed: int = 0, label: str = "s") -> SearcherContext:
         return SearcherContext(space=self.space, objectives=OBJECTIVES, directions=DIRECTIONS, settings=self.settings,
-                               seed=seed, label=label, constraint_names=self.constraints.names, task=tiny_task())
+                               seed=seed, label=label, constraint_names=self.constraints.names, task=tiny_task(),
+                               max_flops_ratio=self.constraints.max_flops_ratio)
 
     def searcher(self, kind: str, seed: int = 0, options: dict | None = None, label: str = "s") -> Searcher:
         s = make_searcher(kind, self.context(seed, label), {**FAST.get(kind, {}), **(options or {})})

@@ -81,6 +81,14 @@ def test_latency_and_fidelity_and_eval_samples(digits):
     assert round(m.accuracy * 37, 6) == round(m.accuracy * 37)  # scored on exactly 37 samples
 
 
+def test_measured_latency_is_paired_with_the_unpruned_model(digits):
+    _, _, space = digits
+    settings = FAST.replace(measure_latency=True, latency_runs=5, latency_batch=8, eval_samples=37)
+    full, small = (_eval(digits, space.uniform(r), settings) for r in (1.0, 0.3))
+    assert 0.7 < full.latency_ratio < 1.4       # the base timed against itself
+    assert small.latency_ratio < full.latency_ratio
+
+
 def test_policy_recovery_overrides_settings(digits):
     _, _, space = digits
     ratios = {g.name: 0.5 for g in space.groups}

@@ -80,3 +80,29 @@ def test_latency_ratio_without_table_is_refused(tmp_path, capsys):
 def test_bad_latency_section_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="latency"):
         load_config(latency_config(tmp_path, latency="\n[latency]\nthreads = 0\n"))
+
+
+def test_latency_ratio_measured_in_every_evaluation(tmp_path):
+    """Without a table, each evaluation times the pruned model against the unpruned one and
+    ``latency_ratio`` is the objective; the ratio constraint holds on the front."""
+    from evaluators.evaluate import evaluate
+
+    path = tiny_config(tmp_path, name="measured", n_trials=8, constraints="max_latency_ratio = 0.8")
+    text = path.read_text().replace('seed = 0\n', 'seed = 0\nobjectives = ["accuracy", "latency_ratio"]\n', 1)
+    text = text.replace("batch_size = 32\n", "batch_size = 32\nmeasure_latency = true\nlatency_runs = 2\n", 1)
+    path.write_text(text + "\n[latency]\ntable = false\n")
+    config = load_config(path)
+
+    def pool(p, _):
+        return FakePool(p.space, evaluate=lambda policy, settings: evaluate(
+            policy, p.task, settings or config.evaluation, groups=p.space.groups))
+
+    run_study(config, pool_factory=pool, progress=False)
+    records = [r for r in read_trials(optuna.load_study(study_name="measured", storage=config.study.storage_url))
+               if r.values]
+    assert len(records) == 8
+    for r in records:  # the fake clock charges FLOPs: the paired ratio is the FLOPs ratio
+        assert r.values[1] == pytest.approx(r.metrics.latency_ratio)
+        assert r.metrics.latency_ratio == pytest.approx(r.metrics.flops_ratio, rel=1e-6)
+    front = pareto_front(records, config.study.directions)
+    assert front and all(r.metrics.latency_ratio <= 0.8 + 1e-9 for r in front)

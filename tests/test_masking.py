@@ -50,7 +50,23 @@ def test_bad_masking_config_is_refused(kwargs, match):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"targets": (0.5, 1.2)}, "target"), ({"lambdas": (-0.5,)}, "lambda"), ({"steps": -3}, "steps"), ({"targets": ()}, "target"),
+    ({"all_targets": "yes"}, "all_targets"),
 ])
 def test_bad_searcher_options_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MaskingOptions(**kwargs)
+
+
+def test_all_targets_proposes_one_rescaled_policy_per_target_from_each_run():
+    from tests.fakes import Harness, tiny_space
+
+    space = tiny_space()
+    h = Harness(space)
+    options = {"targets": [0.3, 0.5, 0.7], "steps": 3, "parallel": 1, "all_targets": True}
+    done = h.run(h.searcher("masking", seed=0, options=options), 7)
+    runs = [p.meta["masking_run"] for p in done]
+    assert runs == [0, 0, 0, 1, 1, 1, 2]               # three targets per trained run, in run order
+    for p in done[:3]:
+        assert abs(space.flops_ratio(p.policy) - p.meta["masking_target"]) <= 0.06
+    assert [p.meta["masking_target"] for p in done[:3]] == [0.3, 0.5, 0.7]
+    assert all("masking_learned_at" in p.meta for p in done[1:3]) and "masking_learned_at" not in done[0].meta

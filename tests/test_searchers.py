@@ -222,3 +222,26 @@ def test_optuna_samplers_learn_from_full_fidelity_only_by_default(kind, space):
     assert not hasattr(everything, "_view")  # the plain Optuna sampler sees every trial
     after = h.run(h.searcher(kind, seed=0), 6)  # and proposing through the view works
     assert len(after) == 6
+
+
+@pytest.mark.parametrize("kind", ["tpe", "nsga2"])
+def test_uniform_start_proposes_the_uniform_sweep_first(kind, space):
+    h = Harness(space)  # max_flops_ratio 0.6
+    done = h.run(h.searcher(kind, seed=1, options={"uniform_start": 3}), 8)
+    sweep = space.uniform_sweep(3, max_flops_ratio=0.6)
+    assert len(sweep) == 3
+    assert [p.policy.key() for p in done[:3]] == [p.key() for p in sweep]
+    assert all(len(set(p.policy.ratios.values())) == 1 for p in done[:3])
+    assert any(len(set(p.policy.ratios.values())) > 1 for p in done[3:])  # then the sampler's own
+    study = optuna.load_study(study_name=h.name, storage=h.storage)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)  # nothing left waiting
+    resumed = h.searcher(kind, seed=1, options={"uniform_start": 3})
+    resumed.rebuild(h.outcomes())
+    assert all(len(set(p.policy.ratios.values())) > 1 or p.policy.key() not in {q.key() for q in sweep}
+               for p in h.run(resumed, 4))  # a resumed searcher does not start over
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "3"])
+def test_uniform_start_is_validated(value):
+    with pytest.raises(ValueError, match="uniform_start"):
+        build_options("tpe", {"uniform_start": value})

@@ -93,3 +93,21 @@ def test_policy_outside_space_is_refused(space):
         space.validate(Policy(ratios={}, method="lamp"))
     with pytest.raises(ValueError, match="genes"):
         space.decode([0])
+
+
+def test_uniform_sweep_spreads_uniform_policies_over_the_flops_budget():
+    from tests.fakes import tiny_space
+
+    space = tiny_space()
+    sweep = space.uniform_sweep(4, max_flops_ratio=0.5)
+    flops = [space.flops_ratio(p) for p in sweep]
+    assert len(sweep) == 4 and len({p.key() for p in sweep}) == 4
+    assert all(len(set(p.ratios.values())) == 1 and p.ratios[space.group_names[0]] in space.levels for p in sweep)
+    assert flops == sorted(flops, reverse=True) and max(flops) <= 0.5
+    largest = max(r for r in space.levels if space.flops_ratio(space.uniform(r)) <= 0.5)
+    assert sweep[0].ratios[space.group_names[0]] == largest   # the budget's largest uniform model first
+    assert sweep[-1].ratios[space.group_names[0]] == min(space.levels)
+    assert space.uniform_sweep(0) == []
+    assert len(space.uniform_sweep(1000)) <= len(space.levels)   # each grid ratio at most once
+    with pytest.raises(ValueError, match="n must be"):
+        space.uniform_sweep(-1)
