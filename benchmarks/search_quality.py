@@ -158,9 +158,10 @@ def available_methods() -> tuple[str, ...]:
 def _masking_options(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     # Masking runs are trained, so each trial costs steps x (a forward/backward pass); fewer
     # steps than the searcher's default (150) keep the 3-seed benchmark within its time budget.
+    # all_targets: one trained run proposes its allocation at every target (4 trials per run).
     return {"targets": list(preset.masking_targets[:1] if quick else preset.masking_targets),
             "steps": QUICK["masking_steps"] if quick else preset.masking_steps, "rerank_every": 5,
-            "parallel": 2}
+            "parallel": 2, "all_targets": True}
 
 
 def _genetic_options(quick: bool) -> dict[str, Any]:
@@ -209,7 +210,8 @@ def _portfolio(preset: TaskPreset, quick: bool) -> list[dict[str, Any]]:
     # TPE learns from every full-fidelity trial of the study (the GA's promoted ones and the
     # masking proposals too); NSGA-II and the GA evolve their own populations.
     return [
-        {"kind": "tpe", "share": 0.4, "options": {"n_startup_trials": 4 if quick else 8}},
+        {"kind": "tpe", "share": 0.4, "options": {"n_startup_trials": 4 if quick else 8,
+                                                   "uniform_start": _uniform_start(quick)}},
         {"kind": "nsga2", "share": 0.2, "options": {"population_size": 4 if quick else 6}},
         {"kind": "genetic", "share": 0.3, "options": _genetic_options(quick)},
         {"kind": "masking", "share": 0.1, "options": {**_masking_options(preset, quick), "parallel": 1}},

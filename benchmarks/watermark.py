@@ -5,10 +5,15 @@ Two measurements per seed, both with the benchmark's scheme (:data:`SCHEME`):
 * **Paired (the target).** The unmarked study's Pareto policies are each projected onto
   the mark and both versions are evaluated with the study's own evaluation settings; the
   per-policy accuracy difference is the direct cost of marking the models a user would
-  export. The "capped" projection keeps each marked policy's FLOPs at or below its
-  proposal's, so the difference is taken at equal or lower FLOPs. Also reported: the best
-  accuracy at FLOPs <= 0.3 / 0.5 of the projected front vs the unmarked front, and the
-  same best models after a short fine-tune (recovery "finetune"), as exported models are.
+  export. The studies select on the first half of the validation split (``eval_samples``)
+  and the pairs are scored on the other half: a Pareto policy is on the front partly
+  because its proxy score came out high on the samples it was selected on, and its
+  projection, a slightly different model, does not share that luck, so scoring both on
+  the selection samples overstates the cost (both are reported). The "capped" projection
+  keeps each marked policy's FLOPs at or below its proposal's, so the difference is taken
+  at equal or lower FLOPs. Also reported: the best accuracy at FLOPs <= 0.3 / 0.5 of the
+  projected front vs the unmarked front, and the same best models after a short fine-tune
+  (recovery "finetune"), as exported models are.
 * **Study vs study.** Two TPE studies with the same seed and budget, one marked (every
   proposal projected before evaluation), one not: best front accuracy at FLOPs <= 0.3 /
   0.5. This includes the searcher's response to the mark (TPE learns from the proposal's

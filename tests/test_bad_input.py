@@ -100,6 +100,13 @@ CASES = [
          old="[evaluation]\n", new='[latency]\npredictor = "magic"\n[evaluation]\n'),
     Case("latency-negative-calibration", "latency calibration must be an integer >= 0, got -1",
          old="[evaluation]\n", new="[latency]\ncalibration = -1\n[evaluation]\n"),
+    Case("latency-ratio-objective-unmeasured", "neither [latency] table nor [evaluation] measure_latency is true",
+         old="[task]", new='objectives = ["accuracy", "latency_ratio"]\n[latency]\ntable = false\n[task]'),
+    # -- searcher options ---------------------------------------------------------------------
+    Case("searcher-negative-uniform-start", "uniform_start must be an integer >= 0, got -2",
+         old='kind = "random"', new='kind = "tpe"\n[searchers.options]\nuniform_start = -2'),
+    Case("masking-all-targets-not-a-bool", "all_targets must be true or false, got 'yes'",
+         old='kind = "random"', new='kind = "masking"\n[searchers.options]\nall_targets = "yes"'),
     Case("verify-missing-export-dir", "not found", ("verify", "{config}", "{tmp}/no-such-export")),
     Case("verify-not-an-export", "{tmp}/empty-dir", ("verify", "{config}", "{tmp}/empty-dir"), files={"empty-dir": None}),
 ]
