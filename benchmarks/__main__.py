@@ -83,9 +83,14 @@ def _latency_md(data: dict[str, Any], png: str | None) -> str | None:
             lines.append(f"| {name} | {lut['spearman']:.2f} | {lut['target']} | {'yes' if lut['met'] else '**no**'} |")
         summary = res.get("objective", {}).get("summary", {})
         if summary:
-            ratio = summary.get("mean_latency_ratio")
-            lines += ["", f"Latency-objective study faster than the FLOPs-objective study at equal accuracy in "
-                      f"{summary.get('latency_study_faster_in')}" + (f" (mean latency ratio {ratio:.2f})." if ratio else ".")]
+            lines += ["", "| latency study (vs the FLOPs study, digits, 3 seeds) | faster at equal accuracy | "
+                      "fastest-model ratio | measured HV | FLOPs study HV |", "|---|---|---|---|---|"]
+            for arm, a in summary.items():
+                ratio = a.get("mean_fastest_ratio_to_flops_study")
+                hv = ", ".join(f"{v:.3f}" for v in a["measured_hypervolume"])
+                hv_f = ", ".join(f"{v:.3f}" for v in a["measured_hypervolume_flops_study"])
+                lines.append(f"| {arm} | {a['faster_at_equal_accuracy_in']} | "
+                             f"{'-' if ratio is None else f'{ratio:.3f}'} | {hv} | {hv_f} |")
         if png:
             lines += ["", f"![latency]({png})"]
         return "\n".join(lines)
@@ -101,8 +106,13 @@ def _watermark_md(data: dict[str, Any]) -> str | None:
         paired, tuned = s["paired_cost_pts"], s.get("finetuned_best_cost_pts", {})
         lines = ["## Watermark cost (digits)", "",
                  f"{res['bits']}-bit mark, {res['n_trials']} trials x {len(res['seeds'])} seeds. Paired cost "
-                 f"(unmarked Pareto policies vs their marked projections): {paired['mean']:.2f} +- {paired['se']:.2f} "
+                 f"(unmarked Pareto policies vs their marked projections, scored on the held-out half of the "
+                 f"validation split): {paired['mean']:.2f} +- {paired['se']:.2f} (SE) "
                  f"pts over {paired['n']} pairs (target <= {s['target_pts']}: {'met' if s['met'] else '**missed**'})."]
+        inside = s.get("paired_cost_pts_in_sample")
+        if inside:
+            lines.append(f"On the half the studies selected on: {inside['mean']:.2f} +- {inside['se']:.2f} pts "
+                         "(selection luck the projection does not inherit).")
         if tuned:
             lines.append("After the same fine-tune, best models: " + ", ".join(
                 f"<= {float(k):.0%} FLOPs {v['mean']:+.2f} +- {v['se']:.2f} pts" for k, v in tuned.items()) + ".")

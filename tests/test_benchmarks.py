@@ -117,3 +117,30 @@ def test_bench_config_builds_a_valid_study_per_method(tmp_path):
     with pytest.raises(ValueError, match="bogus"):
         BenchConfig(task="digits", preset=TaskPreset(levels=(0.3,), max_flops_ratio=0.5), methods=(UNIFORM, "bogus"))
     assert math.isclose(sum(s.share for s in cfg.study_config("portfolio", 0, tmp_path).searchers), 1.0)
+
+
+def test_watermark_pairs_are_scored_on_samples_the_studies_never_saw():
+    import torch
+
+    from benchmarks.watermark import held_out_task
+    from tests.fakes import tiny_task
+
+    task = tiny_task()
+    x, y = task.validation
+    rest = held_out_task(task, 10)
+    assert torch.equal(rest.validation[0], x[10:]) and torch.equal(rest.validation[1], y[10:])
+    assert torch.equal(task.validation[0], x)            # the study's task is not changed
+    for bad in (None, 0, len(y)):
+        with pytest.raises(ValueError):
+            held_out_task(task, bad)
+
+
+def test_latency_benchmark_arms_are_valid_studies(tmp_path):
+    from benchmarks.latency import ARMS, LATENCY_ARMS, _study_config
+
+    assert set(LATENCY_ARMS) < set(ARMS) and "flops" in ARMS
+    for arm in ARMS:
+        config = _study_config(tmp_path, arm, arm, 2, 5)
+        assert config.study.objectives[1] == ARMS[arm]["objective"] and config.study.seed == 2
+    measured = _study_config(tmp_path, "m", "latency_measured", 0, 5)
+    assert measured.evaluation.measure_latency and not measured.latency.table
