@@ -119,7 +119,7 @@ PRESETS: dict[str, TaskPreset] = {
     "shapes": TaskPreset(levels=(0.15, 0.3), max_flops_ratio=0.3,
                          evaluation={"recovery": "cap_nobn", "eval_samples": 500},
                          space={"ratio_min": 0.1, "ratio_max": 0.8}, finetune_steps=80, finetune_levels=(0.15,),
-                         masking_steps=5, masking_targets=(0.1, 0.15, 0.2, 0.3)),
+                         masking_steps=5, masking_targets=(0.1, 0.15, 0.2, 0.25, 0.3)),
 }
 GENERIC_PRESET = TaskPreset(levels=(0.3, 0.5), max_flops_ratio=0.5)
 QUICK = {"n_trials": 8, "seeds": (0,), "finetune_steps": 5, "masking_steps": 2}
