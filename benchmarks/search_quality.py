@@ -158,7 +158,7 @@ def available_methods() -> tuple[str, ...]:
 def _masking_options(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     # Masking runs are trained, so each trial costs steps x (a forward/backward pass); fewer
     # steps than the searcher's default (150) keep the 3-seed benchmark within its time budget.
-    # all_targets: one trained run proposes its allocation at every target (4 trials per run).
+    # all_targets: one trained run proposes its allocation at every target (a trial per target).
     return {"targets": list(preset.masking_targets[:1] if quick else preset.masking_targets),
             "steps": QUICK["masking_steps"] if quick else preset.masking_steps, "rerank_every": 5,
             "parallel": 2, "all_targets": True}
@@ -857,10 +857,10 @@ def markdown(results: Mapping[str, Any], config: Mapping[str, Any]) -> str:
             cells.append(f"{wall:.0f}" if wall is not None else "—")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         if res.get("masking_per_target"):
-            lines += ["", "Masking per target (every masking run of the studies; mean ± std over runs, each with its "
-                      "own masking seed; uniform = the uniform sweep interpolated at the run's FLOPs ratio, same "
-                      "seed; Δ = paired difference):", "",
-                      "| masking target | runs | FLOPs ratio | masking proxy | uniform proxy, same FLOPs | Δ |",
+            lines += ["", "Masking per target (every masking proposal of the studies at that target: a run's own or, "
+                      "with all_targets, its allocation rescaled; mean ± std over proposals; uniform = the uniform "
+                      "sweep interpolated at the proposal's FLOPs ratio, same seed; Δ = paired difference):", "",
+                      "| masking target | proposals | FLOPs ratio | masking proxy | uniform proxy, same FLOPs | Δ |",
                       "|---|---|---|---|---|---|"]
             for row in res["masking_per_target"]:
                 lines.append(f"| {row['target']:g} | {row['runs']} | {_pm(row['flops_ratio'], scale=1.0, digits=3)} | "

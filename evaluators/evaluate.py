@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from evaluators.measure import latency_inputs, latency_ms, model_cost, top1_accuracy, torch_threads
 import spaces.latency
+from evaluators.measure import latency_inputs, model_cost, top1_accuracy, torch_threads
 from evaluators.metrics import Metrics
 from evaluators.prune import apply_policy
 from evaluators.recover import recover
@@ -38,8 +38,8 @@ def validation_batches(task: Task, settings: EvalSettings) -> list[tuple[torch.T
 
 
 def _measure(
-    model: nn.Module, task: Task, settings: EvalSettings, base_cost: Cost, timings: dict[str, float],
-    base: nn.Module | None = None,
+    model: nn.Module, task: Task, settings: EvalSettings, base: nn.Module, base_cost: Cost,
+    timings: dict[str, float],
 ) -> dict[str, float | None]:
     start = time.perf_counter()
     accuracy = top1_accuracy(model, validation_batches(task, settings))
@@ -53,12 +53,10 @@ def _measure(
     if settings.measure_latency:
         start = time.perf_counter()
         inputs = latency_inputs(task.example_inputs, settings.latency_batch)
-        if base is None:
-            latency = latency_ms(model, inputs, runs=settings.latency_runs, threads=settings.threads)
-        else:  # timed alternately with the unpruned model: the ratio is free of the machine's drifts
-            latency, base_ms = spaces.latency.measure_paired_ms(model, base, inputs, rounds=settings.latency_runs,
-                                                 threads=settings.threads)
-            ratio = latency / base_ms
+        # timed alternately with the unpruned model: the ratio is free of the machine's drifts
+        latency, base_ms = spaces.latency.measure_paired_ms(model, base, inputs, rounds=settings.latency_runs,
+                                                            threads=settings.threads)
+        ratio = latency / base_ms
         timings["latency"] = time.perf_counter() - start
     return {
         "accuracy": accuracy,
@@ -110,7 +108,7 @@ def evaluate(
             pruned = recover(recovery, pruned, base=base, task=task, settings=settings, calibration=calibration)
             timings["recover"] = time.perf_counter() - t
 
-            values = _measure(pruned, task, settings, base_cost, timings, base=base)
+            values = _measure(pruned, task, settings, base, base_cost, timings)
         return Metrics(
             **values, eval_seconds=time.perf_counter() - start, fidelity=settings.fidelity, timings=timings
         )
@@ -129,5 +127,5 @@ def evaluate_model(model: nn.Module, task: Task, settings: EvalSettings = _DEFAU
     with torch_threads(settings.threads):
         base = task.base_model()
         base_cost = model_cost(base, task.example_inputs)
-        values = _measure(model, task, settings, base_cost, timings, base=base)
+        values = _measure(model, task, settings, base, base_cost, timings)
     return Metrics(**values, eval_seconds=time.perf_counter() - start, fidelity=settings.fidelity, timings=timings)

@@ -5,8 +5,8 @@ on the task towards one FLOPs target; its rounded ratios become a Policy that th
 records and evaluates with the same pool and recovery as every other searcher, so results
 are comparable. Runs cycle through ``targets`` x ``lambdas`` (then again with the next
 seed) until the budget is spent; with ``all_targets`` a run also proposes its learned
-allocation rescaled to every other target (one trained run, a policy per target). Each run is a Ray task when Ray is initialised (``parallel``
-of them at once), else it runs in-process. Results are released in run order, so the
+allocation rescaled to every other target (one trained run, a policy per target). Each run
+is a Ray task when Ray is initialised (``parallel`` of them at once), else it runs in-process. Results are released in run order, so the
 sequence of proposals is the same whatever order the tasks finish in.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from search.base import Outcome, Proposal, Searcher, SearcherContext, register_searcher
-from search.masking_core import MaskingConfig, learn_ratios, scale_to_target, snap_to_target
+from search.masking_core import MaskingConfig, learn_ratios, policy_at_target
 from spaces.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -156,9 +156,7 @@ class MaskingSearcher(Searcher):
     def _rescaled(self, info: dict, config: MaskingConfig) -> list[tuple[float, Policy]]:
         """The run's learned allocation moved to each other target by one common factor (the
         way the run's own proposal is made): one trained run, a policy per FLOPs target."""
-        raw = Policy(ratios={n: min(1.0, max(float(v), 1e-6)) for n, v in info["learned_ratios"].items()},
-                     method=config.method)
-        return [(t, snap_to_target(self.space, scale_to_target(self.space, raw, t), t, config.tolerance))
+        return [(t, policy_at_target(self.space, info["learned_ratios"], t, config.method, config.tolerance))
                 for t in self.options.targets if t != config.target]
 
     @property

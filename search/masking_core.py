@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,11 +235,7 @@ def learn_ratios(
         for h in handles:
             h.remove()
     learned = {g.name: float(v) for g, v in zip(groups, ratios().detach())}
-    raw = Policy(ratios={n: min(1.0, max(v, 1e-6)) for n, v in learned.items()}, method=config.method)
-    # Few ratio steps leave the learned FLOPs off the target (the task loss pulls every ratio
-    # up). Rescaling all ratios by one factor first keeps the learned allocation; the greedy
-    # grid snap alone would take the whole gap out of the groups with most FLOPs per step.
-    policy = snap_to_target(space, scale_to_target(space, raw, config.target), config.target, config.tolerance)
+    policy = policy_at_target(space, learned, config.target, config.method, config.tolerance)
     info = {
         "learned_ratios": learned,
         "learned_flops_ratio": space.cost_model.predict(
@@ -249,6 +245,19 @@ def learn_ratios(
         "target": config.target,
     }
     return policy, info
+
+
+def policy_at_target(space: Any, learned: Mapping[str, float], target: float, method: str,
+                     tolerance: float = 0.01) -> Policy:
+    """The grid policy at ``target`` FLOPs for a run's learned (continuous) ratios.
+
+    Few ratio steps leave the learned FLOPs off the target (the task loss pulls every ratio
+    up). Rescaling all ratios by one factor first keeps the learned allocation; the greedy
+    grid snap alone would take the whole gap out of the groups with most FLOPs per step.
+    The same allocation can be placed at any target this way (masking ``all_targets``).
+    """
+    raw = Policy(ratios={n: min(1.0, max(float(v), 1e-6)) for n, v in learned.items()}, method=method)
+    return snap_to_target(space, scale_to_target(space, raw, target), target, tolerance)
 
 
 def scale_to_target(space: Any, policy: Policy, target: float) -> Policy:

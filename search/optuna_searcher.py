@@ -96,6 +96,7 @@ class OptunaSearcher(Searcher):
         self._round = 0
         self._seed = context.seed
         self._asked = 0
+        self._starts: list[Policy] | None = None
         self.study: optuna.Study | None = None
 
     #: the Optuna sampler class; its keyword arguments are the options' fields but these
@@ -111,9 +112,12 @@ class OptunaSearcher(Searcher):
 
     def start_policies(self) -> list[Policy]:
         """The first proposals (option ``uniform_start``): uniform policies spread over the
-        FLOPs budget, enqueued so the sampler learns from a front uniform pruning already has."""
-        n = getattr(self.options, "uniform_start", 0)
-        return self.space.uniform_sweep(n, self.context.max_flops_ratio) if n else []
+        FLOPs budget, enqueued so the sampler learns from a front uniform pruning already has.
+        Computed once per searcher."""
+        if self._starts is None:
+            n = getattr(self.options, "uniform_start", 0)
+            self._starts = self.space.uniform_sweep(n, self.context.max_flops_ratio) if n else []
+        return self._starts
 
     def sampler(self) -> optuna.samplers.BaseSampler:
         with warnings.catch_warnings():  # experimental-feature warnings are noise here
@@ -138,7 +142,7 @@ class OptunaSearcher(Searcher):
         if self.study is None:
             raise RuntimeError(f"searcher {self.kind!r} asked before bind(study)")
         proposals = []
-        starts = self.start_policies() if self._asked < getattr(self.options, "uniform_start", 0) else []
+        starts = self.start_policies()
         for _ in range(max(0, n)):
             if self._asked < len(starts):  # the driver asks right after enqueueing: this trial is ours
                 self.study.enqueue_trial(self.space.to_params(starts[self._asked]))

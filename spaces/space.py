@@ -138,12 +138,12 @@ class SearchSpace:
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        if n == 0:
+            return []
         grid = sorted(self.levels)
         flops = [self.flops_ratio(self.uniform(r)) for r in grid]
         cap = 1.0 if max_flops_ratio is None else max_flops_ratio
         feasible = [(f, r) for f, r in zip(flops, grid) if f <= cap + 1e-12] or [(flops[0], grid[0])]
-        if n == 0:
-            return []
         lo, hi = feasible[0][0], feasible[-1][0]
         targets = [hi] if n == 1 else [hi - i * (hi - lo) / (n - 1) for i in range(n)]
         chosen: list[float] = []
