@@ -120,3 +120,18 @@ def test_bad_predictor_settings_are_refused(kwargs):
 def test_bad_latency_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="latency"):
         LatencySettings(**kwargs)
+
+
+def test_paired_timing_of_a_model_against_its_copy_is_near_one():
+    import copy
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU())
+    x = torch.randn(2, 16, 16, 16)
+    ms, ref = measure_paired_ms(model, copy.deepcopy(model), x, rounds=15, warmup=2)
+    assert 0.7 < ms / ref < 1.4
+
+
+def test_paired_timing_rejects_zero_rounds():
+    model = torch.nn.Identity()
+    with pytest.raises(ValueError):
+        measure_paired_ms(model, model, torch.zeros(1), rounds=0)
