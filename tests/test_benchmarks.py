@@ -144,3 +144,34 @@ def test_latency_benchmark_arms_are_valid_studies(tmp_path):
         assert config.study.objectives[1] == ARMS[arm]["objective"] and config.study.seed == 2
     measured = _study_config(tmp_path, "m", "latency_measured", 0, 5)
     assert measured.evaluation.measure_latency and not measured.latency.table
+
+
+def _front(points):
+    return [{"accuracy": a, "measured_ms": ms} for a, ms in points]
+
+
+def test_attainment_ratio_compares_fronts_at_equal_accuracy():
+    from benchmarks.latency import attainment_ratio
+
+    slow = _front([(0.95, 10.0), (0.90, 8.0), (0.80, 6.0)])
+    fast = _front([(0.95, 9.0), (0.90, 7.2), (0.80, 5.4)])   # 10% faster at every accuracy
+    result = attainment_ratio(fast, slow, span=0.1, levels=5)
+    assert result["geometric_mean"] == pytest.approx(0.9)
+    assert attainment_ratio(slow, fast, span=0.1, levels=5)["geometric_mean"] == pytest.approx(1 / 0.9)
+    # the common best is the lower of the two best accuracies: a front's extra top model is not compared
+    higher = _front([(0.99, 30.0)]) + fast
+    assert attainment_ratio(higher, slow, span=0.1, levels=5)["levels"][0] == pytest.approx(0.95)
+    assert attainment_ratio(higher, slow, span=0.1, levels=5)["geometric_mean"] == pytest.approx(0.9)
+
+
+def test_loo_residual_sd_separates_explained_from_unexplained_latency():
+    import numpy as np
+
+    from benchmarks.latency import _loo_residual_sd
+
+    rng = np.random.default_rng(0)
+    flops = rng.uniform(0.2, 1.0, 40)
+    affine = 0.4 + 0.6 * flops
+    assert _loo_residual_sd(flops[:, None], affine) < 1e-9
+    noisy = affine + rng.normal(0, 0.05, 40)
+    assert 0.03 < _loo_residual_sd(flops[:, None], noisy) < 0.08
