@@ -43,7 +43,7 @@ BATCH = 8            # part 1 (table fidelity)
 STUDY_BATCH = 32     # part 2 (objective): the batch the studies optimise and every front is timed at
 ATTAINMENT_SPAN = 0.10  # part 2 compares fronts at accuracy levels down to this far below the common best
 ATTAINMENT_LEVELS = 11
-RETIME_ROUNDS = 24      # paired rounds when a front's models (or the structure policies) are timed
+RETIME_ROUNDS = 16      # paired rounds when a front's models (or the structure policies) are timed
 
 
 def lut_fidelity(quick: bool, cache_dir: Path) -> dict[str, Any]:
@@ -60,7 +60,7 @@ def lut_fidelity(quick: bool, cache_dir: Path) -> dict[str, Any]:
         "mobilenetv2": lambda: MobileNetV2Style(),
     }
     n = 6 if quick else 30
-    runs = 5 if quick else 20
+    runs = 5 if quick else 12
     out: dict[str, Any] = {}
     for name, build in models.items():
         torch.manual_seed(0)
@@ -158,7 +158,7 @@ def latency_structure(task: Any, space: Any, quick: bool) -> dict[str, Any]:
 ARMS: dict[str, dict[str, Any]] = {
     "latency_table": {"objective": "latency_ms", "latency": {"table": True}},
     "latency_measured": {"objective": "latency_ratio", "latency": {"table": False},
-                         "evaluation": {"measure_latency": True, "latency_batch": STUDY_BATCH, "latency_runs": 20}},
+                         "evaluation": {"measure_latency": True, "latency_batch": STUDY_BATCH, "latency_runs": 12}},
     "flops": {"objective": "flops", "latency": {"table": True}},
 }
 LATENCY_ARMS = ("latency_table", "latency_measured")
