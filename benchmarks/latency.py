@@ -46,12 +46,25 @@ ATTAINMENT_LEVELS = 11
 RETIME_ROUNDS = 16      # paired rounds when a front's models (or the structure policies) are timed
 
 
+def paired_ratios(base: Any, policy: Any, example: torch.Tensor, space: Any, batch: torch.Tensor, rounds: int,
+                  repeats: int = 1) -> list[float]:
+    """``policy`` applied to ``base``, timed alternately with ``base`` ``repeats`` times: latency ratios."""
+    from evaluators.prune import apply_policy
+    from spaces.latency import measure_paired_ms
+
+    pruned = apply_policy(base, policy, example, groups=space.groups)
+    ratios = []
+    for _ in range(repeats):
+        ms, ref = measure_paired_ms(pruned, base, batch, rounds=rounds)
+        ratios.append(ms / ref)
+    return ratios
+
+
 def lut_fidelity(quick: bool, cache_dir: Path) -> dict[str, Any]:
     from scipy.stats import spearmanr
 
-    from evaluators.prune import apply_policy
-    from spaces.latency import (LatencySettings, additive_latency_ms, build_latency_table, measure_paired_ms,
-                                predict_latency_ms, spanning_policies)
+    from spaces.latency import (LatencySettings, additive_latency_ms, build_latency_table, predict_latency_ms,
+                                spanning_policies)
     from spaces.space import SearchSpace
     from tests.architectures import MobileNetV2Style, ResNetStyle
 
@@ -77,12 +90,11 @@ def lut_fidelity(quick: bool, cache_dir: Path) -> dict[str, Any]:
         # Ground truth: each policy timed alternately with the base (ratio x base), as the table
         # is built; seed 1 so no test policy is one of the table's calibration policies (seed 0).
         for policy in spanning_policies(space, n, seed=1):
-            pruned = apply_policy(model, policy, example, groups=space.groups)
-            ms, ref = measure_paired_ms(pruned, model, batch, rounds=runs, threads=1)
+            (ratio,) = paired_ratios(model, policy, example, space, batch, runs)
             rows.append({
                 "predicted_ms": predict_latency_ms(table, space, policy),
                 "predicted_additive_ms": additive_latency_ms(table, space, policy),
-                "measured_ms": ms / ref * table.base_ms,
+                "measured_ms": ratio * table.base_ms,
                 "flops_ratio": space.flops_ratio(policy),
             })
         base = table.base_ms
@@ -122,18 +134,16 @@ def latency_structure(task: Any, space: Any, quick: bool) -> dict[str, Any]:
     affine fit in the per-group ratios. What FLOPs leave unexplained, above the noise, is the
     room a latency objective has over a FLOPs objective at equal accuracy.
     """
-    from evaluators.prune import apply_policy
-    from spaces.latency import measure_paired_ms, spanning_policies
+    from spaces.latency import spanning_policies
 
     base = task.base_model()
     batch = task.example_inputs.repeat(STUDY_BATCH, 1, 1, 1)
     policies = spanning_policies(space, 8 if quick else 30, seed=2)
     flops, groups, first, second = [], [], [], []
     for policy in policies:
-        pruned = apply_policy(base, policy, task.example_inputs, groups=space.groups)
-        for timings in (first, second):
-            ms, ref = measure_paired_ms(pruned, base, batch, rounds=RETIME_ROUNDS)
-            timings.append(ms / ref)
+        a, b = paired_ratios(base, policy, task.example_inputs, space, batch, RETIME_ROUNDS, repeats=2)
+        first.append(a)
+        second.append(b)
         kept = space.kept(policy)
         flops.append(space.flops_ratio(policy))
         groups.append([kept[g.name] / g.channels for g in space.groups])
@@ -182,16 +192,12 @@ def _study_config(tmp: Path, name: str, arm: str, seed: int, n_trials: int) -> A
 def _measured_front(front: list[Any], task: Any, space: Any, base_ms: float) -> list[dict[str, Any]]:
     """Each Pareto model timed alternately with the base: drifts cancel in the ratio, and one
     common ``base_ms`` keeps every study's fronts comparable."""
-    from evaluators.prune import apply_policy
-    from spaces.latency import measure_paired_ms
-
     base = task.base_model()
     batch = task.example_inputs.repeat(STUDY_BATCH, 1, 1, 1)
     models = []
     for r in front:
-        pruned = apply_policy(base, r.policy, task.example_inputs, groups=space.groups)
-        ms, ref = measure_paired_ms(pruned, base, batch, rounds=RETIME_ROUNDS)
-        ms = ms / ref * base_ms
+        (ratio,) = paired_ratios(base, r.policy, task.example_inputs, space, batch, RETIME_ROUNDS)
+        ms = ratio * base_ms
         models.append({"accuracy": r.metrics.accuracy, "flops_ratio": r.metrics.flops_ratio,
                        "measured_ms": ms, "speedup": base_ms / ms, "latency_ratio": ms / base_ms,
                        "flops_reduction": 1.0 / r.metrics.flops_ratio})

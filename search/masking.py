@@ -6,8 +6,9 @@ records and evaluates with the same pool and recovery as every other searcher, s
 are comparable. Runs cycle through ``targets`` x ``lambdas`` (then again with the next
 seed) until the budget is spent; with ``all_targets`` a run also proposes its learned
 allocation rescaled to every other target (one trained run, a policy per target). Each run
-is a Ray task when Ray is initialised (``parallel`` of them at once), else it runs in-process. Results are released in run order, so the
-sequence of proposals is the same whatever order the tasks finish in.
+is a Ray task when Ray is initialised (``parallel`` of them at once), else it runs
+in-process. Results are released in run order, so the sequence of proposals is the same
+whatever order the tasks finish in.
 """
 
 from __future__ import annotations
