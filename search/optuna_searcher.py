@@ -1,7 +1,7 @@
 """Searchers driven by Optuna samplers: TPE, NSGA-II and random (the baseline).
 
 Each searcher owns a study handle with its own seeded sampler on the shared study
-(``bind``) and proposes through ``study.ask(space.distributions())``, so its trials carry
+(``bind``) and proposes through ``study.ask(distributions(space))``, so its trials carry
 exactly the space's params. Samplers see every trial of the study of the fidelities in
 option ``fidelities`` (default ``["full"]``): a portfolio — TPE learns from the GA's
 promoted trials too, but not from its cheap step, whose accuracies are not comparable
@@ -20,6 +20,7 @@ from typing import Any
 
 import optuna
 
+from search.params import distributions
 from search.base import FULL, Outcome, Proposal, Searcher, SearcherContext, register_searcher
 from spaces.policy import Policy
 
@@ -147,7 +148,7 @@ class OptunaSearcher(Searcher):
             if self._asked < len(starts):  # the driver asks right after enqueueing: this trial is ours
                 self.study.enqueue_trial(self.space.to_params(starts[self._asked]))
             self._asked += 1
-            trial = self.study.ask(self.space.distributions())
+            trial = self.study.ask(distributions(self.space))
             # samplers may return grid values off by float rounding (0.6000000000000001):
             # snap so equal policies compare and cache equal
             space = self.space

@@ -38,6 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evaluators.metrics import Metrics
 from search.base import FULL, MAXIMIZE, Outcome, Proposal
 from search.config import ConfigError
+from search.params import distributions
 from spaces.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -530,7 +531,7 @@ class TrialRecorder:
         self._fields = tuple(OBJECTIVES[o][0] for o in self.objectives)
         self.constraints = constraints
         self.run_id = run_id
-        self._distributions = space.distributions()
+        self._distributions = distributions(space)
         # Handle for trials whose params the driver fixes; its sampler never samples.
         self.fixed_study = optuna.load_study(study_name=study_name, storage=storage,
                                              sampler=optuna.samplers.RandomSampler(seed=0))

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import optuna.distributions as od
 
 from spaces.cost import Cost, CostModel
 from spaces.groups import ChannelGroup, discover_groups
@@ -179,7 +178,7 @@ class SearchSpace:
         return self.predict_cost(policy).flops / self.base_cost.flops
 
     # -- genomes (GA) ---------------------------------------------------------------------
-    def _method_slots(self) -> list[str]:
+    def method_slots(self) -> list[str]:
         if len(self.methods) == 1:
             return []
         if self.method_per_group:
@@ -189,7 +188,7 @@ class SearchSpace:
     def genome_sizes(self) -> list[int]:
         """Number of choices per genome position: groups, then methods, then recovery."""
         sizes = [len(self.levels)] * len(self.groups)
-        sizes += [len(self.methods)] * len(self._method_slots())
+        sizes += [len(self.methods)] * len(self.method_slots())
         if len(self.recoveries) > 1:
             sizes.append(len(self.recoveries))
         return sizes
@@ -199,7 +198,7 @@ class SearchSpace:
         self.validate(policy)
         levels = np.array(self.levels)
         genome = [int(np.argmin(np.abs(levels - policy.ratio(n)))) for n in self.group_names]
-        slots = self._method_slots()
+        slots = self.method_slots()
         if slots == [METHOD_PARAM]:
             genome.append(self.methods.index(policy.method_for(self.group_names[0], self.methods[0])))
         elif slots:
@@ -218,7 +217,7 @@ class SearchSpace:
                 raise ValueError(f"gene {i} = {gene} outside [0, {size})")
         g = len(self.groups)
         ratios = {n: self.levels[int(genome[i])] for i, n in enumerate(self.group_names)}
-        slots = self._method_slots()
+        slots = self.method_slots()
         method: str | dict[str, str] = self.methods[0]
         if slots == [METHOD_PARAM]:
             method = self.methods[int(genome[g])]
@@ -227,21 +226,7 @@ class SearchSpace:
         recovery = self.recoveries[int(genome[-1])] if len(self.recoveries) > 1 else None
         return Policy(ratios=ratios, method=method, recovery=recovery)
 
-    # -- Optuna ---------------------------------------------------------------------------
-    def distributions(self) -> dict[str, od.BaseDistribution]:
-        """Optuna distributions: one float per group (on the grid), categoricals for choices."""
-        dists: dict[str, od.BaseDistribution] = {}
-        for n in self.group_names:
-            if self.ratio_min == self.ratio_max:
-                dists[n] = od.CategoricalDistribution([self.ratio_min])
-            else:
-                dists[n] = od.FloatDistribution(self.ratio_min, self.ratio_max, step=self.ratio_step)
-        for slot in self._method_slots():
-            dists[slot] = od.CategoricalDistribution(list(self.methods))
-        if len(self.recoveries) > 1:
-            dists[RECOVERY_PARAM] = od.CategoricalDistribution(list(self.recoveries))
-        return dists
-
+    # -- params (names shared by every searcher; Optuna distributions: search.params) --
     def to_params(self, policy: Policy) -> dict[str, Any]:
         """Optuna params of ``policy`` (ratios snapped to the grid)."""
         return self.params_of_genome(self.encode(policy))
@@ -249,7 +234,7 @@ class SearchSpace:
     def params_of_genome(self, genome: Sequence[int]) -> dict[str, Any]:
         policy = self.decode(genome)
         params: dict[str, Any] = {n: policy.ratio(n) for n in self.group_names}
-        for slot in self._method_slots():
+        for slot in self.method_slots():
             group = slot[: -len(METHOD_PARAM) - 1] if slot != METHOD_PARAM else self.group_names[0]
             params[slot] = policy.method_for(group, self.methods[0])
         if len(self.recoveries) > 1:
@@ -259,7 +244,7 @@ class SearchSpace:
     def from_params(self, params: Mapping[str, Any]) -> Policy:
         """Policy from Optuna params (missing groups keep 1.0)."""
         ratios = {n: float(params[n]) for n in self.group_names if n in params}
-        slots = self._method_slots()
+        slots = self.method_slots()
         method: str | dict[str, str] = self.methods[0]
         if slots == [METHOD_PARAM]:
             method = str(params.get(METHOD_PARAM, self.methods[0]))

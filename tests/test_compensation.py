@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import evaluators.compensation as compensation
+from search.params import distributions
 from evaluators.compensation import CaPConfig, compensate, kept_indices
 from evaluators.evaluate import calibration_batches, evaluate
 from evaluators.prune import apply_policy
@@ -230,7 +231,7 @@ def test_a_consumer_called_twice_is_skipped_with_a_reason(caplog):
 def test_cap_is_a_registered_recovery_and_a_search_choice(digits):
     task, base, space, settings, _, _ = digits
     assert {"cap", "cap_nobn"} <= set(available_recoveries())
-    dist = space.distributions()[RECOVERY_PARAM]
+    dist = distributions(space)[RECOVERY_PARAM]
     assert list(dist.choices) == ["adaptive_bn", "cap"]
     genome = space.encode(Policy(ratios=space.uniform(0.5).ratios, recovery="cap"))
     policy = space.decode(genome)

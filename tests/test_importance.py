@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from search.params import distributions
 from evaluators.importance import Importance, available_importances, make_importance, needs_calibration
 from evaluators.prune import apply_policy
 from evaluators.shapley import ChannelMask, ForwardSchedule, ShapleyImportance
@@ -344,7 +345,7 @@ def test_forward_schedule_never_skips_shared_modules():
 def test_global_method_is_one_categorical_over_every_criterion(digits):
     task, base, groups, _ = digits
     space = SearchSpace(groups=tuple(groups), methods=available_importances())
-    dists = space.distributions()
+    dists = distributions(space)
     assert list(dists[METHOD_PARAM].choices) == list(available_importances())
     assert not any(k.endswith(f".{METHOD_PARAM}") for k in dists)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -367,7 +368,7 @@ def test_per_group_methods_decode_and_prune(digits, monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, "shapley",
                         registry._Entry("shapley", lambda: entry.factory(**FAST["shapley"]), entry.needs_calibration))
     space = SearchSpace(groups=tuple(groups), methods=available_importances(), method_per_group=True)
-    dists = space.distributions()
+    dists = distributions(space)
     for g in groups:
         assert list(dists[f"{g.name}.{METHOD_PARAM}"].choices) == list(available_importances())
     rng = np.random.default_rng(0)

@@ -3,6 +3,7 @@ import optuna
 import pytest
 import torch
 
+from search.params import distributions
 from spaces.policy import Policy
 from spaces.space import SearchSpace, kept_channels
 from tests.architectures import ResNetStyle
@@ -28,7 +29,7 @@ def test_genome_round_trip(space):
 
 def test_optuna_params_round_trip_and_distributions_accept_them(space):
     rng = np.random.default_rng(2)
-    dists = space.distributions()
+    dists = distributions(space)
     for _ in range(10):
         p = space.sample(rng)
         params = space.to_params(p)
@@ -41,7 +42,7 @@ def test_optuna_params_round_trip_and_distributions_accept_them(space):
 def test_study_ask_with_space_distributions_gives_valid_policies(space):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(5):
-        trial = study.ask(space.distributions())
+        trial = study.ask(distributions(space))
         space.validate(space.from_params(trial.params))
 
 
