@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from evaluators.metrics import Metrics
 from spaces.policy import Policy
+from spaces.registry import Registry
 from spaces.space import SearchSpace
 
 if TYPE_CHECKING:
@@ -203,49 +204,32 @@ class Searcher(abc.ABC):
 
 
 # -- registry ----------------------------------------------------------------------------
-_REGISTRY: dict[str, type[Searcher]] = {}
+# Built-in searchers register on import; they are plugins so ``search.base`` stays light.
+SEARCHERS: Registry[type[Searcher]] = Registry(
+    "searcher", plugins=("search.genetic", "search.optuna_searcher", "search.masking")
+)
 
 
 def register_searcher(name: str) -> Callable[[type[Searcher]], type[Searcher]]:
     """Class decorator adding a :class:`Searcher` subclass under ``name``."""
 
     def wrap(cls: type[Searcher]) -> type[Searcher]:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"searcher name must be a non-empty string, got {name!r}")
         if not (isinstance(cls, type) and issubclass(cls, Searcher)):
             raise ValueError(f"searcher {name!r} must subclass Searcher")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"searcher {name!r} is already registered")
+        SEARCHERS.add(name, cls)
         cls.kind = name
-        _REGISTRY[name] = cls
         return cls
 
     return wrap
 
 
-def _load_builtins() -> None:
-    # Built-in searchers register on import; imported lazily so ``search.base`` stays light.
-    import search.genetic  # noqa: F401
-    import search.optuna_searcher  # noqa: F401
-
-    try:  # dynamic channel masking is added by another module when present
-        import search.masking  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name != "search.masking":
-            raise
-
-
 def available_searchers() -> tuple[str, ...]:
     """Names of every registered searcher."""
-    _load_builtins()
-    return tuple(sorted(_REGISTRY))
+    return SEARCHERS.names()
 
 
 def searcher_class(kind: str) -> type[Searcher]:
-    _load_builtins()
-    if kind not in _REGISTRY:
-        raise ValueError(f"unknown searcher {kind!r} (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[kind]
+    return SEARCHERS.get(kind)
 
 
 def build_options(kind: str, options: Mapping[str, Any] | None = None) -> Any:

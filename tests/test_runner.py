@@ -237,7 +237,7 @@ def test_driver_overhead_is_measured(tmp_path):
 
 def test_a_searcher_waiting_for_background_work_is_polled(tmp_path):
     """ask() may return nothing while a searcher's own work runs; the run must not end."""
-    from search.base import _REGISTRY, Proposal, Searcher, register_searcher
+    from search.base import SEARCHERS, Proposal, Searcher, register_searcher
 
     @register_searcher("test-slow")
     class Slow(Searcher):
@@ -268,4 +268,4 @@ def test_a_searcher_waiting_for_background_work_is_polled(tmp_path):
         summary, _ = run(config)
         assert summary.finished == 4
     finally:
-        _REGISTRY.pop("test-slow", None)
+        SEARCHERS._entries.pop("test-slow", None)
