@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from evaluators.metrics import Metrics
+from evaluators.metrics import MAXIMIZE, MINIMIZE, Metrics
 from spaces.policy import Policy
 from spaces.registry import Registry
 from spaces.space import SearchSpace
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
     from evaluators.settings import EvalSettings
 
 FULL = "full"
-MAXIMIZE = "maximize"
-MINIMIZE = "minimize"
 
 
 @dataclass(frozen=True)

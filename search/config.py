@@ -28,23 +28,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from search.base import MAXIMIZE, MINIMIZE
+from evaluators.metrics import MINIMIZE, OBJECTIVES, get_objective
 
-# Objective name -> (Metrics field holding its value, direction).
-OBJECTIVES: dict[str, tuple[str, str]] = {
-    "accuracy": ("accuracy", MAXIMIZE),
-    "flops": ("flops_ratio", MINIMIZE),
-    "params": ("params_ratio", MINIMIZE),
-    "latency_ms": ("latency_ms", MINIMIZE),
-    "latency_ratio": ("latency_ratio", MINIMIZE),  # to the unpruned model's latency
-}
-# Constraint name -> (Metrics field, sense): value - bound (max) or bound - value (min).
-CONSTRAINTS: dict[str, tuple[str, str]] = {
-    "max_flops_ratio": ("flops_ratio", "max"),
-    "max_params_ratio": ("params_ratio", "max"),
-    "max_latency_ms": ("latency_ms", "max"),
-    "max_latency_ratio": ("latency_ratio", "max"),
-    "min_accuracy": ("accuracy", "min"),
+# Constraint name -> objective it bounds: ``max_<metric>`` for an objective to minimise
+# (value - bound), ``min_<metric>`` for one to maximise (bound - value).
+CONSTRAINTS: dict[str, str] = {
+    f"{'max' if objective.direction == MINIMIZE else 'min'}_{objective.metric}": name
+    for name, objective in OBJECTIVES.items() if objective.metric
 }
 EXPORT_FORMATS = ("pt2", "onnx")
 # Violation recorded for a constraint whose metric was not measured (finite: JSON-safe).
@@ -130,8 +120,10 @@ class StudySection:
             raise ConfigError("[study] sets no budget: give n_trials > 0 and/or timeout_s > 0")
         objectives = _str_list(s, "objectives", self.objectives)
         for name in objectives:
-            if name not in OBJECTIVES:
-                raise ConfigError(f"[study] objectives: unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
+            try:
+                get_objective(name)
+            except ValueError as exc:
+                raise ConfigError(f"[study] objectives: {exc}") from None
         if not objectives or len(set(objectives)) != len(objectives):
             raise ConfigError(f"[study] objectives must be non-empty and distinct, got {list(objectives)}")
         object.__setattr__(self, "objectives", objectives)
@@ -152,7 +144,7 @@ class StudySection:
 
     @property
     def directions(self) -> tuple[str, ...]:
-        return tuple(OBJECTIVES[o][1] for o in self.objectives)
+        return tuple(get_objective(o).direction for o in self.objectives)
 
 
 @dataclass(frozen=True)
@@ -198,6 +190,8 @@ class SpaceSection:
 
 @dataclass(frozen=True)
 class ConstraintsSection:
+    """Bounds on objectives' values; each key is a ``CONSTRAINTS`` name."""
+
     max_flops_ratio: float | None = None
     max_params_ratio: float | None = None
     max_latency_ms: float | None = None
@@ -205,29 +199,30 @@ class ConstraintsSection:
     min_accuracy: float | None = None
 
     def __post_init__(self) -> None:
-        for key in CONSTRAINTS:
-            value = getattr(self, key)
-            if value is not None:
-                value = _number("constraints", key, value, 0.0)
-                if key != "max_latency_ms" and value > 1.0 + 1e-12:
-                    raise ConfigError(f"[constraints] {key} is a ratio in (0, 1], got {value}")
-                object.__setattr__(self, key, value)
+        for key in self.names:
+            value = _number("constraints", key, getattr(self, key), 0.0)
+            if key != "max_latency_ms" and value > 1.0 + 1e-12:
+                raise ConfigError(f"[constraints] {key} is a ratio in (0, 1], got {value}")
+            object.__setattr__(self, key, value)
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(k for k in CONSTRAINTS if getattr(self, k) is not None)
+        """The constraints set, in field order (the order of a trial's constraint values)."""
+        return tuple(f.name for f in fields(self) if getattr(self, f.name) is not None)
 
     def values(self, metrics: Any) -> tuple[float, ...]:
         """Constraint values of ``metrics`` (Optuna's convention: <= 0 feasible)."""
         out = []
         for name in self.names:
-            attr, sense = CONSTRAINTS[name]
+            objective = get_objective(CONSTRAINTS[name])
             bound = getattr(self, name)
-            value = getattr(metrics, attr)
+            value = objective.value(metrics)
             if value is None or not math.isfinite(value):
                 out.append(UNMEASURED)  # not measured: cannot be shown feasible
+            elif objective.direction == MINIMIZE:
+                out.append(float(value) - bound)
             else:
-                out.append(float(value) - bound if sense == "max" else bound - float(value))
+                out.append(bound - float(value))
         return tuple(out)
 
 
