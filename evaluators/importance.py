@@ -19,6 +19,7 @@ import abc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -26,9 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
-log = logging.getLogger(__name__)
+from evaluators.batch import Batch
+from spaces.registry import Registry
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 class Importance(abc.ABC):
@@ -44,53 +46,48 @@ class Importance(abc.ABC):
         """One score per root channel of ``group`` (a full-index torch_pruning group)."""
 
 
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    factory: Callable[..., Importance]
-    needs_calibration: bool
+IMPORTANCES: Registry[type[Importance]] = Registry(
+    "importance", plugins=("evaluators.shapley",), unknown="unknown method {name!r}"
+)
 
 
-_REGISTRY: dict[str, _Entry] = {}
-
-
-def register_importance(name: str, *, needs_calibration: bool = False):
+def register_importance(name: str, *, needs_calibration: bool = False) -> Callable[[type[Importance]], type[Importance]]:
     """Class decorator adding an importance criterion under ``name``."""
 
-    def wrap(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"importance {name!r} is already registered")
+    def wrap(cls: type[Importance]) -> type[Importance]:
+        IMPORTANCES.add(name, cls)
         cls.needs_calibration = needs_calibration
-        _REGISTRY[name] = _Entry(name, cls, needs_calibration)
         return cls
 
     return wrap
 
 
 def available_importances() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    return IMPORTANCES.names()
 
 
 def needs_calibration(name: str) -> bool:
-    return _entry(name).needs_calibration
-
-
-def _entry(name: str) -> _Entry:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r} (known: {', '.join(available_importances())})") from None
+    return IMPORTANCES.get(name).needs_calibration
 
 
 def make_importance(name: str, **options: Any) -> Importance:
     """A fresh criterion instance; ``ValueError`` for an unknown name."""
-    return _entry(name).factory(**options)
+    return IMPORTANCES.get(name)(**options)
+
+
+def has_batchnorm(group: Any) -> bool:
+    """Whether a torch_pruning group prunes a BatchNorm layer."""
+    return any(isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm) for dep, _ in group)
 
 
 # -- criteria backed by torch_pruning's implementations ------------------------------------
 class _TorchPruningImportance(Importance):
-    def __init__(self, impl: Any):
-        self._impl = impl
+    """A torch_pruning criterion: subclasses set ``impl``, a factory of the implementation."""
+
+    impl: ClassVar[Callable[[], Any]]
+
+    def __init__(self) -> None:
+        self._impl = self.impl()
 
     def score(self, group: Any) -> torch.Tensor:
         with torch.no_grad():
@@ -102,48 +99,42 @@ class _TorchPruningImportance(Importance):
 class L1Importance(_TorchPruningImportance):
     """Group L1 norm of the weights (Li et al. 2017)."""
 
-    def __init__(self):
-        super().__init__(tp.importance.GroupMagnitudeImportance(p=1))
+    impl = partial(tp.importance.GroupMagnitudeImportance, p=1)
 
 
 @register_importance("l2")
 class L2Importance(_TorchPruningImportance):
     """Group L2 norm of the weights."""
 
-    def __init__(self):
-        super().__init__(tp.importance.GroupMagnitudeImportance(p=2))
-
-
-@register_importance("bn_scale")
-class BNScaleImportance(_TorchPruningImportance):
-    """|gamma| of the group's BatchNorm layers (Network Slimming); L1 where a group has none."""
-
-    def __init__(self):
-        super().__init__(tp.importance.BNScaleImportance())
-        self._fallback = tp.importance.GroupMagnitudeImportance(p=1)
-
-    def score(self, group: Any) -> torch.Tensor:
-        has_bn = any(isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm) for dep, _ in group)
-        if not has_bn:
-            with torch.no_grad():
-                return self._fallback(group).detach().float().cpu()
-        return super().score(group)
+    impl = partial(tp.importance.GroupMagnitudeImportance, p=2)
 
 
 @register_importance("fpgm")
 class FPGMImportance(_TorchPruningImportance):
     """Distance to the geometric median of the group's filters (He et al. 2019)."""
 
-    def __init__(self):
-        super().__init__(tp.importance.FPGMImportance(p=2))
+    impl = partial(tp.importance.FPGMImportance, p=2)
 
 
 @register_importance("lamp")
 class LAMPImportance(_TorchPruningImportance):
     """Layer-adaptive magnitude-based pruning scores (Lee et al. 2021)."""
 
-    def __init__(self):
-        super().__init__(tp.importance.LAMPImportance(p=2))
+    impl = partial(tp.importance.LAMPImportance, p=2)
+
+
+@register_importance("bn_scale")
+class BNScaleImportance(_TorchPruningImportance):
+    """|gamma| of the group's BatchNorm layers (Network Slimming); L1 where a group has none."""
+
+    impl = tp.importance.BNScaleImportance
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fallback = L1Importance()
+
+    def score(self, group: Any) -> torch.Tensor:
+        return super().score(group) if has_batchnorm(group) else self._fallback.score(group)
 
 
 # -- data-driven criteria ------------------------------------------------------------------
@@ -283,8 +274,7 @@ class TaylorBNImportance(_TaylorBase):
     the group's BN layers. Groups without BatchNorm fall back to weight Taylor (logged)."""
 
     def score(self, group: Any) -> torch.Tensor:
-        has_bn = any(isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm) for dep, _ in group)
-        z = self._group_terms(group, ("gate",)) if has_bn else None
+        z = self._group_terms(group, ("gate",)) if has_batchnorm(group) else None
         if z is None:
             root = group[0].dep.target.module
             log.info("taylor_bn: group rooted at %s has no BatchNorm gate; using weight Taylor", type(root).__name__)
@@ -293,7 +283,3 @@ class TaylorBNImportance(_TaylorBase):
             return torch.zeros(len(group[0].idxs))
         return self._reduce(z)
 
-
-# Registers "shapley" (kept in its own module: it is long); imported last because it
-# subclasses Importance from this module.
-from evaluators import shapley as _shapley  # noqa: E402,F401

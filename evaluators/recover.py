@@ -16,7 +16,6 @@ Register another one with::
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -25,56 +24,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evaluators.batch import Batch
+from spaces.registry import Registry
+
 if TYPE_CHECKING:
     from evaluators.settings import EvalSettings
     from evaluators.tasks import Task
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 Recovery = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, Recovery] = {}
-# Modules of this package that register further recoveries (e.g. "cap"); imported on
-# first lookup rather than at import time, because they import this module themselves.
-_PLUGIN_MODULES = ("evaluators.compensation",)
-_plugins_loaded = False
+# Modules of this package that register further recoveries (e.g. "cap") are plugins:
+# imported on the first lookup, because they import this module themselves.
+RECOVERIES: Registry[Recovery] = Registry("recovery", plugins=("evaluators.compensation",))
 
 # Share of the fine-tune loss taken by the distillation term when ``settings.kd``.
 KD_ALPHA = 0.7
 
 
-def register_recovery(name: str):
+def register_recovery(name: str) -> Callable[[Recovery], Recovery]:
     """Decorator adding ``fn(pruned, *, base, task, settings, calibration) -> nn.Module``."""
-
-    def wrap(fn: Recovery) -> Recovery:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"recovery name must be a non-empty string, got {name!r}")
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"recovery {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
-
-
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for module in _PLUGIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:  # the module exists but one of its imports is missing
-                raise
+    return RECOVERIES.register(name)
 
 
 def available_recoveries() -> tuple[str, ...]:
     """Names of every registered recovery method."""
-    _load_plugins()
-    return tuple(sorted(_REGISTRY))
+    return RECOVERIES.names()
 
 
 def recover(
@@ -87,11 +63,7 @@ def recover(
     calibration: Sequence[Batch],
 ) -> nn.Module:
     """Apply recovery ``name`` to ``pruned`` (may modify it in place) and return it in eval mode."""
-    _load_plugins()
-    try:
-        fn = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown recovery {name!r} (known: {', '.join(available_recoveries())})") from None
+    fn = RECOVERIES.get(name)
     model = fn(pruned, base=base, task=task, settings=settings, calibration=list(calibration))
     if not isinstance(model, nn.Module):
         raise ValueError(f"recovery {name!r} returned {type(model).__name__}, not an nn.Module")

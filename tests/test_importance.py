@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from search.params import distributions
-from evaluators.importance import Importance, available_importances, make_importance, needs_calibration
+from evaluators.importance import IMPORTANCES, Importance, available_importances, make_importance, needs_calibration
 from evaluators.prune import apply_policy
 from evaluators.shapley import ChannelMask, ForwardSchedule, ShapleyImportance
 from evaluators.tasks import load_task
@@ -35,6 +35,13 @@ parametrize_importance = pytest.mark.parametrize("name", available_importances()
 
 def make(name: str, **options) -> Importance:
     return make_importance(name, **{**FAST.get(name, {}), **options})
+
+
+def use_cheap_options(monkeypatch, name):
+    """Make criterion ``name`` built with default options (as apply_policy does) use FAST's."""
+    cls = IMPORTANCES.get(name)
+    cheap = type(cls.__name__, (cls,), {"__init__": lambda self: cls.__init__(self, **FAST[name])})
+    monkeypatch.setitem(IMPORTANCES._entries, name, cheap)
 
 
 def score_groups(importance: Importance, model: nn.Module, example, groups, calibration, order=None):
@@ -134,11 +141,7 @@ def test_low_scored_channels_matter_less_than_high_scored(name, digits):
 def test_apply_policy_prunes_with_every_criterion(name, digits, monkeypatch):
     task, base, groups, calibration = digits
     if name in FAST:  # apply_policy builds criteria with default options: make them cheap here
-        from evaluators import importance as registry
-
-        entry = registry._REGISTRY[name]
-        cheap = registry._Entry(name, lambda: entry.factory(**FAST[name]), entry.needs_calibration)
-        monkeypatch.setitem(registry._REGISTRY, name, cheap)
+        use_cheap_options(monkeypatch, name)
     policy = Policy(ratios={g.name: 0.5 for g in groups}, method=name)
     pruned = apply_policy(base, policy, task.example_inputs, calibration, groups=groups)
     modules = dict(pruned.named_modules())
@@ -362,11 +365,7 @@ def test_global_method_is_one_categorical_over_every_criterion(digits):
 def test_per_group_methods_decode_and_prune(digits, monkeypatch):
     task, base, groups, calibration = digits
     # keep shapley cheap for the pruning below (apply_policy uses default options)
-    from evaluators import importance as registry
-
-    entry = registry._REGISTRY["shapley"]
-    monkeypatch.setitem(registry._REGISTRY, "shapley",
-                        registry._Entry("shapley", lambda: entry.factory(**FAST["shapley"]), entry.needs_calibration))
+    use_cheap_options(monkeypatch, "shapley")
     space = SearchSpace(groups=tuple(groups), methods=available_importances(), method_per_group=True)
     dists = distributions(space)
     for g in groups:
