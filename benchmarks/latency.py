@@ -228,7 +228,8 @@ def attainment_ratio(front: list[dict[str, Any]], reference: list[dict[str, Any]
 def objective_comparison(quick: bool) -> dict[str, Any]:
     """Each latency arm against the FLOPs arm, same seed, budget, searcher and recovery."""
     from search.runner import load_task_and_space, run_study
-    from search.storage import open_storage, pareto_front, parse_storage, read_trials
+    from search.records import pareto_front, read_trials
+    from search.storage import open_storage, parse_storage
     from spaces.latency import measure_latency_ms
 
     import optuna

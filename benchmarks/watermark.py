@@ -194,7 +194,8 @@ def run(quick: bool, finetune_steps: int) -> dict[str, Any]:
     import optuna
 
     from search.runner import build_watermark, load_task_and_space, run_study
-    from search.storage import open_storage, pareto_front, parse_storage, read_trials
+    from search.records import pareto_front, read_trials
+    from search.storage import open_storage, parse_storage
     from spaces.watermark import channel_counts_from_policy
 
     seeds = [0] if quick else [0, 1, 2]

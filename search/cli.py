@@ -212,15 +212,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import optuna
 
-    from search.storage import find_study, inspect_storage, pareto_front, parse_storage, read_trials
+    from search.records import pareto_front
+    from search.storage import read_study
 
     config = _load(args)
-    spec = parse_storage(config.study.storage_url)
-    with inspect_storage(spec) as storage:
-        if storage is None or find_study(storage, config.name) is None:
-            raise ConfigError(f"no study {config.name!r} in {config.study.storage_url}: run `prunesearch run {args.config}` first")
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        records = read_trials(optuna.load_study(study_name=config.name, storage=storage))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _, records = read_study(config, source=args.config)
     counted = sum(r.evaluated for r in records)
     budget = f" of n_trials {config.study.n_trials}" if config.study.n_trials else ""
     print(f"study {config.name} ({config.study.storage_url}): {len(records)} trials, {counted} finished{budget}")
@@ -284,14 +281,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
-    from search.storage import find_study, inspect_storage, open_storage, parse_storage
+    from search.storage import open_storage, parse_storage, read_study
 
     config = _load(args)
-    spec = parse_storage(config.study.storage_url)
-    with inspect_storage(spec) as storage:
-        if storage is None or find_study(storage, config.name) is None:
-            raise ConfigError(f"no study {config.name!r} in {config.study.storage_url}: run `prunesearch run {args.config}` first")
-    storage = open_storage(spec)
+    read_study(config, source=args.config)  # ConfigError when there is no such study
+    storage = open_storage(parse_storage(config.study.storage_url))
     print(f"optuna-dashboard for study {config.name} at http://{args.host}:{args.port}/dashboard (Ctrl-C stops)",
           flush=True)
     try:

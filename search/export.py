@@ -37,15 +37,8 @@ import torch.nn as nn
 
 from search.base import FULL
 from search.config import ConfigError, StudyConfig
-from search.storage import (
-    TrialRecord,
-    check_compatible,
-    find_study,
-    inspect_storage,
-    pareto_front,
-    parse_storage,
-    read_trials,
-)
+from search.records import TrialRecord, pareto_front
+from search.storage import check_compatible, read_study
 from spaces.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -244,13 +237,7 @@ def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ConfigError(f"export finetune_steps must be an integer >= 0, got {steps!r}")
     out = Path(out) if out is not None else Path(config.export.dir) / config.name
-    spec = parse_storage(config.study.storage_url)
-    with inspect_storage(spec) as storage:
-        if storage is None or find_study(storage, config.name) is None:
-            raise ConfigError(f"no study {config.name!r} in {config.study.storage_url}: run `prunesearch run` first")
-        summary = find_study(storage, config.name)
-        study = optuna.load_study(study_name=config.name, storage=storage)
-        records = read_trials(study)
+    summary, records = read_study(config)
     front = pareto_front(records, config.study.directions)
     if not front:
         raise ConfigError(f"study {config.name!r} has no feasible full-fidelity Pareto trial to export yet")

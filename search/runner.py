@@ -43,37 +43,35 @@ from optuna.trial import TrialState
 from evaluators.metrics import Metrics
 from search.base import FULL, Proposal, Searcher, SearcherContext, make_searcher
 from search.config import ConfigError, StudyConfig
+from search.launchers import (
+    GRACE_S,
+    HEARTBEAT_S,
+    Launcher,
+    claimed_trials,
+    other_live_launchers,
+    read_launchers,
+    write_heartbeat,
+)
+from search.recorder import TrialRecorder
+from search.records import TrialRecord, dominates, pareto_front, read_trials
 from search.storage import (
     STUDY_ATTR_EVALUATION,
     STUDY_ATTR_FINGERPRINT,
     STUDY_ATTR_OBJECTIVES,
     STUDY_ATTR_TASK,
-    Launcher,
     StorageSpec,
-    TrialRecord,
-    TrialRecorder,
     check_compatible,
-    claimed_trials,
     close_storage,
-    dominates,
     find_study,
     inspect_storage,
     open_storage,
-    other_live_launchers,
     parse_storage,
-    pareto_front,
-    read_launchers,
-    read_trials,
-    write_heartbeat,
 )
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 30.0
 # How often searchers that wait for their own background work are asked again.
 POLL_S = 0.2
-# A launcher on another host is presumed dead when its heartbeat is older than this.
-GRACE_S = 4 * HEARTBEAT_S
 # How often a launcher running alone looks for other launchers on its study (seconds).
 OTHERS_RECHECK_S = 1.0
 

@@ -1,19 +1,14 @@
-"""The study's storage: URLs, opening (tuned SQLite, read-only inspection), recording trials,
-reading them back, launcher liveness and the Pareto front.
+"""The study's storage: URLs, opening (tuned SQLite, read-only inspection), the study's
+identity checks, and the read-only API for a study's trials (``read_study``, ``load_records``).
 
-Only the driver touches storage. A storage is one of
+Only the search layer touches storage. A storage is one of
 
 * an SQLAlchemy URL Optuna's ``RDBStorage`` accepts (``sqlite:///studies/x.db``,
   ``postgresql://...``); SQLite files are opened in WAL mode with ``synchronous=NORMAL``
   (per-trial writes cost about half of the default rollback journal);
 * a path ending in ``.journal``: Optuna's ``JournalStorage`` over a ``JournalFileBackend``.
 
-Trial layout (what optuna-dashboard shows): params = group names (+ ``method`` ...);
-user attrs ``searcher``, ``generation``, ``fidelity``, ``policy`` (JSON), ``run`` (the
-launcher's run id), ``settings`` (evaluation-setting overrides, only when the proposal has
-them), ``meta`` (only when non-empty) at creation, and ``metrics`` (every Metrics field plus
-``constraints``: name -> value) at the end, one write; constraint values also go through
-``trial.set_constraint`` so Optuna's samplers and ``best_trials`` see them.
+Trials are written by ``search.recorder`` and read back as ``search.records.TrialRecord``.
 """
 
 from __future__ import annotations
@@ -21,25 +16,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import os
-import socket
 import sqlite3
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
 
-from evaluators.metrics import Metrics
-from search.base import FULL, MAXIMIZE, Outcome, Proposal
-from search.config import ConfigError
-from search.params import distributions
-from spaces.policy import Policy
+from search.config import ConfigError, StudyConfig
+from search.records import TrialRecord, read_trials
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +34,6 @@ STUDY_ATTR_FINGERPRINT = "space_fingerprint"
 STUDY_ATTR_OBJECTIVES = "objectives"
 STUDY_ATTR_EVALUATION = "evaluation"
 STUDY_ATTR_TASK = "task"
-LAUNCHER_PREFIX = "prunesearch:launcher:"
 # Evaluation settings that may change between runs of one study (they do not change results).
 _VOLATILE_SETTINGS = ("threads",)
 
@@ -174,11 +160,11 @@ def open_storage(spec: StorageSpec, *, read_only: bool = False) -> optuna.storag
 
 
 def _open_rdb(url: str, read_only: bool, attempts: int = 5) -> optuna.storages.RDBStorage:
-    """[reliability fix] ``RDBStorage(url)``, retried while another launcher creates the tables.
+    """``RDBStorage(url)``, retried while another launcher creates the tables.
 
     Launchers started together on a fresh server database race to create Optuna's schema
     (PostgreSQL: "duplicate key value violates unique constraint pg_type_typname_nsp_index"
-    on ``CREATE TYPE``); the loser used to exit 1. A retry finds the schema there.
+    on ``CREATE TYPE``); the loser's retry finds the schema there.
     """
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
@@ -215,14 +201,14 @@ def inspect_storage(spec: StorageSpec) -> Iterator[optuna.storages.BaseStorage |
         yield None
         return
     if spec.kind == "rdb" and not _rdb_has_optuna_tables(spec.url):
-        # [reliability fix] a fresh server database (no Optuna tables yet) holds no study;
-        # opening it read-only used to fail ("relation version_info does not exist", exit 1).
+        # A fresh server database (no Optuna tables yet) holds no study; Optuna cannot open
+        # it read-only ("relation version_info does not exist").
         yield None
         return
     sidecars = [Path(f"{spec.path}{s}") for s in ("-wal", "-shm")] if spec.kind == "sqlite" else []
-    # [reliability fix] noted before the format probe below: reading a WAL-mode file
-    # read-only creates -wal/-shm that the reader cannot remove, and the probe used to run
-    # first, so every `status` / `export` / bad-input run left them behind.
+    # Noted before the format probe below: reading a WAL-mode file read-only creates
+    # -wal/-shm that the reader cannot remove, so `status` / `export` / bad-input runs would
+    # leave them behind.
     before = {p: p.exists() for p in sidecars}
     try:
         if spec.kind == "sqlite" and not _is_optuna_sqlite(spec.path):
@@ -305,3 +291,26 @@ def check_compatible(summary: optuna.study.StudySummary, *, fingerprint: Mapping
             f"study {summary.study_name!r} in {where} was evaluated with other [evaluation] settings "
             f"({', '.join(diff)} differ): restore them or choose a new [study] name"
         )
+
+
+# -- reading a study ---------------------------------------------------------------------
+def read_study(config: StudyConfig, *, source: str | None = None
+               ) -> tuple[optuna.study.StudySummary, list[TrialRecord]]:
+    """The summary and every trial of ``config``'s study, read without writing anything.
+
+    ``ConfigError`` when the storage holds no such study; ``source`` (the config's path)
+    completes the hint of what to run first.
+    """
+    spec = parse_storage(config.study.storage_url)
+    with inspect_storage(spec) as storage:
+        summary = find_study(storage, config.name) if storage is not None else None
+        if summary is None:
+            command = f"prunesearch run {source}" if source else "prunesearch run"
+            raise ConfigError(f"no study {config.name!r} in {config.study.storage_url}: run `{command}` first")
+        study = optuna.load_study(study_name=config.name, storage=storage)
+        return summary, read_trials(study)
+
+
+def load_records(config: StudyConfig) -> list[TrialRecord]:
+    """Every trial of ``config``'s study (read-only; for reports and benchmarks)."""
+    return read_study(config)[1]

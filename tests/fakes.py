@@ -24,7 +24,8 @@ import torch
 from evaluators.metrics import Metrics
 from search.base import FULL, Proposal, Searcher, SearcherContext, make_searcher
 from search.config import ConstraintsSection
-from search.storage import TrialRecorder, read_trials
+from search.recorder import TrialRecorder
+from search.records import read_trials
 from spaces.policy import Policy
 from spaces.space import SearchSpace
 from tests.architectures import PlainCNN

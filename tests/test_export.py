@@ -16,7 +16,8 @@ from search.cli import main
 from search.config import load_config
 from search.export import MARKER, load_exported
 from search.runner import load_task_and_space, run_study
-from search.storage import inspect_storage, pareto_front, parse_storage, read_trials
+from search.records import pareto_front, read_trials
+from search.storage import inspect_storage, parse_storage
 from tests.fakes import local_pool, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from search.cli import main
 from search.config import ConfigError, load_config
 from search.export import export_study
 from search.runner import run_study
-from search.storage import pareto_front, read_trials
+from search.records import pareto_front, read_trials
 from tests.fakes import FakePool, tiny_config
 
 LATENCY = "\n[latency]\nbatch = 8\nruns = 10\nwarmup = 2\nlevels = [0.5]\n"

@@ -318,7 +318,8 @@ class OtherLauncher:
 
     def __init__(self, config) -> None:
         from search.runner import load_task_and_space
-        from search.storage import Launcher, TrialRecorder, write_heartbeat
+        from search.launchers import Launcher, write_heartbeat
+        from search.recorder import TrialRecorder
 
         self.storage = open_storage(parse_storage(config.study.storage_url))
         me = Launcher("0ddba11", socket.gethostname(), os.getppid(), time.time())

@@ -16,7 +16,9 @@ from optuna.trial import TrialState
 
 from search.config import load_config
 from search.runner import run_study
-from search.storage import Launcher, open_storage, parse_storage, read_trials
+from search.launchers import Launcher
+from search.records import read_trials
+from search.storage import open_storage, parse_storage
 from tests.fakes import FakePool, tiny_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

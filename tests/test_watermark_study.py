@@ -12,7 +12,7 @@ from search.cli import main
 from search.config import load_config
 from search.export import export_study
 from search.runner import run_study
-from search.storage import read_trials
+from search.records import read_trials
 from spaces.watermark import Watermark, channel_counts_from_policy
 from tests.fakes import local_pool, tiny_config
 
