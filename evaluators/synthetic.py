@@ -1,6 +1,6 @@
 """``shapes``: a procedural, seeded image-classification task hard enough to rank pruned models.
 
-On ``digits`` nearly every pruned policy is back near 99% after a short fine-tune, so
+On ``digits`` nearly every pruned policy recovers its accuracy after a short fine-tune, so
 searchers cannot be told apart there. ``shapes`` is generated here from a seed (nothing is
 downloaded): 32x32 RGB images whose class is the *kind* of the dominant figure (circle,
 square, triangle, cross, ring, star, striped patch, checkered patch, crescent, dotted disc,
@@ -11,7 +11,7 @@ filters while clutter and noise need capacity to ignore, so a narrow (heavily pr
 network loses accuracy that a short fine-tune does not fully win back.
 
 The model is a CIFAR-style ResNet (stem + 3 stages of BasicBlocks, global pool, linear),
-trained once on CPU with :func:`evaluators.tasks.train_classifier` and cached under
+trained once on CPU with :func:`evaluators.task_training.train_classifier` and cached under
 ``cache_dir`` by the hash of the task config.
 
 Generation is vectorised with torch and deterministic: every random parameter is drawn
@@ -22,7 +22,6 @@ in fixed-size chunks, so the same options always give the same tensors.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,20 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evaluators.tasks import (
-    ResidualBlock,
-    Task,
-    _check_options,
-    _conv_bn,
-    accuracy_of,
-    cached_weights,
-    config_hash,
-    register_task,
-    seeded_split,
-    train_classifier,
-)
-
-log = logging.getLogger(__name__)
+from evaluators.blocks import ResidualBlock, conv_bn
+from evaluators.task_training import check_option, check_split, check_widths, option_error, task_options, trained_task
+from evaluators.tasks import Task, register_task
+from spaces.checks import check_int, check_number
 
 Tensor = torch.Tensor
 
@@ -201,9 +190,20 @@ def generate_shapes(
             f"{n_samples!r}, {image_size!r}, {clutter!r}, {noise!r}"
         )
     gen = torch.Generator().manual_seed(seed)
-    n, size, c = n_samples, image_size, num_classes
+    draws = _draw_parameters(gen, n_samples, num_classes, clutter)
+    images = torch.empty(n_samples, 3, image_size, image_size)
+    noise_gen = torch.Generator().manual_seed(draws["pixel_noise_seed"])
+    for start in range(0, n_samples, _RENDER_CHUNK):
+        sl = slice(start, min(start + _RENDER_CHUNK, n_samples))
+        canvas = _render(draws, sl, image_size, clutter)
+        if noise > 0:
+            canvas += noise * torch.randn(canvas.shape, generator=noise_gen)
+        images[sl] = (canvas - 0.5) / 0.5
+    return images, draws["labels"]
 
-    # Every random draw happens here, in a fixed order, before rendering.
+
+def _draw_parameters(gen: torch.Generator, n: int, c: int, clutter: int) -> dict:
+    """Every random parameter of ``n`` images, drawn from ``gen`` in a fixed order before rendering."""
     labels = (torch.arange(n) % c)[torch.randperm(n, generator=gen)]
     scale = _uniform(gen, n, *_MAIN_SCALE)
     cx, cy = ((1 - scale) * _uniform(gen, n, -0.85, 0.85) for _ in range(2))
@@ -222,27 +222,30 @@ def generate_shapes(
     d_colour = torch.rand(n, clutter, 3, generator=gen)
     d_alpha = _uniform(gen, (n, clutter), *_DISTRACTOR_ALPHA)
     pixel_noise_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    return {
+        "labels": labels, "scale": scale, "cx": cx, "cy": cy, "angle": angle, "colour": colour,
+        "background": background, "gradient_dir": gradient_dir, "gradient_amp": gradient_amp, "blotches": blotches,
+        "d_kind": d_kind, "d_scale": d_scale, "d_cx": d_cx, "d_cy": d_cy, "d_angle": d_angle, "d_colour": d_colour,
+        "d_alpha": d_alpha, "pixel_noise_seed": pixel_noise_seed,
+    }
 
+
+def _render(d: dict, sl: slice, size: int, clutter: int) -> Tensor:
+    """Images ``sl`` of the parameters ``d`` on the [0, 1] scale, before pixel noise."""
     axis = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
     gy, gx = torch.meshgrid(axis, axis, indexing="ij")
     grid = torch.stack([gx, gy])
-    images = torch.empty(n, 3, size, size)
-    noise_gen = torch.Generator().manual_seed(pixel_noise_seed)
-    for start in range(0, n, _RENDER_CHUNK):
-        sl = slice(start, min(start + _RENDER_CHUNK, n))
-        m = sl.stop - sl.start
-        ramp = torch.cos(gradient_dir[sl]).view(-1, 1, 1) * gx + torch.sin(gradient_dir[sl]).view(-1, 1, 1) * gy
-        canvas = background[sl].view(m, 3, 1, 1) + gradient_amp[sl].view(m, 3, 1, 1) * ramp.unsqueeze(1)
-        canvas = canvas + F.interpolate(blotches[sl], size=(size, size), mode="bicubic", align_corners=False)
-        canvas = canvas.contiguous()
-        _draw(canvas, grid, labels[sl], cx[sl], cy[sl], scale[sl], angle[sl], colour[sl], torch.ones(m), size)
-        for k in range(clutter):
-            _draw(canvas, grid, d_kind[sl, k], d_cx[sl, k], d_cy[sl, k], d_scale[sl, k], d_angle[sl, k],
-                  d_colour[sl, k], d_alpha[sl, k], size)
-        if noise > 0:
-            canvas += noise * torch.randn(canvas.shape, generator=noise_gen)
-        images[sl] = (canvas - 0.5) / 0.5
-    return images, labels
+    m = sl.stop - sl.start
+    ramp = torch.cos(d["gradient_dir"][sl]).view(-1, 1, 1) * gx + torch.sin(d["gradient_dir"][sl]).view(-1, 1, 1) * gy
+    canvas = d["background"][sl].view(m, 3, 1, 1) + d["gradient_amp"][sl].view(m, 3, 1, 1) * ramp.unsqueeze(1)
+    canvas = canvas + F.interpolate(d["blotches"][sl], size=(size, size), mode="bicubic", align_corners=False)
+    canvas = canvas.contiguous()
+    _draw(canvas, grid, d["labels"][sl], d["cx"][sl], d["cy"][sl], d["scale"][sl], d["angle"][sl], d["colour"][sl],
+          torch.ones(m), size)
+    for k in range(clutter):
+        _draw(canvas, grid, d["d_kind"][sl, k], d["d_cx"][sl, k], d["d_cy"][sl, k], d["d_scale"][sl, k],
+              d["d_angle"][sl, k], d["d_colour"][sl, k], d["d_alpha"][sl, k], size)
+    return canvas
 
 
 # -- model ----------------------------------------------------------------------------------
@@ -252,7 +255,7 @@ class ShapesNet(nn.Module):
     def __init__(self, widths: Sequence[int] = (16, 32, 64), blocks: int = 2, num_classes: int = MAX_CLASSES):
         super().__init__()
         w1, w2, w3 = widths
-        self.stem = _conv_bn(3, w1)
+        self.stem = conv_bn(3, w1)
         self.stage1 = self._stage(w1, w1, blocks, stride=1)
         self.stage2 = self._stage(w1, w2, blocks, stride=2)
         self.stage3 = self._stage(w2, w3, blocks, stride=2)
@@ -294,42 +297,23 @@ SHAPES_DEFAULTS: dict = {
 }
 
 
-def _bad(key: str, wanted: str, value: object) -> ValueError:
-    return ValueError(f"shapes option {key} must be {wanted}, got {value!r}")
-
-
-def _is_int(value: object, minimum: int) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
-
-
-def _is_number(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
 def shapes_options(options: Mapping) -> dict:
     """``options`` merged over the defaults and validated (one-line ``ValueError`` naming the option)."""
-    opts = _check_options("shapes", options, SHAPES_DEFAULTS)
+    opts = task_options("shapes", options, SHAPES_DEFAULTS)
     minimum = {"seed": 0, "n_samples": 3, "image_size": 8, "clutter": 0, "blocks": 1, "epochs": 1, "batch_size": 1}
     for key, low in minimum.items():
-        if not _is_int(opts[key], low):
-            raise _bad(key, f"an integer >= {low}", opts[key])
-    if not _is_int(opts["num_classes"], 2) or opts["num_classes"] > MAX_CLASSES:
-        raise _bad("num_classes", f"an integer in [2, {MAX_CLASSES}]", opts["num_classes"])
+        check_int(f"shapes option {key}", opts[key], low)
+    wanted = f"an integer in [2, {MAX_CLASSES}]"
+    check_option("shapes", "num_classes", opts["num_classes"], check_int, 2, MAX_CLASSES, wanted=wanted)
     if opts["n_samples"] < opts["num_classes"]:
-        raise _bad("n_samples", f"at least num_classes ({opts['num_classes']})", opts["n_samples"])
-    if not _is_number(opts["noise"]) or opts["noise"] < 0:
-        raise _bad("noise", "a finite number >= 0", opts["noise"])
-    if not _is_number(opts["lr"]) or opts["lr"] <= 0:
-        raise _bad("lr", "a finite number > 0", opts["lr"])
-    widths = opts["widths"]
-    if not (isinstance(widths, (list, tuple)) and len(widths) == 3 and all(_is_int(w, 2) for w in widths)):
-        raise _bad("widths", "3 integers >= 2", widths)
-    split = opts["split"]
-    if not (isinstance(split, (list, tuple)) and len(split) == 3 and all(_is_number(f) and f > 0 for f in split)
-            and abs(sum(split) - 1.0) < 1e-6):
-        raise _bad("split", "3 positive fractions summing to 1", split)
-    return {**opts, "widths": [int(w) for w in widths], "split": [float(f) for f in split], "noise": float(opts["noise"]),
-            "lr": float(opts["lr"])}
+        raise option_error("shapes", "n_samples", f"at least num_classes ({opts['num_classes']})", opts["n_samples"])
+    return {
+        **opts,
+        "widths": check_widths("shapes", opts["widths"]),
+        "split": check_split("shapes", opts["split"]),
+        "noise": check_option("shapes", "noise", opts["noise"], check_number, 0, wanted="a finite number >= 0"),
+        "lr": check_number("shapes option lr", opts["lr"], positive=True),
+    }
 
 
 def _flip_augment(x: Tensor, gen: torch.Generator) -> Tensor:
@@ -346,22 +330,6 @@ def shapes_task(options: dict, cache_dir: Path) -> Task:
         opts["n_samples"], seed=opts["seed"], image_size=opts["image_size"], num_classes=opts["num_classes"],
         noise=opts["noise"], clutter=opts["clutter"],
     )
-    train_idx, cal_idx, val_idx = seeded_split(len(y), tuple(opts["split"]), opts["seed"])
-    train, calibration, validation = (x[train_idx], y[train_idx]), (x[cal_idx], y[cal_idx]), (x[val_idx], y[val_idx])
     build = functools.partial(build_shapes_model, tuple(opts["widths"]), opts["blocks"], opts["num_classes"])
-
-    def fit() -> dict[str, Tensor]:
-        torch.manual_seed(opts["seed"])
-        model = build()
-        state = train_classifier(
-            model, train, epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
-            seed=opts["seed"], augment=_flip_augment, desc="training shapes base model",
-        )
-        log.info("shapes base model: validation accuracy %.4f", accuracy_of(model, validation))
-        return state
-
-    state = cached_weights(cache_dir / f"shapes-{config_hash(config)}.pt", fit)
-    return Task(
-        name="shapes", build_model=build, train=train, calibration=calibration, validation=validation,
-        example_inputs=x[:1].clone(), num_classes=opts["num_classes"], base_state=state, config=config,
-    )
+    return trained_task("shapes", x, y, build=build, num_classes=opts["num_classes"], opts=opts, config=config,
+                        cache_dir=cache_dir, augment=_flip_augment)

@@ -80,7 +80,7 @@ def test_every_torch_load_is_weights_only_and_nothing_else_unpickles():
 
 # -- poisoned files ------------------------------------------------------------------------
 def test_a_poisoned_weight_cache_is_rebuilt_not_executed(tmp_path):
-    from evaluators.tasks import cached_weights
+    from evaluators.task_training import cached_weights
 
     cache, marker = tmp_path / "digits-0123.pt", tmp_path / "pwned"
     _poison(cache, marker)

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from evaluators import synthetic
+from evaluators import synthetic, task_training
 from evaluators.prune import apply_policy
 from evaluators.synthetic import CLASS_NAMES, MAX_CLASSES, generate_shapes, shapes_options
 from evaluators.tasks import available_tasks, load_task
@@ -154,7 +154,7 @@ def test_training_is_cached_by_config(tiny_task, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("cached weights should have been used")
 
-    monkeypatch.setattr(synthetic, "train_classifier", no_training)
+    monkeypatch.setattr(task_training, "train_classifier", no_training)
     again = load_task("shapes", TINY, cache_dir=cache)
     assert files[0].stat().st_mtime_ns == mtime
     assert all(torch.equal(again.base_state[k], v) for k, v in task.base_state.items())

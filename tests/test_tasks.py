@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from evaluators import tasks as tasks_mod
+from evaluators import task_training
 from evaluators.tasks import Task, available_tasks, load_task
 from spaces.cost import count_cost
 from spaces.space import SearchSpace
@@ -111,7 +111,7 @@ def test_digits_training_is_cached_and_deterministic(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("cached weights should have been used")
 
-    monkeypatch.setattr(tasks_mod, "train_classifier", no_training)
+    monkeypatch.setattr(task_training, "train_classifier", no_training)
     cached = load_task("digits", TINY_DIGITS, cache_dir=tmp_path / "a")
     assert all(torch.equal(cached.base_state[k], first.base_state[k]) for k in first.base_state)
     with pytest.raises(AssertionError):  # a different config is a different cache file
