@@ -102,6 +102,21 @@ def write_result(name: str, results: Mapping[str, Any], *, config: Mapping[str, 
     return path
 
 
+def result_name(benchmark: str, quick: bool) -> str:
+    """The result file stem: ``<benchmark>``, or ``<benchmark>_quick`` for a smoke run (so it
+    never overwrites a full result)."""
+    return f"{benchmark}_quick" if quick else benchmark
+
+
+def write_and_report(benchmark: str, quick: bool, results: Mapping[str, Any], *, config: Mapping[str, Any],
+                     out_dir: str | Path, markdown: str | None = None) -> Path:
+    """:func:`write_result` under :func:`result_name`, then one stderr line saying where and how long."""
+    path = write_result(result_name(benchmark, quick), results, config=config, out_dir=out_dir, markdown=markdown)
+    written = f"{path} and {path.with_suffix('.md')}" if markdown is not None else str(path)
+    print(f"wrote {written} in {config['wall_seconds']} s", file=sys.stderr)
+    return path
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     """Argument parser with the options every benchmark accepts (``--quick``, ``--out``)."""
     parser = argparse.ArgumentParser(description=description)

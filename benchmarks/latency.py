@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import ROOT, base_parser, setup_logging, write_result
+from benchmarks.common import ROOT, base_parser, setup_logging, write_and_report
+from benchmarks.hypervolume import hypervolume
 
 BATCH = 8            # part 1 (table fidelity)
 STUDY_BATCH = 32     # part 2 (objective): the batch the studies optimise and every front is timed at
@@ -50,7 +51,7 @@ def paired_ratios(base: Any, policy: Any, example: torch.Tensor, space: Any, bat
                   repeats: int = 1) -> list[float]:
     """``policy`` applied to ``base``, timed alternately with ``base`` ``repeats`` times: latency ratios."""
     from evaluators.prune import apply_policy
-    from spaces.latency import measure_paired_ms
+    from evaluators.timing import measure_paired_ms
 
     pruned = apply_policy(base, policy, example, groups=space.groups)
     ratios = []
@@ -63,8 +64,8 @@ def paired_ratios(base: Any, policy: Any, example: torch.Tensor, space: Any, bat
 def lut_fidelity(quick: bool, cache_dir: Path) -> dict[str, Any]:
     from scipy.stats import spearmanr
 
-    from spaces.latency import (LatencySettings, additive_latency_ms, build_latency_table, predict_latency_ms,
-                                spanning_policies)
+    from evaluators.latency_table import LatencyConfig, build_latency_table, spanning_policies
+    from spaces.latency import additive_latency_ms, predict_latency_ms
     from spaces.space import SearchSpace
     from tests.architectures import MobileNetV2Style, ResNetStyle
 
@@ -80,7 +81,7 @@ def lut_fidelity(quick: bool, cache_dir: Path) -> dict[str, Any]:
         model = build().eval()
         example = torch.randn(1, 3, 32, 32)
         space = SearchSpace.from_model(model, example, ratio_min=0.2, ratio_step=0.05)
-        settings = LatencySettings(batch=BATCH, threads=1, runs=runs, levels=(0.5,) if quick else (0.25, 0.5, 0.75),
+        settings = LatencyConfig(batch=BATCH, threads=1, runs=runs, levels=(0.5,) if quick else (0.25, 0.5, 0.75),
                                    calibration=4 if quick else 16)
         start = time.perf_counter()
         table = build_latency_table(model, example, space, settings, cache_dir=cache_dir)
@@ -134,7 +135,7 @@ def latency_structure(task: Any, space: Any, quick: bool) -> dict[str, Any]:
     affine fit in the per-group ratios. What FLOPs leave unexplained, above the noise, is the
     room a latency objective has over a FLOPs objective at equal accuracy.
     """
-    from spaces.latency import spanning_policies
+    from evaluators.latency_table import spanning_policies
 
     base = task.base_model()
     batch = task.example_inputs.repeat(STUDY_BATCH, 1, 1, 1)
@@ -167,8 +168,8 @@ def latency_structure(task: Any, space: Any, quick: bool) -> dict[str, Any]:
 # Study arms of part 2: objective and how latency is known during the search.
 ARMS: dict[str, dict[str, Any]] = {
     "latency_table": {"objective": "latency_ms", "latency": {"table": True}},
-    "latency_measured": {"objective": "latency_ratio", "latency": {"table": False},
-                         "evaluation": {"measure_latency": True, "latency_batch": STUDY_BATCH, "latency_runs": 12}},
+    "latency_measured": {"objective": "latency_ratio", "latency": {"table": False, "runs": 12},
+                         "evaluation": {"measure_latency": True}},
     "flops": {"objective": "flops", "latency": {"table": True}},
 }
 LATENCY_ARMS = ("latency_table", "latency_measured")
@@ -227,12 +228,10 @@ def attainment_ratio(front: list[dict[str, Any]], reference: list[dict[str, Any]
 
 def objective_comparison(quick: bool) -> dict[str, Any]:
     """Each latency arm against the FLOPs arm, same seed, budget, searcher and recovery."""
+    from search.records import pareto_front
     from search.runner import load_task_and_space, run_study
-    from search.records import pareto_front, read_trials
-    from search.storage import open_storage, parse_storage
-    from spaces.latency import measure_latency_ms
-
-    import optuna
+    from search.storage import load_records
+    from evaluators.timing import measure_latency_ms
 
     seeds = [0] if quick else [0, 1, 2]
     n_trials = 8 if quick else 40
@@ -252,9 +251,7 @@ def objective_comparison(quick: bool) -> dict[str, Any]:
                 start = time.perf_counter()
                 run_study(config, progress=False)
                 study_s = time.perf_counter() - start
-                study = optuna.load_study(study_name=config.name,
-                                          storage=open_storage(parse_storage(config.study.storage_url)))
-                front = _measured_front(pareto_front(read_trials(study), config.study.directions), task, space, base_ms)
+                front = _measured_front(pareto_front(load_records(config), config.study.directions), task, space, base_ms)
                 per_seed[arm] = {"front": front, "base_ms": base_ms, "study_seconds": study_s}
                 per_seed[arm]["measured_hypervolume"] = _measured_hypervolume(per_seed[arm])
             for arm in LATENCY_ARMS:  # at a common accuracy level: the worse best of the pair, minus 1 pt
@@ -294,12 +291,7 @@ def _arm_summary(seeds: dict[Any, Any], arm: str) -> dict[str, Any]:
 
 def _measured_hypervolume(study: dict[str, Any]) -> float:
     """Hypervolume of a front in (error, measured latency / base latency), reference (1, 1)."""
-    import numpy as np
-    from optuna._hypervolume import compute_hypervolume
-
-    points = np.array([[1.0 - m["accuracy"], m["measured_ms"] / study["base_ms"]] for m in study["front"]])
-    points = points[(points < 1.0).all(axis=1)] if len(points) else points
-    return float(compute_hypervolume(points, np.ones(2))) if len(points) else 0.0
+    return hypervolume([(m["accuracy"], m["measured_ms"] / study["base_ms"]) for m in study["front"]])
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -338,11 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as cache:
         results = {"lut": lut_fidelity(args.quick, Path(cache))}
     results["objective"] = objective_comparison(args.quick)
-    name = "latency_quick" if args.quick else "latency"
-    config = {"quick": args.quick, "batch": BATCH, "study_batch": STUDY_BATCH, "threads": 1, "wall_seconds": round(time.perf_counter() - start, 1)}
-    path = write_result(name, results, config=config, out_dir=args.out)
-    plot(results, Path(args.out) / f"{name}.png")
-    print(f"wrote {path} in {config['wall_seconds']} s", file=sys.stderr)
+    config = {"quick": args.quick, "batch": BATCH, "study_batch": STUDY_BATCH, "threads": 1,
+              "wall_seconds": round(time.perf_counter() - start, 1)}
+    path = write_and_report("latency", args.quick, results, config=config, out_dir=args.out)
+    plot(results, path.with_suffix(".png"))
     return 0
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import ROOT, base_parser, setup_logging, write_result
+from benchmarks.common import ROOT, base_parser, setup_logging, write_and_report
 from evaluators.evaluate import evaluate
 from evaluators.importance import available_importances
 from evaluators.settings import EvalSettings
@@ -62,7 +62,7 @@ def run(quick: bool, cache_dir: Path) -> dict[str, Any]:
     torch.set_num_threads(1)
     task = load_task("digits", cache_dir=cache_dir)
     base = task.base_model()
-    space = SearchSpace.from_model(base, task.example_inputs)
+    space = SearchSpace.from_model(base, task.example_inputs, ratio_min=0.1)
     criteria = ("l1", "taylor", "shapley") if quick else available_importances()
     pruned = (0.5,) if quick else PRUNED
     seeds = (0,) if quick else LOW_DATA_SEEDS
@@ -181,9 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     config = {"quick": args.quick, "task": "digits", "pruned": results["pruned"],
               "low_data_samples": LOW_DATA_SAMPLES, "low_data_seeds": [0] if args.quick else list(LOW_DATA_SEEDS),
               "threads": 1, "wall_seconds": round(time.perf_counter() - start, 1)}
-    name = "methods_quick" if args.quick else "methods"
-    path = write_result(name, results, config=config, out_dir=args.out, markdown=markdown(results, config))
-    print(f"wrote {path} and {Path(args.out) / f'{name}.md'} in {config['wall_seconds']} s", file=sys.stderr)
+    write_and_report("methods", args.quick, results, config=config, out_dir=args.out,
+                     markdown=markdown(results, config))
     return 0
 
 

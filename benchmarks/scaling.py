@@ -24,7 +24,6 @@ import functools
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from benchmarks.common import ROOT, base_parser, setup_logging, write_result  # noqa: E402
+from benchmarks.common import ROOT, base_parser, setup_logging, write_and_report  # noqa: E402
 
 log = logging.getLogger("benchmarks.scaling")
 
@@ -227,9 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     config = {"quick": args.quick, "n_trials": n, "studies": [list(s) for s in studies], "widths": [list(w) for w in WIDTHS],
               "targets": TARGETS, "wall_seconds": round(time.perf_counter() - start, 1)}
-    name = "scaling_quick" if args.quick else "scaling"
-    path = write_result(name, results, config=config, out_dir=args.out, markdown=markdown(results, config))
-    print(f"wrote {path} in {config['wall_seconds']} s", file=sys.stderr)
+    write_and_report("scaling", args.quick, results, config=config, out_dir=args.out,
+                     markdown=markdown(results, config))
     return 0
 
 

@@ -37,7 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, base_parser, setup_logging, write_result
+from benchmarks.common import ROOT, base_parser, setup_logging, write_and_report
 
 LEVELS = (0.3, 0.5)
 TARGET_PTS = 0.5
@@ -171,19 +171,14 @@ def _moves(mark: Any, before: Any, after: Any) -> list[tuple[str, int, int]]:
     return [(name, k0[name], k1[name]) for name in mark.carrier_names]
 
 
-def params_match_policy(study: Any, space: Any) -> dict[str, int]:
+def params_match_policy(records: list[Any], space: Any) -> dict[str, int]:
     """How many marked trials record the evaluated (projected) ratios as their Optuna params:
     TPE models ``params -> values``, so a mismatch means it learns from mislabelled points."""
-    from spaces.policy import Policy
-
     same = differ = 0
-    for t in study.get_trials(deepcopy=False):
-        if not isinstance(t.user_attrs.get("policy"), str):
+    for r in records:
+        if r.policy is None or not r.params:
             continue
-        policy = Policy.from_json(t.user_attrs["policy"])
-        if not t.params:
-            continue
-        if space.kept(space.from_params(t.params)) == space.kept(policy):
+        if space.kept(space.from_params(r.params)) == space.kept(r.policy):
             same += 1
         else:
             differ += 1
@@ -191,11 +186,9 @@ def params_match_policy(study: Any, space: Any) -> dict[str, int]:
 
 
 def run(quick: bool, finetune_steps: int) -> dict[str, Any]:
-    import optuna
-
+    from search.records import pareto_front
     from search.runner import build_watermark, load_task_and_space, run_study
-    from search.records import pareto_front, read_trials
-    from search.storage import open_storage, parse_storage
+    from search.storage import load_records
     from spaces.watermark import channel_counts_from_policy
 
     seeds = [0] if quick else [0, 1, 2]
@@ -222,9 +215,8 @@ def run(quick: bool, finetune_steps: int) -> dict[str, Any]:
                 config = _config(tmp, f"{'marked' if marked else 'plain'}-{seed}", seed, n_trials,
                                  key_file if marked else None, select)
                 run_study(config, progress=False)
-                study = optuna.load_study(study_name=config.name,
-                                          storage=open_storage(parse_storage(config.study.storage_url)))
-                front = pareto_front(read_trials(study), config.study.directions)
+                records = load_records(config)
+                front = pareto_front(records, config.study.directions)
                 points = [(r.metrics.accuracy, r.metrics.flops_ratio) for r in front]
                 entry: dict[str, Any] = {str(level): best_at(points, level) for level in LEVELS}
                 entry["front_size"] = len(front)
@@ -234,7 +226,7 @@ def run(quick: bool, finetune_steps: int) -> dict[str, Any]:
                     entry["all_bits_recovered"] = all(c.ber == 0 for c in checks)
                     entry["all_verify"] = all(c.passed for c in checks)
                     entry["max_p_value"] = max(c.p_value for c in checks) if checks else None
-                    entry["sampler_params"] = params_match_policy(study, space)
+                    entry["sampler_params"] = params_match_policy(records, space)
                 else:
                     per["paired"] = paired(front, mark, evaluate, finetune_steps)
                     per["paired"]["all_bits_recovered"] = all(
@@ -290,11 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.finetune_steps if args.finetune_steps is not None else (10 if args.quick else 100)
     start = time.perf_counter()
     results = run(args.quick, steps)
-    name = "watermark_quick" if args.quick else "watermark"
     config = {"quick": args.quick, "task": "digits", "searcher": "tpe", "recovery": "adaptive_bn",
               "finetune_steps": steps, "wall_seconds": round(time.perf_counter() - start, 1)}
-    path = write_result(name, results, config=config, out_dir=args.out)
-    print(f"wrote {path} in {config['wall_seconds']} s", file=sys.stderr)
+    write_and_report("watermark", args.quick, results, config=config, out_dir=args.out)
     return 0
 
 

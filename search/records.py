@@ -37,6 +37,7 @@ class TrialRecord:
     settings: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     cached_from: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # what the sampler recorded (Optuna params)
 
     @classmethod
     def from_frozen(cls, t: FrozenTrial) -> "TrialRecord":
@@ -65,6 +66,7 @@ class TrialRecord:
             settings=dict(ua.get("settings") or {}),
             meta=dict(ua.get("meta") or {}),
             cached_from=raw.get("cached_from") if isinstance(raw, dict) else None,
+            params=dict(t.params),
         )
 
     @property

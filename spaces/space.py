@@ -8,6 +8,7 @@ searched, so every searcher's trials look alike in optuna-dashboard.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,6 +152,23 @@ class SearchSpace:
             if r not in chosen:
                 chosen.append(r)
         return [self.uniform(r) for r in chosen]
+
+    def uniform_ratio_within(self, max_flops_ratio: float) -> float:
+        """The largest remaining ratio (not snapped to the grid, not limited to its range) whose
+        uniform policy has an exact FLOPs ratio <= ``max_flops_ratio``: the uniform baseline
+        at a FLOPs level."""
+        lo, hi = 1e-3, 1.0
+        if self.flops_ratio(self.uniform(hi)) <= max_flops_ratio:
+            return hi
+        for _ in range(40):  # FLOPs are monotone in the uniform ratio; kept counts make it a step function
+            mid = (lo + hi) / 2
+            if self.flops_ratio(self.uniform(mid)) <= max_flops_ratio:
+                lo = mid
+            else:
+                hi = mid
+        # A short ratio for reports, but never rounded up across a channel-count step.
+        short = math.floor(lo * 1e6) / 1e6
+        return short if self.flops_ratio(self.uniform(short)) <= max_flops_ratio else lo
 
     def sample(self, rng: np.random.Generator) -> Policy:
         """A uniformly random policy on the grid."""

@@ -5,20 +5,12 @@ target was met, checked on hand-made inputs.
 """
 
 import math
-from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.search_quality import (
-    UNIFORM,
-    BenchConfig,
-    TaskPreset,
-    check_targets,
-    hypervolume,
-    hypervolume_curve,
-    summarize,
-    uniform_ratio_for,
-)
+from benchmarks.hypervolume import hypervolume, hypervolume_curve
+from benchmarks.quality_presets import UNIFORM, BenchConfig, TaskPreset
+from benchmarks.quality_report import check_targets, summarize
 
 
 def test_hypervolume_is_the_dominated_area_up_to_the_reference_point():
@@ -39,24 +31,17 @@ def test_hypervolume_curve_counts_every_trial_and_never_decreases():
     assert curve[-1] == pytest.approx(hypervolume([(0.5, 0.5), (0.9, 0.4), (0.1, 0.9)]))
 
 
-class _StepSpace:
-    """A space whose uniform FLOPs ratio is a step function of the ratio (kept channels are integers)."""
-
-    channels = 10
-
-    def uniform(self, ratio):
-        return ratio
-
-    def flops_ratio(self, ratio):
-        return (max(1, round(ratio * self.channels)) / self.channels) ** 2
-
-
 @pytest.mark.parametrize("level", [0.15, 0.3, 0.5, 1.0])
 def test_uniform_ratio_is_the_largest_within_the_level(level):
-    space = _StepSpace()
-    r = uniform_ratio_for(space, level)
-    assert space.flops_ratio(r) <= level
-    assert r == 1.0 or space.flops_ratio(min(1.0, r + 1e-3)) > level
+    from benchmarks.quality_run import uniform_policies
+    from tests.fakes import tiny_space
+
+    space = tiny_space()  # kept channels are integers: the uniform FLOPs ratio is a step function
+    r = space.uniform_ratio_within(level)
+    assert space.flops_ratio(space.uniform(r)) <= level
+    assert r == 1.0 or space.flops_ratio(space.uniform(min(1.0, r + 1e-3))) > level
+    sweep = {max(p.ratios.values()) for p in uniform_policies(space, [level])}
+    assert sweep == set(space.levels) | {r}
 
 
 def _run(hv, best, finetuned=None):

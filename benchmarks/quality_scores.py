@@ -1,0 +1,87 @@
+"""What one study scored: its points, hypervolume (final and per trial) and best feasible
+accuracy per FLOPs level; the same for the uniform sweep."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.hypervolume import hypervolume, hypervolume_curve
+
+
+def _point(metrics: Any) -> dict[str, Any] | None:
+    if metrics is None or not metrics.ok or metrics.flops_ratio is None:
+        return None
+    return {"accuracy": float(metrics.accuracy), "flops_ratio": float(metrics.flops_ratio)}
+
+
+def _best_at(points: Sequence[dict[str, Any]], level: float) -> dict[str, Any] | None:
+    """The most accurate feasible full-fidelity point with FLOPs ratio <= level (ties: fewer FLOPs)."""
+    cands = [p for p in points if p["feasible"] and p["fidelity"] == "full" and p["flops_ratio"] <= level + 1e-12]
+    if not cands:
+        return None
+    return max(cands, key=lambda p: (p["accuracy"], -p["flops_ratio"]))
+
+
+def _best_per_level(points: Sequence[dict[str, Any]], levels: Sequence[float],
+                    policies: dict[int, Any]) -> dict[str, dict[str, Any] | None]:
+    """``{str(level): best point at that level with its policy, or None}``."""
+    best = {}
+    for lv in levels:
+        b = _best_at(points, lv)
+        best[str(lv)] = None if b is None else {**b, "policy": policies.get(b["trial"])}
+    return best
+
+
+def study_result(summary: Any, levels: Sequence[float]) -> dict[str, Any]:
+    """Per-trial points, hypervolume (final and per trial) and best feasible accuracy per level."""
+    from optuna.trial import TrialState
+
+    points, policies = [], {}
+    for r in sorted(summary.records, key=lambda r: r.number):
+        if not r.evaluated:
+            continue
+        p = _point(r.metrics) if r.state == TrialState.COMPLETE else None
+        points.append({
+            "trial": r.number, "searcher": r.searcher, "fidelity": r.fidelity,
+            "feasible": bool(r.feasible), "ok": p is not None,
+            "accuracy": p["accuracy"] if p else None, "flops_ratio": p["flops_ratio"] if p else None,
+        })
+        if r.meta and r.meta.get("masking_target") is not None:  # a masking run's proposal
+            points[-1]["masking_target"] = float(r.meta["masking_target"])
+        if r.policy is not None:
+            policies[r.number] = r.policy.to_dict()
+    counted = [(p["accuracy"], p["flops_ratio"]) if p["ok"] and p["feasible"] and p["fidelity"] == "full" else None
+               for p in points]
+    curve = hypervolume_curve(counted)
+    best = _best_per_level([p for p in points if p["ok"]], levels, policies)
+    return {
+        "trials": len(points),
+        "full_fidelity_trials": sum(p["fidelity"] == "full" for p in points),
+        "feasible_full_trials": sum(c is not None for c in counted),
+        "failed": sum(not p["ok"] for p in points),
+        "evaluations": summary.evaluations,
+        "cached": summary.cached,
+        "wall_s": summary.elapsed_s,
+        "driver_ms_per_trial": summary.driver_ms_per_trial,
+        "hypervolume": curve[-1] if curve else 0.0,
+        "hv_curve": curve,
+        "best_proxy": best,
+        "points": points,
+    }
+
+
+def uniform_result(evaluated: Sequence[tuple[Any, Any]], levels: Sequence[float], max_flops: float) -> dict[str, Any]:
+    """The uniform sweep as a method: ``evaluated`` = (policy, metrics) pairs."""
+    points, policies = [], {}
+    for i, (policy, m) in enumerate(sorted(evaluated, key=lambda pm: max(pm[0].ratios.values()))):
+        p = _point(m)
+        points.append({"trial": i, "ratio": max(policy.ratios.values()), "fidelity": "full", "ok": p is not None,
+                       "feasible": p is not None and p["flops_ratio"] <= max_flops + 1e-12,
+                       "accuracy": p["accuracy"] if p else None, "flops_ratio": p["flops_ratio"] if p else None})
+        policies[i] = policy.to_dict()
+    ok = [p for p in points if p["ok"]]
+    best = _best_per_level(ok, levels, policies)
+    feasible = [(p["accuracy"], p["flops_ratio"]) for p in ok if p["feasible"]]
+    return {"trials": len(points), "evaluations": len(points), "hypervolume": hypervolume(feasible),
+            "best_proxy": best, "points": points}
