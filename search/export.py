@@ -97,7 +97,7 @@ def build_recovered(policy: Policy, task: Any, settings: Any, space: Any) -> nn.
     batches), so measuring it reproduces the recorded accuracy.
     """
     from evaluators.evaluate import calibration_batches
-    from evaluators.measure import torch_threads
+    from evaluators.timing import torch_threads
     from evaluators.prune import apply_policy
     from evaluators.recover import recover
 
@@ -136,7 +136,7 @@ def load_exported(directory: str | Path, task: Any, groups: Sequence[Any] | None
 def export_trial(record: TrialRecord, task: Any, space: Any, settings: Any, directory: Path, *,
                  finetune_steps: int = 0, formats: Sequence[str] = ("pt2",)) -> dict[str, Any]:
     from evaluators.evaluate import calibration_batches, evaluate_model
-    from evaluators.measure import torch_threads
+    from evaluators.timing import torch_threads
     from evaluators.recover import recover
 
     policy = record.policy
@@ -247,8 +247,7 @@ def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune
     prepare_out_dir(out, config.name)
     settings = config.evaluation.replace(threads=config.study.threads_per_worker)
     if config.uses_latency:  # search used the lookup table; the exported models are timed for real
-        settings = settings.replace(measure_latency=True, latency_batch=config.latency.batch,
-                                    threads=config.latency.threads)
+        settings = settings.replace(measure_latency=True, latency=config.latency, threads=config.latency.threads)
     watermark = build_watermark(config, space)
     dirs, metrics = [], {}
     for record in front:
