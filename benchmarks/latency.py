@@ -229,7 +229,8 @@ def attainment_ratio(front: list[dict[str, Any]], reference: list[dict[str, Any]
 def objective_comparison(quick: bool) -> dict[str, Any]:
     """Each latency arm against the FLOPs arm, same seed, budget, searcher and recovery."""
     from search.records import pareto_front
-    from search.runner import load_task_and_space, run_study
+    from search.runner import run_study
+    from search.setup import load_task_and_space
     from search.storage import load_records
     from evaluators.timing import measure_latency_ms
 

@@ -139,7 +139,8 @@ def run_method(cfg: BenchConfig, method: str, seed: int, shared: SharedPool, tas
                storage_dir: Path) -> dict[str, Any]:
     """One method's result for one seed: a study through ``run_study``, or the uniform sweep."""
     from evaluators.settings import EvalSettings
-    from search.runner import prepare, run_study
+    from search.runner import run_study
+    from search.setup import prepare
 
     levels = cfg.preset.levels
     if method == UNIFORM:
@@ -165,7 +166,7 @@ def run_task(cfg: BenchConfig, checkpoint: Checkpoint | None = None) -> dict[str
 
     from evaluators.pool import EvaluatorPool, ensure_ray
     from evaluators.settings import EvalSettings
-    from search.runner import load_task_and_space
+    from search.setup import load_task_and_space
 
     torch.set_num_threads(1)
     start = time.perf_counter()

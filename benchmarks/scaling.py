@@ -77,7 +77,8 @@ def run_studies(n_trials: int, cache_dir: str, studies: tuple = STUDIES) -> list
     import numpy as np
 
     from evaluators.pool import EvaluatorPool, ensure_ray
-    from search.runner import load_task_and_space, prepare, run_study
+    from search.runner import run_study
+    from search.setup import load_task_and_space, prepare
 
     ensure_ray(None, num_cpus=2)
     rows = []

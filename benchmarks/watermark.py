@@ -187,7 +187,8 @@ def params_match_policy(records: list[Any], space: Any) -> dict[str, int]:
 
 def run(quick: bool, finetune_steps: int) -> dict[str, Any]:
     from search.records import pareto_front
-    from search.runner import build_watermark, load_task_and_space, run_study
+    from search.runner import run_study
+    from search.setup import build_watermark, load_task_and_space
     from search.storage import load_records
     from spaces.watermark import channel_counts_from_policy
 

@@ -1,24 +1,29 @@
 """Searcher: the small ABC every policy proposer implements, and its registry.
 
 A searcher proposes policies and learns from their outcomes; it never touches storage or
-workers. The runner (``search.runner``) owns the Optuna study and the evaluator pool:
+workers. The driver (``search.driver``) owns the evaluator pool and, through
+``search.recorder``, every write to the Optuna study:
 
 * ``ask(n)`` returns up to ``n`` :class:`Proposal` objects — possibly fewer, even none,
   when the searcher is waiting for results (a GA generation barrier, a masking task that
   has not finished training). Every proposal becomes exactly one Optuna trial.
 * ``tell(outcome)`` reports the :class:`Outcome` of one of its proposals (in the order the
-  runner finishes them; with one worker that is the order they were asked).
+  driver finishes them; with one worker that is the order they were asked).
 * ``rebuild(outcomes, pending)`` restores the searcher's state from the finished trials of
   a resumed study, before any ``ask``. ``pending`` are proposals of a dead launcher that
-  the runner re-submits first; their outcomes will be told later, so the searcher must not
+  the driver re-submits first; their outcomes will be told later, so the searcher must not
   propose them again.
 
 A proposal carries its own evaluation settings when it wants a different fidelity than the
 study's (``settings``: e.g. the GA's cheap adaptive-BN step, ``fidelity="cheap"``); ``None``
-means the study's ``[evaluation]`` settings (fidelity ``"full"``). Searchers backed by an
-Optuna sampler create the trial themselves (``study.ask``) and put it in
-``Proposal.trial``; for every other proposal the runner records a trial with exactly the
-proposed params.
+means the study's ``[evaluation]`` settings (fidelity ``"full"``).
+
+Trials are created by the recorder only. A searcher backed by an Optuna sampler returns it
+from ``sampler()``; the driver then ``bind``s it to a ``search.recorder.TrialSource`` over
+that sampler. In ``ask`` it takes a trial from the source (the sampler picks the params),
+turns the params into its policy and puts the trial in ``Proposal.trial``; the recorder
+writes the proposal's attrs on that trial. For every other proposal the recorder creates a
+trial with exactly the proposed params.
 
 Register a searcher with ``@register_searcher("name")``; its options are a frozen
 dataclass ``Options`` (unknown keys are errors) built from the ``[searchers.options]``
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
     import optuna
 
     from evaluators.settings import EvalSettings
+    from search.recorder import SampledTrial, TrialSource
 
 FULL = "full"
 
@@ -54,14 +60,14 @@ class Proposal:
     ``generation`` is the searcher's round (GA generation; -1 for a sensitivity pass).
     ``settings`` overrides the study's evaluation settings for this proposal (its
     ``fidelity`` is recorded); ``meta`` holds extra JSON-able user attrs. ``trial`` is the
-    Optuna trial when the searcher created it itself (Optuna samplers).
+    trial the searcher's sampler filled in (from its ``TrialSource``), if any.
     """
 
     policy: Policy
     generation: int = 0
     settings: EvalSettings | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
-    trial: optuna.trial.Trial | None = field(default=None, compare=False, repr=False)
+    trial: SampledTrial | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, Policy):
@@ -158,14 +164,14 @@ class Searcher(abc.ABC):
     def sampler(self) -> optuna.samplers.BaseSampler | None:
         """The Optuna sampler this searcher drives, or ``None`` when it fixes params itself.
 
-        When not ``None`` the runner binds the searcher to its own study handle using this
-        sampler (``bind``) and the searcher creates its trials with ``study.ask``.
+        When not ``None`` the driver binds the searcher to a trial source over this sampler
+        (``bind``) and the searcher takes its trials from it.
         """
         return None
 
-    def bind(self, study: optuna.Study) -> None:
-        """Called once with the searcher's own study handle (only if ``sampler()``)."""
-        self.study = study
+    def bind(self, trials: TrialSource) -> None:
+        """Called once with the source of this searcher's trials (only if ``sampler()``)."""
+        self.trials = trials
 
     def rebuild(self, outcomes: Sequence[Outcome], pending: Sequence[Proposal] = ()) -> None:
         """Restore state from this searcher's finished trials (in trial order).

@@ -194,7 +194,8 @@ def format_states(records: Sequence[Any]) -> str:
 
 # -- commands ----------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from search.runner import prepare, run_study
+    from search.runner import run_study
+    from search.setup import prepare
 
     config = _load(args, n_trials=args.n_trials, timeout_s=args.timeout, workers=args.workers, seed=args.seed)
     with _LogSetup(config.study.log_path) as logs:
@@ -249,7 +250,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Exit 0 when the model carries the key's mark (p < alpha), 1 when it does not."""
-    from search.runner import build_watermark, load_task_and_space
+    from search.setup import build_watermark, load_task_and_space
     from spaces import watermark as wmk
 
     config = _load(args)

@@ -226,7 +226,7 @@ def plot_pareto(records: Sequence[TrialRecord], front: Sequence[TrialRecord], pa
 def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune_steps: int | None = None,
                  formats: Sequence[str] | None = None, task_and_space: tuple[Any, Any] | None = None) -> ExportSummary:
     """Export every feasible Pareto trial of ``config``'s study (storage is only read)."""
-    from search.runner import build_watermark, fingerprint_of, load_task_and_space
+    from search.setup import build_watermark, fingerprint_of, load_task_and_space
 
     formats = tuple(formats if formats is not None else config.export.formats)
     bad = [f for f in formats if f not in ("pt2", "onnx")]

@@ -1,14 +1,14 @@
 """Searchers driven by Optuna samplers: TPE, NSGA-II and random (the baseline).
 
-Each searcher owns a study handle with its own seeded sampler on the shared study
-(``bind``) and proposes through ``study.ask(distributions(space))``, so its trials carry
-exactly the space's params. Samplers see every trial of the study of the fidelities in
-option ``fidelities`` (default ``["full"]``): a portfolio — TPE learns from the GA's
-promoted trials too, but not from its cheap step, whose accuracies are not comparable
-(``fidelities = []`` shows everything). Optuna's NSGA-II builds its populations from its
-own generations only. Constraints reach the samplers through ``trial.set_constraint`` (written by the
-runner before ``tell``), which Optuna 5 reads as ``trial.constraints``; the deprecated
-``constraints_func`` is not needed.
+Each searcher is bound to a trial source over its own seeded sampler on the shared study
+(``bind``; the recorder creates the trials), so its trials carry exactly the space's params.
+Samplers see every trial of the study of the fidelities in option ``fidelities`` (default
+``["full"]``): a portfolio — TPE learns from the GA's promoted trials too, but not from its
+cheap step, whose accuracies are not comparable (``fidelities = []`` shows everything).
+Optuna's NSGA-II builds its populations from its own generations only. Constraints reach
+the samplers through ``trial.set_constraint`` (written by the recorder before ``tell``),
+which Optuna 5 reads as ``trial.constraints``; the deprecated ``constraints_func`` is not
+needed.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 import optuna
 
-from search.params import distributions
 from search.base import FULL, Outcome, Proposal, Searcher, SearcherContext, register_searcher
+from search.recorder import SampledTrial, TrialSource
 from spaces.policy import Policy
 
 
@@ -90,7 +90,7 @@ def derived_seed(seed: int, salt: int) -> int:
 
 
 class OptunaSearcher(Searcher):
-    """Base of the sampler-backed searchers: ``ask`` = ``study.ask(distributions)``."""
+    """Base of the sampler-backed searchers: ``ask`` takes sampled trials from the source."""
 
     def __init__(self, context: SearcherContext, options: Any = None) -> None:
         super().__init__(context, options)
@@ -98,7 +98,7 @@ class OptunaSearcher(Searcher):
         self._seed = context.seed
         self._asked = 0
         self._starts: list[Policy] | None = None
-        self.study: optuna.Study | None = None
+        self.trials: TrialSource | None = None
 
     #: the Optuna sampler class; its keyword arguments are the options' fields but these
     sampler_class: type[optuna.samplers.BaseSampler] | None = None
@@ -113,7 +113,8 @@ class OptunaSearcher(Searcher):
 
     def start_policies(self) -> list[Policy]:
         """The first proposals (option ``uniform_start``): uniform policies spread over the
-        FLOPs budget, enqueued so the sampler learns from a front uniform pruning already has.
+        FLOPs budget, fixed params of the sampler's first trials, so it learns from a front
+        uniform pruning already has.
         Computed once per searcher."""
         if self._starts is None:
             n = getattr(self.options, "uniform_start", 0)
@@ -136,19 +137,18 @@ class OptunaSearcher(Searcher):
             self._seed = derived_seed(self.context.seed, len(done))
             self._round = max(p.generation for p in [o.proposal for o in outcomes] + list(pending)) + 1
 
-    def generation_of(self, trial: optuna.trial.Trial) -> int:
+    def generation_of(self, trial: SampledTrial) -> int:
         return self._round
 
     def ask(self, n: int) -> list[Proposal]:
-        if self.study is None:
-            raise RuntimeError(f"searcher {self.kind!r} asked before bind(study)")
+        if self.trials is None:
+            raise RuntimeError(f"searcher {self.kind!r} asked before bind(trials)")
         proposals = []
         starts = self.start_policies()
         for _ in range(max(0, n)):
-            if self._asked < len(starts):  # the driver asks right after enqueueing: this trial is ours
-                self.study.enqueue_trial(self.space.to_params(starts[self._asked]))
+            fixed = self.space.to_params(starts[self._asked]) if self._asked < len(starts) else None
             self._asked += 1
-            trial = self.study.ask(distributions(self.space))
+            trial = self.trials.ask(fixed)
             # samplers may return grid values off by float rounding (0.6000000000000001):
             # snap so equal policies compare and cache equal
             space = self.space
@@ -231,9 +231,9 @@ class NSGA2Searcher(OptunaSearcher):
     Options = NSGA2Options
     sampler_class = optuna.samplers.NSGAIISampler
 
-    def generation_of(self, trial: optuna.trial.Trial) -> int:
+    def generation_of(self, trial: SampledTrial) -> int:
         # Optuna's GA samplers keep the generation in a system attr "<Sampler>:generation".
-        for key, value in trial.storage.get_trial_system_attrs(trial._trial_id).items():
+        for key, value in trial.sampler_attrs().items():
             if key.endswith(":generation") and isinstance(value, int):
                 return value
         return 0

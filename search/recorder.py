@@ -6,12 +6,18 @@ launcher's run id), ``settings`` (evaluation-setting overrides, only when the pr
 them), ``meta`` (only when non-empty) at creation, and ``metrics`` (every Metrics field plus
 ``constraints``: name -> value) at the end, one write; constraint values also go through
 ``trial.set_constraint`` so Optuna's samplers and ``best_trials`` see them.
+
+Every trial is created here, in one of two ways: a proposal with fixed params (``open``:
+one transaction, RUNNING from birth), or a trial a searcher's Optuna sampler fills in
+(``trial_source(sampler).ask()``: the sampler needs the trial to sample its params; the
+searcher turns them into its policy and ``open`` then writes the proposal's attrs on it).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -21,6 +27,40 @@ from evaluators.metrics import Metrics
 from search.base import Outcome, Proposal
 from search.params import distributions
 from search.records import TrialRecord
+
+
+@dataclass(frozen=True)
+class SampledTrial:
+    """A RUNNING trial whose params a searcher's sampler chose."""
+
+    trial: optuna.trial.Trial
+    params: dict[str, Any]
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+    def sampler_attrs(self) -> dict[str, Any]:
+        """What the sampler noted on the trial (e.g. NSGA-II's ``<Sampler>:generation``)."""
+        return dict(self.trial.storage.get_trial_system_attrs(self.trial._trial_id))
+
+
+class TrialSource:
+    """Creates one searcher's trials with its own sampler (its own study handle)."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, study_name: str,
+                 sampler: optuna.samplers.BaseSampler, space: Any) -> None:
+        self._study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+        self._distributions = distributions(space)
+
+    def ask(self, fixed: Mapping[str, Any] | None = None) -> SampledTrial:
+        """A new trial sampled over the space; ``fixed`` params are queued for it first, so
+        the sampler records them as its own trial. The driver opens the trial right after
+        this call, before any other ask of this launcher."""
+        if fixed is not None:
+            self._study.enqueue_trial(dict(fixed))
+        trial = self._study.ask(self._distributions)
+        return SampledTrial(trial, dict(trial.params))
 
 
 class TrialRecorder:
@@ -66,13 +106,19 @@ class TrialRecorder:
         base, own = self.settings.to_dict(), proposal.settings.to_dict()
         return {k: v for k, v in own.items() if base.get(k) != v}
 
+    def trial_source(self, sampler: optuna.samplers.BaseSampler) -> TrialSource:
+        """Where a sampler-backed searcher gets its trials (see ``Searcher.bind``)."""
+        return TrialSource(self.storage, self.study_name, sampler, self.space)
+
     def open(self, label: str, proposal: Proposal) -> optuna.trial.Trial:
-        """The RUNNING trial of ``proposal`` (created here unless the searcher made it)."""
+        """The RUNNING trial of ``proposal``, with its attrs (created here unless a sampler
+        already created it: ``proposal.trial``)."""
         attrs = self._attrs(label, proposal)
         if proposal.trial is not None:
+            trial = proposal.trial.trial
             for key, value in attrs.items():
-                proposal.trial.set_user_attr(key, value)
-            return proposal.trial
+                trial.set_user_attr(key, value)
+            return trial
         # One transaction with every param and attr; the trial is RUNNING from birth, so
         # no other asker can pick it up (unlike enqueue_trial's WAITING trials).
         template = optuna.trial.create_trial(

@@ -1,5 +1,5 @@
 """Test doubles for the search service: a tiny task plugin, fake and in-process pools,
-a synthetic evaluator and a harness that drives one searcher without the runner.
+a synthetic evaluator and a harness that drives searchers through the real driver.
 
 The synthetic evaluator is a deterministic function of the policy: FLOPs ratio from the
 space's analytic cost model, accuracy falling with how much each group is pruned (groups
@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import functools
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,10 @@ import torch
 from evaluators.metrics import Metrics
 from search.base import FULL, Proposal, Searcher, SearcherContext, make_searcher
 from search.config import ConstraintsSection
+from search.budget import Budget
+from search.cache import ResultCache
+from search.driver import Driver, Plan, bind_searchers, run_loop
+from search.launchers import Launcher, write_heartbeat
 from search.recorder import TrialRecorder
 from search.records import read_trials
 from spaces.policy import Policy
@@ -88,7 +91,7 @@ def synthetic_metrics(space: SearchSpace, policy: Policy, settings: Any = None) 
 
 
 class FakePool:
-    """The EvaluatorPool interface, evaluated synchronously with ``synthetic_metrics``.
+    """A ``search.pool.Pool``, evaluated synchronously with ``synthetic_metrics``.
 
     ``fail_when(policy)`` makes an evaluation fail (Metrics.failure); ``crash_after`` raises
     from ``results`` once that many results were returned (a launcher dying mid-run).
@@ -153,12 +156,28 @@ def local_pool(task: Any, space: SearchSpace, settings: Any, **kwargs: Any) -> F
     return FakePool(space, evaluate=run, **kwargs)
 
 
-# -- driving one searcher without the runner --------------------------------------------------
+# -- driving searchers through the real driver -----------------------------------------------
+class EvaluateEveryTrial(ResultCache):
+    """A result cache that never shares: every trial is evaluated (tests that count evaluations)."""
+
+    def hit(self, key: Any) -> None:
+        return None
+
+    def follow(self, key: Any, number: int) -> bool:
+        return False
+
+
 class Harness:
-    """An in-memory study + recorder; runs a searcher with the synthetic evaluator."""
+    """An in-memory study driven by the real ``search.driver`` with a fake pool.
+
+    Searchers go through the driver's cache, watermark and budget paths exactly as in a
+    run; only the evaluation is synthetic (or ``metrics``) and the storage in memory.
+    ``share_results=False`` evaluates every trial, duplicates included.
+    """
 
     def __init__(self, space: SearchSpace, *, constraints: ConstraintsSection | None = None,
-                 storage: Any = None, name: str = "contract") -> None:
+                 storage: Any = None, name: str = "contract", watermark: Any = None,
+                 share_results: bool = True) -> None:
         from evaluators.settings import EvalSettings
 
         self.space = space
@@ -166,10 +185,13 @@ class Harness:
         self.constraints = constraints or ConstraintsSection(max_flops_ratio=0.6)
         self.storage = storage or optuna.storages.InMemoryStorage()
         self.name = name
+        self.watermark = watermark
+        self.share_results = share_results
         optuna.create_study(storage=self.storage, study_name=name, directions=list(DIRECTIONS), load_if_exists=True)
         self.recorder = TrialRecorder(self.storage, name, space=space, settings=self.settings, objectives=OBJECTIVES,
                                       constraints=self.constraints, run_id="harness")
-        self.log: list[tuple[Proposal, Any]] = []
+        self.me = write_heartbeat(self.storage, self.recorder.study_id, Launcher.current())
+        self.log: list[tuple[Proposal, Any]] = []   # (the searcher's proposal, its outcome) as told
 
     def context(self, seed: int = 0, label: str = "s") -> SearcherContext:
         return SearcherContext(space=self.space, objectives=OBJECTIVES, directions=DIRECTIONS, settings=self.settings,
@@ -178,44 +200,34 @@ class Harness:
 
     def searcher(self, kind: str, seed: int = 0, options: dict | None = None, label: str = "s") -> Searcher:
         s = make_searcher(kind, self.context(seed, label), {**FAST.get(kind, {}), **(options or {})})
-        sampler = s.sampler()
-        if sampler is not None:
-            s.bind(optuna.load_study(study_name=self.name, storage=self.storage, sampler=sampler))
+        bind_searchers({label: s}, self.recorder)
         return s
 
     def run(self, searcher: Searcher, n: int, *, window: int = 2, label: str = "s",
             metrics: Callable[[Proposal], Metrics] | None = None) -> list[Proposal]:
-        """Ask/evaluate/tell ``n`` proposals, ``window`` in flight, told in order."""
+        """Drive ``n`` more trials of ``searcher``, ``window`` in flight, told in order;
+        returns the searcher's proposals in the order they were told."""
         metrics = metrics or (lambda p: synthetic_metrics(self.space, p.policy, p.settings))
-        flight: collections.deque = collections.deque()
-        done: list[Proposal] = []
-        while len(done) < n:
-            want = min(window - len(flight), n - len(done) - len(flight))
-            if want > 0:
-                for p in searcher.ask(want):
-                    flight.append((p, self.recorder.open(label, p)))
-            if not flight:
-                if searcher.waiting:  # background work of its own (masking runs): poll, as the runner does
-                    time.sleep(0.05)
-                    continue
-                break  # the searcher has nothing to propose
-            p, trial = flight.popleft()
-            outcome = self.recorder.finish(trial, p, metrics(p))
-            searcher.tell(outcome)
-            self.log.append((p, trial))
-            done.append(p)
-        # close what is still open so the study has no RUNNING trial left
-        for p, trial in flight:
-            outcome = self.recorder.finish(trial, p, metrics(p))
-            searcher.tell(outcome)
-            self.log.append((p, trial))
-            done.append(p)
-        return done
+        pool = FakePool(self.space, workers=1, window=window,
+                        evaluate=lambda policy, settings: metrics(Proposal(policy, settings=settings)))
+        records = self.records()
+        finished = sum(r.evaluated for r in records)
+        budget = Budget(finished + n, finished, self.storage, self.recorder.study_id, self.me)
+        plan = Plan(searchers={label: searcher}, shares={label: 1.0}, directions=DIRECTIONS,
+                    constraint_names=self.constraints.names, ordered=True, space=self.space,
+                    watermark=self.watermark)
+        cache = None if self.share_results else EvaluateEveryTrial()
+        driver = Driver(plan, pool, self.recorder, budget, records, self.me.run_id, cache=cache)
+        run_loop(driver, collections.deque(), deadline=None)
+        self.log.extend((o.proposal, o) for o in driver.told)
+        return [o.proposal for o in driver.told]
+
+    def records(self) -> list[Any]:
+        return read_trials(optuna.load_study(study_name=self.name, storage=self.storage))
 
     def outcomes(self, label: str = "s") -> list[Any]:
-        study = optuna.load_study(study_name=self.name, storage=self.storage)
         return [r.outcome(self.settings, self.constraints.names)
-                for r in read_trials(study) if r.searcher == label and r.evaluated]
+                for r in self.records() if r.searcher == label and r.evaluated]
 
 
 # -- config files -----------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from evaluators.evaluate import evaluate_model
 from search.cli import main
 from search.config import load_config
 from search.export import MARKER, load_exported
-from search.runner import load_task_and_space, run_study
+from search.runner import run_study
+from search.setup import load_task_and_space
 from search.records import pareto_front, read_trials
 from search.storage import inspect_storage, parse_storage
 from tests.fakes import local_pool, tiny_config

@@ -34,7 +34,8 @@ from optuna.trial import TrialState
 
 from search.cli import main
 from search.config import load_config
-from search.runner import default_pool, run_study
+from search.runner import run_study
+from search.setup import default_pool
 from search.storage import close_storage, open_storage, parse_storage
 from tests.fakes import tiny_config
 
@@ -317,7 +318,7 @@ class OtherLauncher:
     """A live launcher on this host (our parent process) holding RUNNING trials of its own."""
 
     def __init__(self, config) -> None:
-        from search.runner import load_task_and_space
+        from search.setup import load_task_and_space
         from search.launchers import Launcher, write_heartbeat
         from search.recorder import TrialRecorder
 

@@ -76,8 +76,10 @@ def test_deterministic_under_a_seed(kind, space):
 
 @pytest.mark.parametrize("kind", SEARCHERS)
 def test_tell_accepts_failures_and_infeasible_outcomes(kind, space):
-    # a constraint only the smallest policies meet, and every third evaluation failing
-    h = Harness(space, constraints=ConstraintsSection(max_flops_ratio=space.min_flops_ratio + 0.01))
+    # a constraint only the smallest policies meet, and every third evaluation failing (every
+    # trial evaluated, duplicates included, so a third of the trials fail)
+    h = Harness(space, constraints=ConstraintsSection(max_flops_ratio=space.min_flops_ratio + 0.01),
+                share_results=False)
     count = {"n": 0}
 
     def metrics(p):

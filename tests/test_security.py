@@ -26,7 +26,7 @@ import torch
 import search.runner
 from search.cli import main
 from search.config import ConfigError, load_config
-from search.runner import prepare
+from search.setup import prepare
 from tests.fakes import FakePool, tiny_config, tiny_task
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,7 +41,7 @@ def marked_study(tmp_path_factory):
 
 def test_every_trial_carries_the_mark_and_keeps_its_proposal(marked_study):
     tmp, path, config, _ = marked_study
-    from search.runner import load_task_and_space
+    from search.setup import load_task_and_space
 
     _, space = load_task_and_space(config)
     mark = Watermark.from_space(space, config.watermark)

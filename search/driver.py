@@ -1,0 +1,277 @@
+"""The driver loop of one launcher: searchers <-> pool <-> recorder.
+
+The loop fills the pool up to its capacity with proposals (searchers picked by their
+``share``: the one furthest below its share of trials asks next), records each as one
+trial, collects results, records metrics/constraints/values and tells the searcher, until
+the budget is spent, the deadline passed or every searcher is out of proposals.
+
+Each proposal becomes a :class:`Submission` once, at submit: its watermark projection (what
+is recorded and evaluated), its cache key and settings overrides. A proposal of an
+evaluation already done or under way shares that result (``search.cache``). With
+``ordered`` (one worker), results are processed strictly in submission order, so the same
+config and seed give the same sequence of trial params whatever the timing.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from optuna.trial import TrialState
+
+from evaluators.metrics import Metrics
+from search.base import Proposal, Searcher
+from search.budget import Budget
+from search.launchers import HEARTBEAT_S
+from search.cache import CacheKey, ResultCache, cache_key
+from search.pool import Pool
+from search.progress import LiveFront, Progress
+from search.recorder import TrialRecorder
+from search.records import TrialRecord
+
+log = logging.getLogger(__name__)
+
+# How often searchers that wait for their own background work are asked again (seconds).
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the driver needs to know of the study besides its storage."""
+
+    searchers: Mapping[str, Searcher]   # in config order
+    shares: Mapping[str, float]
+    directions: tuple[str, ...]
+    constraint_names: tuple[str, ...]
+    ordered: bool                        # one worker: results processed in submission order
+    space: Any = None
+    watermark: Any = None                # every evaluated policy is projected onto it
+    latency_table: Any = None            # latency_ms of every trial from the lookup table
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A proposal as submitted: the searcher's own, its marked twin, its trial."""
+
+    label: str
+    proposal: Proposal          # what the searcher proposed (and is told about)
+    marked: Proposal            # projected onto the watermark: what is recorded and evaluated
+    overrides: dict[str, Any]   # evaluation settings that differ from the study's
+    key: CacheKey
+    trial: Any                  # the RUNNING optuna.trial.Trial
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+
+def mark(proposal: Proposal, watermark: Any) -> Proposal:
+    """``proposal`` projected onto ``watermark``; the searcher's own policy is kept in
+    ``meta["proposal"]`` (what it is told about, and re-proposed on resume)."""
+    if watermark is None:
+        return proposal
+    marked = watermark.project(proposal.policy)
+    if marked == proposal.policy:
+        return proposal
+    meta = {**dict(proposal.meta), "proposal": proposal.policy.to_json()}
+    return dataclasses.replace(proposal, policy=marked, meta=meta)
+
+
+def bind_searchers(searchers: Mapping[str, Searcher], recorder: TrialRecorder) -> None:
+    """Give every sampler-backed searcher the source of its trials."""
+    for searcher in searchers.values():
+        sampler = searcher.sampler()
+        if sampler is not None:
+            searcher.bind(recorder.trial_source(sampler))
+
+
+class Driver:
+    """One run's loop state: submissions in flight, arrived results, counters."""
+
+    def __init__(self, plan: Plan, pool: Pool, recorder: TrialRecorder, budget: Budget,
+                 records: list[TrialRecord], run_id: str = "", cache: ResultCache | None = None) -> None:
+        self.plan = plan
+        self.pool = pool
+        self.recorder = recorder
+        self.budget = budget
+        self.run_id = run_id
+        self.timers = budget.timers
+        self.issued = collections.Counter(r.searcher for r in records)
+        self.cache = cache if cache is not None else ResultCache()
+        self.live = LiveFront(plan.directions)
+        for r in records:
+            self.cache.remember(r)
+            self.live.add(r)
+        self.in_flight: dict[int, Submission] = {}
+        self.order: collections.deque[int] = collections.deque()
+        self.arrived: dict[int, tuple[Metrics, int | None]] = {}
+        self.new_trials = self.evaluations = self.cached = 0
+        self.told: list[Any] = []   # outcomes in the order the searchers were told
+
+    def budget_left(self) -> int | None:
+        return self.budget.left(len(self.in_flight))
+
+    # -- proposing -----------------------------------------------------------------------
+    def choose(self, blocked: set[str]) -> str | None:
+        """The searcher furthest below its share of trials (not blocked, not finished)."""
+        best, best_key = None, None
+        for i, (name, searcher) in enumerate(self.plan.searchers.items()):
+            if name in blocked or searcher.finished:
+                continue
+            key = ((self.issued[name] + 1) / self.plan.shares[name], i)
+            if best_key is None or key < best_key:
+                best, best_key = name, key
+        return best
+
+    def ask(self, label: str) -> list[Proposal]:
+        t = time.thread_time()
+        proposals = self.plan.searchers[label].ask(1)
+        self.timers["searchers"] += time.thread_time() - t
+        return proposals
+
+    def submit(self, label: str, proposal: Proposal) -> None:
+        """Record ``proposal`` as a trial and evaluate it (or share an equal evaluation)."""
+        marked = mark(proposal, self.plan.watermark)
+        t = time.thread_time()
+        trial = self.recorder.open(label, marked)
+        self.timers["storage"] += time.thread_time() - t
+        if self.budget.over_budget(trial.number):
+            # other launchers took the last places: take this trial back
+            self.recorder.fail_over_budget(trial._trial_id, "other launchers filled n_trials first")
+            log.info("trial %d: the study's budget was filled by other launchers; stopping", trial.number)
+            self.budget.exhausted = True
+            return
+        overrides = self.recorder.settings_overrides(marked)
+        sub = Submission(label, proposal, marked, overrides, cache_key(marked.policy.key(), overrides), trial)
+        self.in_flight[sub.number] = sub
+        self.order.append(sub.number)
+        self.issued[label] += 1
+        self.new_trials += 1
+        hit = self.cache.hit(sub.key)
+        if hit is not None:
+            self.cached += 1
+            self.arrived[sub.number] = (hit[1], hit[0])
+        elif not self.cache.follow(sub.key, sub.number):
+            self._evaluate(sub)
+
+    def _evaluate(self, sub: Submission) -> None:
+        self.evaluations += 1
+        self.cache.start(sub.key, sub.number)
+        self.pool.submit(sub.marked.policy, tag=sub.number, settings=sub.proposal.settings)
+
+    # -- finishing -----------------------------------------------------------------------
+    def _share(self, sub: Submission, metrics: Metrics) -> None:
+        """Hand an evaluation's result to the trials waiting for it (or retry one)."""
+        shared, retry = self.cache.settle(sub.key, sub.number, metrics)
+        for follower in shared:
+            self.cached += 1
+            self.arrived[follower] = (metrics, sub.number)
+        if retry is not None:
+            self._evaluate(self.in_flight[retry])
+
+    def _with_latency(self, sub: Submission, metrics: Metrics) -> Metrics:
+        """Latency from the measured lookup table (cheap, noise-free ranking during search);
+        real latency of the Pareto models is measured at export."""
+        table = self.plan.latency_table
+        if table is None or not metrics.ok:
+            return metrics
+        from spaces.latency import predict_latency_ms
+
+        ms = predict_latency_ms(table, self.plan.space, sub.marked.policy)
+        return dataclasses.replace(metrics, latency_ms=ms, latency_ratio=ms / table.base_ms)
+
+    def process(self, number: int, metrics: Metrics, cached_from: int | None, progress: Progress | None) -> None:
+        """Record trial ``number``'s result and tell its searcher."""
+        sub = self.in_flight.pop(number)
+        self._share(sub, metrics)
+        metrics = self._with_latency(sub, metrics)
+        t = time.thread_time()
+        outcome = self.recorder.finish(sub.trial, sub.proposal, metrics, cached_from=cached_from)
+        self.timers["storage"] += time.thread_time() - t
+        self.budget.finished += 1
+        record = TrialRecord(
+            number=number, trial_id=sub.trial._trial_id,
+            state=TrialState.COMPLETE if outcome.ok else TrialState.FAIL,
+            searcher=sub.label, generation=sub.proposal.generation, fidelity=sub.proposal.fidelity,
+            policy=sub.marked.policy, metrics=outcome.metrics, values=outcome.values,
+            constraints=dict(zip(self.plan.constraint_names, outcome.constraints)), run=self.run_id or None,
+            settings=sub.overrides,
+        )
+        self.cache.remember(record)
+        self.live.add(record)
+        t = time.thread_time()
+        self.plan.searchers[sub.label].tell(outcome)
+        self.timers["searchers"] += time.thread_time() - t
+        self.told.append(outcome)
+        if progress is not None:
+            progress.update(1, self.live)
+
+    def drain(self, progress: Progress | None) -> bool:
+        """Process arrived results; True if any. Ordered: only the oldest, if it arrived."""
+        if self.plan.ordered:
+            # One at a time, then refill: what a searcher has seen when it is asked next
+            # must not depend on how results happened to be batched.
+            if not (self.order and self.order[0] in self.arrived):
+                return False
+            number = self.order.popleft()
+            self.process(number, *self.arrived.pop(number), progress)
+            return True
+        done = False
+        for number in list(self.arrived):
+            metrics, cached_from = self.arrived.pop(number)
+            self.order.remove(number)
+            self.process(number, metrics, cached_from, progress)
+            done = True
+        return done
+
+
+def _open(driver: Driver, deadline: float | None) -> bool:
+    """Whether the budget and the deadline allow another trial."""
+    left = driver.budget_left()
+    return (left is None or left > 0) and (deadline is None or time.monotonic() < deadline)
+
+
+def fill(driver: Driver, queue: collections.deque, deadline: float | None) -> set[str]:
+    """Submit proposals until the pool is full; returns the searchers that had none."""
+    blocked: set[str] = set()
+    capacity = max(1, driver.pool.capacity)
+    while len(driver.in_flight) < capacity and _open(driver, deadline):
+        if queue:  # proposals of dead launchers go first
+            driver.submit(*queue.popleft())
+            continue
+        label = driver.choose(blocked)
+        if label is None:
+            break
+        proposals = driver.ask(label)
+        if not proposals:
+            blocked.add(label)  # waiting for its results; ask the others
+            continue
+        for proposal in proposals:
+            driver.submit(label, proposal)
+    return blocked
+
+
+def run_loop(driver: Driver, queue: collections.deque, deadline: float | None,
+             progress: Progress | None = None) -> None:
+    """Fill the pool, collect, record, tell — until the budget or the searchers are spent."""
+    while True:
+        blocked = fill(driver, queue, deadline)
+        if driver.drain(progress):
+            continue
+        waiting = any(driver.plan.searchers[n].waiting for n in blocked)
+        if not driver.in_flight:
+            if waiting and _open(driver, deadline):
+                time.sleep(POLL_S)  # e.g. a masking run still training: ask again shortly
+                driver.budget.heartbeat()
+                continue
+            return
+        # wake up soon when a searcher waits for its own background work
+        for number, _policy, metrics in driver.pool.results(timeout=1.0 if waiting else HEARTBEAT_S):
+            driver.arrived[number] = (metrics, None)
+        driver.drain(progress)
+        driver.budget.heartbeat()

@@ -1,0 +1,210 @@
+"""A study's set-up: everything that can fail on bad input, checked before anything is written.
+
+``prepare`` loads the task and the search space over it, checks that the constraints are
+reachable, builds the watermark and the searchers, checks an existing study's
+space/objectives/evaluation against the config and builds the latency table; the result,
+``Prepared``, is what ``search.runner``, ``search.export`` and the CLI work from.
+``open_study`` is the first write of a run; ``default_pool`` starts the Ray workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+
+from search.base import Searcher, SearcherContext, make_searcher
+from search.config import ConfigError, StudyConfig
+from search.pool import Pool
+from search.storage import (
+    STUDY_ATTR_EVALUATION,
+    STUDY_ATTR_FINGERPRINT,
+    STUDY_ATTR_OBJECTIVES,
+    STUDY_ATTR_TASK,
+    StorageSpec,
+    check_compatible,
+    find_study,
+    inspect_storage,
+    open_storage,
+    parse_storage,
+)
+
+
+@dataclass
+class Prepared:
+    """Everything validated, nothing written: task, space, searchers, storage location."""
+
+    config: StudyConfig
+    task: Any
+    space: Any
+    spec: StorageSpec
+    searchers: dict[str, Searcher]
+    existing: bool
+    watermark: Any = None   # spaces.watermark.Watermark: every evaluated policy is projected onto it
+    latency_table: Any = None  # spaces.latency.LatencyTable: latency_ms of every trial during search
+
+
+PoolFactory = Callable[[Prepared, str | None], Pool]
+
+
+def fingerprint_of(config: StudyConfig, space: Any, task: Any) -> dict[str, Any]:
+    """What identifies a study's search space (stored with the study, compared on resume)."""
+    fp = dict(space.fingerprint())
+    fp["task"] = config.task.name
+    if config.watermark is not None:  # non-secret scheme only: the key never reaches storage
+        fp["watermark"] = config.watermark.scheme()
+    return fp
+
+
+def searcher_seed(seed: int, index: int, salt: str | None = None) -> int:
+    entropy = [int(seed), int(index)] + ([int(salt, 16)] if salt is not None else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def make_context(config: StudyConfig, space: Any, index: int, task: Any = None,
+                 salt: str | None = None) -> SearcherContext:
+    """The context of searcher ``index``; ``salt`` (a launcher's hex run id) gives it its own seed."""
+    section = config.searchers[index]
+    return SearcherContext(
+        task=task,
+        space=space,
+        objectives=config.study.objectives,
+        directions=config.study.directions,
+        settings=config.evaluation,
+        seed=searcher_seed(config.study.seed, index, salt),
+        label=section.name,
+        constraint_names=config.constraints.names,
+        max_flops_ratio=config.constraints.max_flops_ratio,
+    )
+
+
+def make_searchers(config: StudyConfig, space: Any, task: Any, salt: str | None = None) -> dict[str, Searcher]:
+    """Every searcher of ``config``, in config order (``ConfigError`` on bad options)."""
+    searchers: dict[str, Searcher] = {}
+    for i, section in enumerate(config.searchers):
+        try:
+            searchers[section.name] = make_searcher(section.kind, make_context(config, space, i, task, salt),
+                                                    section.options)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"[[searchers]] {section.name!r}: {exc}") from None
+    return searchers
+
+
+def load_task_and_space(config: StudyConfig) -> tuple[Any, Any]:
+    """The task (training its base model on first use) and the search space over it."""
+    from evaluators.tasks import load_task
+    from spaces.space import SearchSpace
+
+    try:
+        task = load_task(config.task.name, config.task.options, cache_dir=config.task.cache_dir)
+    except ValueError as exc:
+        raise ConfigError(f"[task] {config.task.name!r}: {exc}") from None
+    try:
+        space = SearchSpace.from_model(
+            task.base_model(), task.example_inputs, config.space
+        )
+    except ValueError as exc:
+        raise ConfigError(f"[space]: {exc}") from None
+    return task, space
+
+
+def check_constraints_reachable(config: StudyConfig, space: Any) -> None:
+    c = config.constraints
+    smallest = space.predict_cost(space.uniform(space.ratio_min))
+    base = space.base_cost
+    for name, bound, reachable in (
+        ("max_flops_ratio", c.max_flops_ratio, smallest.flops / base.flops),
+        ("max_params_ratio", c.max_params_ratio, smallest.params / base.params),
+    ):
+        if bound is not None and bound < reachable - 1e-12:
+            raise ConfigError(
+                f"[constraints] {name} = {bound} is below what the space can reach "
+                f"({reachable:.4f} with every group at ratio_min {space.ratio_min}): raise it or lower [space] ratio_min"
+            )
+
+
+def build_watermark(config: StudyConfig, space: Any) -> Any:
+    """The study's watermark over ``space`` (None without a [watermark] section)."""
+    if config.watermark is None:
+        return None
+    from spaces.watermark import Watermark
+
+    try:
+        return Watermark.from_space(space, config.watermark)
+    except ValueError as exc:
+        raise ConfigError(f"[watermark]: {exc}") from None
+
+
+def check_existing_study(config: StudyConfig, spec: StorageSpec, space: Any, task: Any) -> bool:
+    """Whether the storage already holds the study (``ConfigError`` when it does not match)."""
+    with inspect_storage(spec) as storage:
+        summary = find_study(storage, config.name) if storage is not None else None
+        if summary is None:
+            return False
+        check_compatible(
+            summary,
+            fingerprint=fingerprint_of(config, space, task),
+            objectives=config.study.objectives,
+            evaluation=config.evaluation.to_dict(),
+            where=config.study.storage_url,
+        )
+        return True
+
+
+def prepare(config: StudyConfig, *, task_and_space: tuple[Any, Any] | None = None) -> Prepared:
+    """Validate everything that can be wrong with the input; write nothing to storage."""
+    spec = parse_storage(config.study.storage_url)
+    task, space = task_and_space if task_and_space is not None else load_task_and_space(config)
+    check_constraints_reachable(config, space)
+    watermark = build_watermark(config, space)
+    searchers = make_searchers(config, space, task)
+    existing = check_existing_study(config, spec, space, task)
+    latency_table = None
+    if config.uses_latency and config.latency.table:
+        from evaluators.latency_table import build_latency_table
+
+        latency_table = build_latency_table(task.base_model(), task.example_inputs, space,
+                                            config.latency, cache_dir=config.task.cache_dir)
+    return Prepared(config=config, task=task, space=space, spec=spec, searchers=searchers, existing=existing,
+                    watermark=watermark, latency_table=latency_table)
+
+
+def default_pool(prepared: Prepared, ray_address: str | None = None) -> Pool:
+    """The Ray ``EvaluatorPool`` the study's ``[study]`` section describes."""
+    from evaluators.pool import EvaluatorPool
+
+    s = prepared.config.study
+    return EvaluatorPool(
+        prepared.task,
+        groups=prepared.space.groups,
+        round_to=prepared.space.round_to,
+        settings=prepared.config.evaluation,
+        workers=s.workers,
+        threads_per_worker=s.threads_per_worker,
+        timeout_s=s.eval_timeout_s or None,
+        max_retries=s.max_retries,
+        window=s.window,
+        ray_address=ray_address,
+    )
+
+
+def open_study(prepared: Prepared) -> tuple[optuna.storages.BaseStorage, optuna.Study]:
+    """Open the storage and load or create the study (the first write of a run)."""
+    config = prepared.config
+    storage = open_storage(prepared.spec)
+    study = optuna.create_study(
+        study_name=config.name,
+        storage=storage,
+        directions=list(config.study.directions),
+        load_if_exists=True,
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+    if STUDY_ATTR_FINGERPRINT not in study.user_attrs:
+        study.set_user_attr(STUDY_ATTR_FINGERPRINT, fingerprint_of(config, prepared.space, prepared.task))
+        study.set_user_attr(STUDY_ATTR_OBJECTIVES, list(config.study.objectives))
+        study.set_user_attr(STUDY_ATTR_EVALUATION, config.evaluation.to_dict())
+        study.set_user_attr(STUDY_ATTR_TASK, {"name": config.task.name, "options": dict(config.task.options)})
+    return storage, study
