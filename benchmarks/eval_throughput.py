@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("training: %s", results["training"])
 
     task = load_task("digits", task_options)
-    space = SearchSpace.from_model(task.base_model(), task.example_inputs)
+    space = SearchSpace.from_model(task.base_model(), task.example_inputs, ratio_min=0.1)
     rng = np.random.default_rng(0)
     policies = [space.sample(rng) for _ in range(n)]
     config["validation_samples"] = len(task.validation[1])

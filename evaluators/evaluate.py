@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-import spaces.latency
-from evaluators.measure import latency_inputs, model_cost, top1_accuracy, torch_threads
+from evaluators import timing
+from evaluators.measure import model_cost, top1_accuracy
 from evaluators.metrics import Metrics
 from evaluators.prune import apply_policy
 from evaluators.recover import recover
@@ -52,10 +52,10 @@ def _measure(
     latency = ratio = None
     if settings.measure_latency:
         start = time.perf_counter()
-        inputs = latency_inputs(task.example_inputs, settings.latency_batch)
+        inputs = timing.latency_inputs(task.example_inputs, settings.latency.batch)
         # timed alternately with the unpruned model: the ratio is free of the machine's drifts
-        latency, base_ms = spaces.latency.measure_paired_ms(model, base, inputs, rounds=settings.latency_runs,
-                                                            threads=settings.threads)
+        latency, base_ms = timing.measure_paired_ms(model, base, inputs, rounds=settings.latency.runs,
+                                                    warmup=settings.latency.warmup, threads=settings.threads)
         ratio = latency / base_ms
         timings["latency"] = time.perf_counter() - start
     return {
@@ -90,7 +90,7 @@ def evaluate(
     timings: dict[str, float] = {}
     try:
         # fork_rng: seeding must not change the caller's random stream.
-        with torch_threads(settings.threads), torch.random.fork_rng(devices=[]):
+        with timing.torch_threads(settings.threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)
             base = base_model if base_model is not None else task.base_model()
             if groups is None:
@@ -124,7 +124,7 @@ def evaluate_model(model: nn.Module, task: Task, settings: EvalSettings = _DEFAU
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    with torch_threads(settings.threads):
+    with timing.torch_threads(settings.threads):
         base = task.base_model()
         base_cost = model_cost(base, task.example_inputs)
         values = _measure(model, task, settings, base, base_cost, timings)

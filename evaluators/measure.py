@@ -1,4 +1,4 @@
-"""Measurements of a (pruned) model: top-1 accuracy, FLOPs/params, CPU latency."""
+"""Measurements of a (pruned) model: top-1 accuracy and FLOPs/params (timing: ``evaluators.timing``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 from spaces.cost import Cost, count_cost
-from spaces.latency import measure_latency_ms, torch_threads  # noqa: F401  (re-exported)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -44,21 +43,3 @@ def model_cost(model: nn.Module, example_inputs: Any) -> Cost:
             return count_cost(model, example_inputs)
     finally:
         model.train(was_training)
-
-
-def latency_ms(
-    model: nn.Module, inputs: Any, *, runs: int = 20, warmup: int = 3, threads: int = 1
-) -> float:
-    """Median wall time (ms) of ``runs`` forward passes on ``inputs`` after ``warmup`` passes.
-
-    Threads are fixed for the measurement so numbers are comparable between workers.
-    """
-    model.eval()
-    return measure_latency_ms(model, inputs, runs=runs, warmup=warmup, threads=threads)
-
-
-def latency_inputs(example_inputs: torch.Tensor, batch: int) -> torch.Tensor:
-    """A batch of ``batch`` copies of the one-sample ``example_inputs``."""
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"latency batch must be an integer >= 1, got {batch!r}")
-    return example_inputs.expand(batch, *example_inputs.shape[1:]).contiguous()

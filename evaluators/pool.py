@@ -33,7 +33,7 @@ from typing import Any
 from evaluators.metrics import Metrics
 from evaluators.settings import EvalSettings
 from evaluators.tasks import Task
-from spaces.latency import keep_freed_memory
+from evaluators.timing import keep_freed_memory
 from spaces.groups import ChannelGroup
 from spaces.policy import Policy
 

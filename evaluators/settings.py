@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+from evaluators.latency_table import MOVED_KEYS, LatencyConfig
+from spaces.checks import check_bool, check_int, check_number, check_str
 
 
 @dataclass(frozen=True)
@@ -23,7 +17,9 @@ class EvalSettings:
 
     Calibration data: ``calibration_samples`` samples of the task's calibration split,
     cut into ``bn_batches`` batches; adaptive BN uses all of them, importance criteria
-    and compensation receive the same batches.
+    and compensation receive the same batches. With ``measure_latency`` every evaluation
+    times the pruned model against the unpruned one with ``latency``'s batch, runs and
+    warmup (the study's ``[latency]`` table).
     """
 
     recovery: str = "adaptive_bn"      # a name in the recovery registry
@@ -36,38 +32,35 @@ class EvalSettings:
     batch_size: int = 64
     eval_samples: int | None = None    # None = whole validation split
     measure_latency: bool = False
-    latency_batch: int = 1
-    latency_runs: int = 20
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
     threads: int = 1
     seed: int = 0
     fidelity: str = "full"             # copied into Metrics.fidelity (e.g. "cheap" for GA step 1)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.recovery, str) or not self.recovery:
-            raise ValueError(f"recovery must be a non-empty string, got {self.recovery!r}")
+        check_str("recovery", self.recovery)
         from evaluators.recover import available_recoveries  # lazy: recover imports this module
 
         known = available_recoveries()
         if self.recovery not in known:
             raise ValueError(f"unknown recovery {self.recovery!r} (known: {', '.join(known)})")
-        _check_int("calibration_samples", self.calibration_samples, 1)
-        _check_int("bn_batches", self.bn_batches, 1)
-        _check_int("finetune_steps", self.finetune_steps, 0)
-        _check_positive("finetune_lr", self.finetune_lr)
-        if not isinstance(self.kd, bool):
-            raise ValueError(f"kd must be true or false, got {self.kd!r}")
-        _check_positive("temperature", self.temperature)
-        _check_int("batch_size", self.batch_size, 1)
+        check_int("calibration_samples", self.calibration_samples, 1)
+        check_int("bn_batches", self.bn_batches, 1)
+        check_int("finetune_steps", self.finetune_steps, 0)
+        check_number("finetune_lr", self.finetune_lr, positive=True)
+        check_bool("kd", self.kd)
+        check_number("temperature", self.temperature, positive=True)
+        check_int("batch_size", self.batch_size, 1)
         if self.eval_samples is not None:
-            _check_int("eval_samples", self.eval_samples, 1)
-        if not isinstance(self.measure_latency, bool):
-            raise ValueError(f"measure_latency must be true or false, got {self.measure_latency!r}")
-        _check_int("latency_batch", self.latency_batch, 1)
-        _check_int("latency_runs", self.latency_runs, 1)
-        _check_int("threads", self.threads, 1)
-        _check_int("seed", self.seed, 0)
-        if not isinstance(self.fidelity, str) or not self.fidelity:
-            raise ValueError(f"fidelity must be a non-empty string, got {self.fidelity!r}")
+            check_int("eval_samples", self.eval_samples, 1)
+        check_bool("measure_latency", self.measure_latency)
+        if isinstance(self.latency, Mapping):  # read back from a study's stored settings
+            object.__setattr__(self, "latency", LatencyConfig.from_dict(self.latency))
+        if not isinstance(self.latency, LatencyConfig):
+            raise ValueError(f"latency must be a LatencyConfig, got {self.latency!r}")
+        check_int("threads", self.threads, 1)
+        check_int("seed", self.seed, 0)
+        check_str("fidelity", self.fidelity)
 
     @property
     def calibration_batch_size(self) -> int:
@@ -79,11 +72,17 @@ class EvalSettings:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """JSON-able fields (``latency`` as its table)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["latency"] = self.latency.to_dict()
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EvalSettings":
-        """Settings from a mapping (e.g. a TOML table); unknown keys are errors."""
+    def from_dict(cls, data: Mapping[str, Any]) -> "EvalSettings":
+        """Settings from a mapping (``to_dict``'s output, an ``[evaluation]`` table); unknown
+        keys are errors, and so are the latency keys that now live in ``[latency]``."""
+        for key in sorted(set(data) & set(MOVED_KEYS)):
+            raise ValueError(f"{key} is now [latency] {MOVED_KEYS[key]}: move it to the [latency] table")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

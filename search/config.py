@@ -1,17 +1,22 @@
 """StudyConfig: a study described in TOML, validated before anything is written.
 
-Sections (all but ``[study]``, ``[task]`` and ``[[searchers]]`` optional)::
+Each section is the frozen config of the layer that uses it; StudyConfig only composes
+them and adds what needs the registries (objective, method and recovery names)::
 
     [study]        name, storage, seed, n_trials, timeout_s, objectives, workers,
                    threads_per_worker, window, eval_timeout_s, max_retries, log_file
     [task]         name ("digits", "image-folder" or "package.module:callable"), cache_dir
     [task.options] passed to the task
-    [space]        ratio_min, ratio_max, ratio_step, methods, method_per_group, recoveries,
-                   round_to, ignored
-    [evaluation]   fields of evaluators.settings.EvalSettings (the "full" fidelity)
-    [constraints]  max_flops_ratio, max_params_ratio, max_latency_ms, min_accuracy
+    [space]        spaces.space.SpaceConfig: ratio_min, ratio_max, ratio_step, methods,
+                   method_per_group, recoveries, round_to, ignored
+    [evaluation]   evaluators.settings.EvalSettings (the "full" fidelity)
+    [latency]      evaluators.latency_table.LatencyConfig: table, batch, threads, runs,
+                   warmup, levels, calibration, predictor
+    [constraints]  max_flops_ratio, max_params_ratio, max_latency_ms, max_latency_ratio,
+                   min_accuracy
     [[searchers]]  kind, name (default: kind), share; [searchers.options] per kind
     [export]       dir, finetune_steps, formats
+    [watermark]    spaces.watermark.WatermarkConfig
 
 Unknown keys are errors. Relative paths (storage file, cache, export dir, log file)
 resolve against the current working directory, like every command-line tool's paths.
@@ -23,12 +28,17 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from evaluators.latency_table import LatencyConfig
 from evaluators.metrics import MINIMIZE, OBJECTIVES, get_objective
+from evaluators.settings import EvalSettings
+from spaces.checks import check_int, check_keys, check_number, check_str, check_str_list
+from spaces.space import SpaceConfig
+from spaces.watermark import WatermarkConfig
 
 # Constraint name -> objective it bounds: ``max_<metric>`` for an objective to minimise
 # (value - bound), ``min_<metric>`` for one to maximise (bound - value).
@@ -36,55 +46,44 @@ CONSTRAINTS: dict[str, str] = {
     f"{'max' if objective.direction == MINIMIZE else 'min'}_{objective.metric}": name
     for name, objective in OBJECTIVES.items() if objective.metric
 }
+LATENCY_OBJECTIVES = ("latency_ms", "latency_ratio")
 EXPORT_FORMATS = ("pt2", "onnx")
 # Violation recorded for a constraint whose metric was not measured (finite: JSON-safe).
 UNMEASURED = 1e6
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_SECTIONS = ("study", "task", "space", "evaluation", "constraints", "searchers", "export", "watermark", "latency")
+_NO_SEARCHERS = "no [[searchers]] given: add at least one, e.g. [[searchers]] kind = \"tpe\""
 
 
 class ConfigError(ValueError):
     """Bad input: the message says what is wrong, where, and what to do."""
 
 
-def _where(section: str, key: str | None = None) -> str:
-    return f"[{section}]" + (f" {key}" if key else "")
+def _check(check: Callable[..., Any], section: str, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+    """``check(f"[section] key", value, ...)`` with its ``ValueError`` as a ``ConfigError``."""
+    try:
+        return check(f"[{section}] {key}", value, *args, **kwargs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-def _int(section: str, key: str, value: Any, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{_where(section, key)} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{_where(section, key)} must be >= {minimum}, got {value}")
+def _at_least(section: str, key: str, value: Any, minimum: float, check: Callable[..., Any] = check_int) -> Any:
+    value = _check(check, section, key, value)
+    if value < minimum:
+        raise ConfigError(f"[{section}] {key} must be >= {minimum}, got {value}")
     return value
 
 
-def _number(section: str, key: str, value: Any, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{_where(section, key)} must be a finite number, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{_where(section, key)} must be >= {minimum}, got {value}")
-    return float(value)
+def check_space_names(config: SpaceConfig) -> None:
+    """``ValueError`` for a method or recovery of ``config`` that no registry knows."""
+    from evaluators.importance import available_importances
+    from evaluators.recover import available_recoveries
 
-
-def _str(section: str, key: str, value: Any, empty: bool = False) -> str:
-    if not isinstance(value, str) or (not empty and not value):
-        raise ConfigError(f"{_where(section, key)} must be a {'' if empty else 'non-empty '}string, got {value!r}")
-    return value
-
-
-def _str_list(section: str, key: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{_where(section, key)} must be a list of strings, got {value!r}")
-    return tuple(value)
-
-
-def _check_keys(section: str, data: Mapping[str, Any], cls: type, extra: Sequence[str] = ()) -> None:
-    known = {f.name for f in fields(cls)} | set(extra)
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown key {unknown[0]!r} in {_where(section)} (known: {', '.join(sorted(known))}); remove or rename it"
-        )
+    for kind, names, known in (("method", config.methods, available_importances()),
+                               ("recovery", config.recoveries, available_recoveries())):
+        for name in names:
+            if name not in known:
+                raise ValueError(f"unknown {kind} {name!r} (known: {', '.join(sorted(known))})")
 
 
 @dataclass(frozen=True)
@@ -109,16 +108,14 @@ class StudySection:
                 f"[study] name {self.name!r} must be 1-100 characters of letters, digits, '.', '_' or '-' "
                 "(it names files)"
             )
-        _str(s, "storage", self.storage, empty=True)
-        _int(s, "seed", self.seed, 0)
-        if self.n_trials is not None:
-            _int(s, "n_trials", self.n_trials)
-            if self.n_trials <= 0:
-                raise ConfigError(f"[study] n_trials must be > 0, got {self.n_trials} (omit it to run until timeout_s)")
-        object.__setattr__(self, "timeout_s", _number(s, "timeout_s", self.timeout_s, 0.0))
+        _check(check_str, s, "storage", self.storage, empty=True)
+        _at_least(s, "seed", self.seed, 0)
+        if self.n_trials is not None and _check(check_int, s, "n_trials", self.n_trials) <= 0:
+            raise ConfigError(f"[study] n_trials must be > 0, got {self.n_trials} (omit it to run until timeout_s)")
+        object.__setattr__(self, "timeout_s", _at_least(s, "timeout_s", self.timeout_s, 0.0, check_number))
         if self.n_trials is None and self.timeout_s == 0:
             raise ConfigError("[study] sets no budget: give n_trials > 0 and/or timeout_s > 0")
-        objectives = _str_list(s, "objectives", self.objectives)
+        objectives = _check(check_str_list, s, "objectives", self.objectives)
         for name in objectives:
             try:
                 get_objective(name)
@@ -127,12 +124,12 @@ class StudySection:
         if not objectives or len(set(objectives)) != len(objectives):
             raise ConfigError(f"[study] objectives must be non-empty and distinct, got {list(objectives)}")
         object.__setattr__(self, "objectives", objectives)
-        _int(s, "workers", self.workers, 1)
-        _int(s, "threads_per_worker", self.threads_per_worker, 1)
-        _int(s, "window", self.window, 1)
-        object.__setattr__(self, "eval_timeout_s", _number(s, "eval_timeout_s", self.eval_timeout_s, 0.0))
-        _int(s, "max_retries", self.max_retries, 0)
-        _str(s, "log_file", self.log_file, empty=True)
+        for key in ("workers", "threads_per_worker", "window"):
+            _at_least(s, key, getattr(self, key), 1)
+        object.__setattr__(self, "eval_timeout_s", _at_least(s, "eval_timeout_s", self.eval_timeout_s, 0.0,
+                                                             check_number))
+        _at_least(s, "max_retries", self.max_retries, 0)
+        _check(check_str, s, "log_file", self.log_file, empty=True)
 
     @property
     def storage_url(self) -> str:
@@ -154,38 +151,11 @@ class TaskSection:
     cache_dir: str = "studies/cache"
 
     def __post_init__(self) -> None:
-        _str("task", "name", self.name)
+        _check(check_str, "task", "name", self.name)
         if not isinstance(self.options, Mapping):
             raise ConfigError(f"[task.options] must be a table, got {self.options!r}")
         object.__setattr__(self, "options", dict(self.options))
-        _str("task", "cache_dir", self.cache_dir)
-
-
-@dataclass(frozen=True)
-class SpaceSection:
-    ratio_min: float = 0.2
-    ratio_max: float = 1.0
-    ratio_step: float = 0.05
-    methods: tuple[str, ...] = ("l1",)
-    method_per_group: bool = False
-    recoveries: tuple[str, ...] = ()
-    round_to: int = 1
-    ignored: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        s = "space"
-        for key in ("ratio_min", "ratio_max", "ratio_step"):
-            object.__setattr__(self, key, _number(s, key, getattr(self, key)))
-        object.__setattr__(self, "methods", _str_list(s, "methods", self.methods))
-        if not isinstance(self.method_per_group, bool):
-            raise ConfigError(f"[space] method_per_group must be true or false, got {self.method_per_group!r}")
-        object.__setattr__(self, "recoveries", _str_list(s, "recoveries", self.recoveries))
-        _int(s, "round_to", self.round_to, 1)
-        object.__setattr__(self, "ignored", _str_list(s, "ignored", self.ignored))
-
-    def space_options(self) -> dict[str, Any]:
-        """Keyword arguments of ``SearchSpace`` (everything but ``ignored``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ignored"}
+        _check(check_str, "task", "cache_dir", self.cache_dir)
 
 
 @dataclass(frozen=True)
@@ -200,7 +170,7 @@ class ConstraintsSection:
 
     def __post_init__(self) -> None:
         for key in self.names:
-            value = _number("constraints", key, getattr(self, key), 0.0)
+            value = _at_least("constraints", key, getattr(self, key), 0.0, check_number)
             if key != "max_latency_ms" and value > 1.0 + 1e-12:
                 raise ConfigError(f"[constraints] {key} is a ratio in (0, 1], got {value}")
             object.__setattr__(self, key, value)
@@ -227,36 +197,6 @@ class ConstraintsSection:
 
 
 @dataclass(frozen=True)
-class LatencySection:
-    """How latency is known during search: a measured lookup table (NetAdapt-style) built
-    once per (model, batch, threads, machine) and cached, or per-evaluation measurement."""
-
-    table: bool = True
-    batch: int = 1
-    threads: int = 1
-    runs: int = 15
-    warmup: int = 3
-    levels: tuple[float, ...] = (0.25, 0.5, 0.75)
-    calibration: int = 16
-    predictor: str = "fitted"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.table, bool):
-            raise ConfigError(f"[latency] table must be true or false, got {self.table!r}")
-        object.__setattr__(self, "levels", tuple(self.levels))
-        try:
-            self.settings()
-        except ValueError as exc:
-            raise ConfigError(f"[latency]: {exc}") from None
-
-    def settings(self) -> Any:
-        from spaces.latency import LatencySettings
-
-        return LatencySettings(batch=self.batch, threads=self.threads, runs=self.runs, warmup=self.warmup,
-                               levels=self.levels, calibration=self.calibration, predictor=self.predictor)
-
-
-@dataclass(frozen=True)
 class SearcherSection:
     kind: str
     name: str = ""
@@ -264,12 +204,12 @@ class SearcherSection:
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _str("searchers", "kind", self.kind)
-        name = _str("searchers", "name", self.name, empty=True) or self.kind
+        _check(check_str, "searchers", "kind", self.kind)
+        name = _check(check_str, "searchers", "name", self.name, empty=True) or self.kind
         if not _NAME.match(name):
             raise ConfigError(f"[[searchers]] name {name!r} must be letters, digits, '.', '_' or '-'")
         object.__setattr__(self, "name", name)
-        share = _number("searchers", "share", self.share)
+        share = _check(check_number, "searchers", "share", self.share)
         if share <= 0:
             raise ConfigError(f"[[searchers]] share of {name!r} must be > 0, got {share}")
         object.__setattr__(self, "share", share)
@@ -285,9 +225,9 @@ class ExportSection:
     formats: tuple[str, ...] = ("pt2",)
 
     def __post_init__(self) -> None:
-        _str("export", "dir", self.dir)
-        _int("export", "finetune_steps", self.finetune_steps, 0)
-        formats = _str_list("export", "formats", self.formats)
+        _check(check_str, "export", "dir", self.dir)
+        _check(check_int, "export", "finetune_steps", self.finetune_steps, 0)
+        formats = _check(check_str_list, "export", "formats", self.formats)
         for f in formats:
             if f not in EXPORT_FORMATS:
                 raise ConfigError(f"[export] formats: unknown format {f!r} (known: {', '.join(EXPORT_FORMATS)})")
@@ -296,27 +236,45 @@ class ExportSection:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """A whole study: what to search, how to evaluate, where to record, what to export."""
+    """A whole study: what to search, how to evaluate, where to record, what to export.
+
+    ``latency`` is the one latency configuration: ``evaluation.latency`` is set to it.
+    """
 
     study: StudySection
     task: TaskSection
     searchers: tuple[SearcherSection, ...]
-    space: SpaceSection = field(default_factory=SpaceSection)
-    evaluation: Any = None  # evaluators.settings.EvalSettings
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    evaluation: EvalSettings | None = None  # default: EvalSettings seeded with the study's seed
     constraints: ConstraintsSection = field(default_factory=ConstraintsSection)
     export: ExportSection = field(default_factory=ExportSection)
-    watermark: Any = None  # spaces.watermark.WatermarkConfig, or None for no watermark
-    latency: LatencySection = field(default_factory=LatencySection)
+    watermark: WatermarkConfig | None = None  # None: no watermark
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
     source: str = ""
 
     def __post_init__(self) -> None:
-        from evaluators.settings import EvalSettings
+        evaluation = self.evaluation or EvalSettings(seed=self.study.seed)
+        if evaluation.latency != self.latency:
+            evaluation = evaluation.replace(latency=self.latency)
+        object.__setattr__(self, "evaluation", evaluation)
+        try:
+            check_space_names(self.space)
+        except ValueError as exc:
+            raise ConfigError(f"[space]: {exc}") from None
+        self._check_searchers()
+        if self.uses_latency and not (self.latency.table or evaluation.measure_latency):
+            raise ConfigError(
+                "latency is an objective or constraint but neither [latency] table nor [evaluation] "
+                "measure_latency is true: enable one"
+            )
+        if evaluation.fidelity != "full":
+            raise ConfigError(f"[evaluation] fidelity must stay 'full' (the Pareto front's fidelity), got {evaluation.fidelity!r}")
+
+    def _check_searchers(self) -> None:
         from search.base import build_options
 
-        if self.evaluation is None:
-            object.__setattr__(self, "evaluation", EvalSettings(seed=self.study.seed))
         if not self.searchers:
-            raise ConfigError("no [[searchers]] given: add at least one, e.g. [[searchers]] kind = \"tpe\"")
+            raise ConfigError(_NO_SEARCHERS)
         names = [s.name for s in self.searchers]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -326,19 +284,12 @@ class StudyConfig:
                 build_options(s.kind, s.options)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"[[searchers]] {s.name!r}: {exc}") from None
-        if self.uses_latency and not (self.latency.table or self.evaluation.measure_latency):
-            raise ConfigError(
-                "latency is an objective or constraint but neither [latency] table nor [evaluation] "
-                "measure_latency is true: enable one"
-            )
-        if self.evaluation.fidelity != "full":
-            raise ConfigError(f"[evaluation] fidelity must stay 'full' (the Pareto front's fidelity), got {self.evaluation.fidelity!r}")
 
     # -- derived --------------------------------------------------------------------------
     @property
     def uses_latency(self) -> bool:
         c = self.constraints
-        return (any(o in self.study.objectives for o in ("latency_ms", "latency_ratio"))
+        return (any(o in self.study.objectives for o in LATENCY_OBJECTIVES)
                 or c.max_latency_ms is not None or c.max_latency_ratio is not None)
 
     @property
@@ -369,61 +320,69 @@ class StudyConfig:
     # -- reading --------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "") -> "StudyConfig":
-        from evaluators.settings import EvalSettings
-
-        known = {"study", "task", "space", "evaluation", "constraints", "searchers", "export", "watermark", "latency"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(_SECTIONS))
         if unknown:
-            raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(sorted(known))}); remove or rename it")
-        for required in ("study", "task", "searchers"):
+            raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(sorted(_SECTIONS))}); remove or rename it")
+        for required in ("study", "task"):
             if required not in data:
-                raise ConfigError(f"missing section [{required}]" if required != "searchers"
-                                  else "no [[searchers]] given: add at least one, e.g. [[searchers]] kind = \"tpe\"")
-
-        def table(name: str) -> dict[str, Any]:
-            value = data.get(name, {})
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"[{name}] must be a table, got {type(value).__name__}")
-            return dict(value)
-
-        def build(section: str, cls_: type, values: dict[str, Any], required: Sequence[str] = ()) -> Any:
-            _check_keys(section, values, cls_)
-            for key in required:
-                if key not in values:
-                    raise ConfigError(f"{_where(section, key)} is missing")
-            try:
-                return cls_(**values)
-            except ConfigError:
-                raise
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{_where(section)}: {exc}") from None
-
-        study = build("study", StudySection, table("study"), required=("name",))
-        task = build("task", TaskSection, table("task"), required=("name",))
-        space = build("space", SpaceSection, table("space"))
-        constraints = build("constraints", ConstraintsSection, table("constraints"))
-        export = build("export", ExportSection, table("export"))
-        latency = build("latency", LatencySection, table("latency"))
-        evaluation_data = table("evaluation")
-        evaluation_data.setdefault("seed", study.seed)
-        try:
-            evaluation = EvalSettings.from_dict(evaluation_data)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"[evaluation]: {exc}") from None
+                raise ConfigError(f"missing section [{required}]")
+        if "searchers" not in data:
+            raise ConfigError(_NO_SEARCHERS)
+        study = _section(data, "study", StudySection, required=("name",))
+        evaluation = _table(data, "evaluation")
+        evaluation.setdefault("seed", study.seed)
+        if "latency" in evaluation:
+            raise ConfigError("[evaluation] latency: latency settings live in the [latency] table; move them there")
         raw = data.get("searchers")
         if not isinstance(raw, list) or not all(isinstance(s, Mapping) for s in raw):
             raise ConfigError("[[searchers]] must be an array of tables: write each as [[searchers]] kind = \"...\"")
-        searchers = tuple(build("searchers", SearcherSection, dict(s), required=("kind",)) for s in raw)
-        watermark = None
-        if "watermark" in data:
-            from spaces.watermark import WatermarkConfig
+        return cls(
+            study=study,
+            task=_section(data, "task", TaskSection, required=("name",)),
+            searchers=tuple(_built("searchers", SearcherSection, dict(s), required=("kind",)) for s in raw),
+            space=_section(data, "space", SpaceConfig.from_dict),
+            evaluation=_built("evaluation", EvalSettings.from_dict, evaluation),
+            constraints=_section(data, "constraints", ConstraintsSection),
+            export=_section(data, "export", ExportSection),
+            # key_file is resolved against the working directory, like every path here
+            watermark=_section(data, "watermark", WatermarkConfig.from_dict) if "watermark" in data else None,
+            latency=_section(data, "latency", LatencyConfig.from_dict),
+            source=source,
+        )
 
-            try:  # key_file is resolved against the working directory, like every path here
-                watermark = WatermarkConfig.from_dict(table("watermark"))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"[watermark]: {exc}") from None
-        return cls(study=study, task=task, searchers=searchers, space=space, evaluation=evaluation,
-                   constraints=constraints, export=export, watermark=watermark, latency=latency, source=source)
+
+def _table(data: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"[{name}] must be a table, got {type(value).__name__}")
+    return dict(value)
+
+
+def _section(data: Mapping[str, Any], name: str, build: Callable[..., Any], required: Sequence[str] = ()) -> Any:
+    return _built(name, build, _table(data, name), required)
+
+
+def _built(section: str, build: Callable[..., Any], values: dict[str, Any], required: Sequence[str] = ()) -> Any:
+    """``build`` applied to a section's table; unknown keys and bad values as one ``ConfigError`` line.
+
+    ``build`` is a config class (its fields are the known keys) or a ``from_dict`` that
+    checks its own keys."""
+    if isinstance(build, type):
+        try:
+            check_keys(f"[{section}]", values, (f.name for f in fields(build)))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    for key in required:
+        if key not in values:
+            raise ConfigError(f"[{section}] {key} is missing")
+    try:
+        return build(**values) if isinstance(build, type) else build(values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith("unknown key") and f"[{section}]" in message
+                          else f"[{section}]: {message}") from None
 
 
 def load_config(path: str | Path) -> StudyConfig:

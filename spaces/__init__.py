@@ -3,13 +3,13 @@ latency tables and the structural watermark."""
 
 from spaces.cost import Cost, CostModel, count_cost
 from spaces.groups import ChannelGroup, discover_groups
-from spaces.latency import LatencySettings, LatencyTable, build_latency_table, predict_latency_ms
+from spaces.latency import LatencyTable, predict_latency_ms
 from spaces.policy import Policy
 from spaces.space import SearchSpace, kept_channels
 from spaces.watermark import VerifyResult, Watermark, WatermarkConfig, load_key, space_capacity
 
 __all__ = [
-    "ChannelGroup", "Cost", "CostModel", "LatencySettings", "LatencyTable", "Policy", "SearchSpace", "VerifyResult",
-    "Watermark", "WatermarkConfig", "build_latency_table", "count_cost", "discover_groups", "kept_channels",
+    "ChannelGroup", "Cost", "CostModel", "LatencyTable", "Policy", "SearchSpace", "VerifyResult",
+    "Watermark", "WatermarkConfig", "count_cost", "discover_groups", "kept_channels",
     "load_key", "predict_latency_ms", "space_capacity",
 ]

@@ -1,4 +1,4 @@
-"""SearchSpace: channel groups x a ratio grid x pruning methods.
+"""SpaceConfig (what a space offers) and SearchSpace: channel groups x a ratio grid x methods.
 
 The one place that knows how a policy maps to Optuna parameters, to a GA genome and to
 kept channel counts. Param names are the group names, plus ``method`` (or
@@ -9,12 +9,14 @@ searched, so every searcher's trials look alike in optuna-dashboard.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from spaces.checks import check_bool, check_int, check_number, check_str_list, from_mapping
 from spaces.cost import Cost, CostModel
 from spaces.groups import ChannelGroup, discover_groups
 from spaces.policy import Policy
@@ -31,35 +33,29 @@ def kept_channels(channels: int, ratio: float, round_to: int = 1) -> int:
     return max(min(round_to, channels), 1, min(kept, channels))
 
 
-def _known_methods() -> set[str]:
-    from evaluators.importance import available_importances
-
-    return set(available_importances())
-
-
 @dataclass(frozen=True)
-class SearchSpace:
-    """What searchers may propose, and what a proposal costs."""
+class SpaceConfig:
+    """What a search space offers: the ratio grid, pruning methods, recoveries, rounding.
 
-    groups: tuple[ChannelGroup, ...]
-    ratio_min: float = 0.1
+    ``ratio_min``..``ratio_max`` (remaining fractions, in (0, 1]) in steps of ``ratio_step``;
+    ``methods`` (importance criteria, one per policy or, with ``method_per_group``, one per
+    group) and ``recoveries`` (searched when more than one) are registry names, checked by
+    the layer that knows the registries (``search.config``). ``round_to`` rounds kept channel
+    counts; ``ignored`` names modules whose channels are never pruned.
+    """
+
+    ratio_min: float = 0.2
     ratio_max: float = 1.0
     ratio_step: float = 0.05
     methods: tuple[str, ...] = ("l1",)
     method_per_group: bool = False
     recoveries: tuple[str, ...] = ()
     round_to: int = 1
-    cost_model: CostModel | None = field(default=None, compare=False, repr=False)
+    ignored: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "groups", tuple(self.groups))
-        object.__setattr__(self, "methods", tuple(self.methods))
-        object.__setattr__(self, "recoveries", tuple(self.recoveries))
-        if not self.groups:
-            raise ValueError("search space has no prunable channel group")
-        names = [g.name for g in self.groups]
-        if len(set(names)) != len(names):
-            raise ValueError("duplicate group names in search space")
+        for key in ("ratio_min", "ratio_max", "ratio_step"):
+            object.__setattr__(self, key, check_number(key, getattr(self, key)))
         if not 0.0 < self.ratio_min <= 1.0 or not 0.0 < self.ratio_max <= 1.0:
             raise ValueError(f"ratio range must lie in (0, 1], got [{self.ratio_min}, {self.ratio_max}]")
         if self.ratio_min > self.ratio_max:
@@ -71,34 +67,88 @@ class SearchSpace:
             raise ValueError(
                 f"ratio_step {self.ratio_step} does not divide the range [{self.ratio_min}, {self.ratio_max}]"
             )
+        object.__setattr__(self, "methods", check_str_list("methods", self.methods))
         if not self.methods:
             raise ValueError("at least one pruning method is required")
-        unknown = [m for m in self.methods if m not in _known_methods()]
-        if unknown:
-            raise ValueError(f"unknown method {unknown[0]!r} (known: {', '.join(sorted(_known_methods()))})")
-        if self.recoveries:
-            from evaluators.recover import available_recoveries
+        check_bool("method_per_group", self.method_per_group)
+        object.__setattr__(self, "recoveries", check_str_list("recoveries", self.recoveries))
+        check_int("round_to", self.round_to, 1)
+        object.__setattr__(self, "ignored", check_str_list("ignored", self.ignored))
 
-            bad = [r for r in self.recoveries if r not in available_recoveries()]
-            if bad:
-                raise ValueError(f"unknown recovery {bad[0]!r} (known: {', '.join(sorted(available_recoveries()))})")
-        if not isinstance(self.round_to, int) or self.round_to < 1:
-            raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SpaceConfig":
+        """From a ``[space]`` table; unknown keys are errors."""
+        return from_mapping(cls, data, "[space]")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What searchers may propose (``groups`` x ``config``), and what a proposal costs."""
+
+    groups: tuple[ChannelGroup, ...]
+    config: SpaceConfig = field(default_factory=SpaceConfig)
+    cost_model: CostModel | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "groups", tuple(self.groups))
+        if not isinstance(self.config, SpaceConfig):
+            raise ValueError(f"config must be a SpaceConfig, got {self.config!r}")
+        if not self.groups:
+            raise ValueError("search space has no prunable channel group")
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate group names in search space")
 
     # -- construction --------------------------------------------------------------------
     @classmethod
-    def from_model(
-        cls, model: Any, example_inputs: Any, ignored: Iterable[str] = (), **options: Any
-    ) -> "SearchSpace":
-        """Discover ``model``'s groups and measure its cost model (``example_inputs``: batch 1)."""
-        groups = discover_groups(model, example_inputs, ignored=ignored)
-        space = cls(groups=tuple(groups), **options)  # validate options before measuring
+    def from_model(cls, model: Any, example_inputs: Any, config: SpaceConfig | None = None,
+                   **options: Any) -> "SearchSpace":
+        """Discover ``model``'s groups and measure its cost model (``example_inputs``: batch 1).
+
+        ``options`` are ``SpaceConfig`` fields (replacing those of ``config``, if given).
+        """
+        config = config or SpaceConfig()
+        if options:
+            config = dataclasses.replace(config, **options)
+        groups = discover_groups(model, example_inputs, ignored=config.ignored)
+        space = cls(groups=tuple(groups), config=config)
         return space.with_cost_model(CostModel.build(model, example_inputs, groups))
 
     def with_cost_model(self, cost_model: CostModel) -> "SearchSpace":
-        from dataclasses import replace
+        return dataclasses.replace(self, cost_model=cost_model)
 
-        return replace(self, cost_model=cost_model)
+    def with_config(self, **changes: Any) -> "SearchSpace":
+        """The same groups and cost model under a config with ``changes`` applied."""
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, **changes))
+
+    # -- configuration ---------------------------------------------------------------------
+    @property
+    def ratio_min(self) -> float:
+        return self.config.ratio_min
+
+    @property
+    def ratio_max(self) -> float:
+        return self.config.ratio_max
+
+    @property
+    def ratio_step(self) -> float:
+        return self.config.ratio_step
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return self.config.methods
+
+    @property
+    def method_per_group(self) -> bool:
+        return self.config.method_per_group
+
+    @property
+    def recoveries(self) -> tuple[str, ...]:
+        return self.config.recoveries
+
+    @property
+    def round_to(self) -> int:
+        return self.config.round_to
 
     # -- grid ---------------------------------------------------------------------------
     @property
@@ -136,8 +186,7 @@ class SearchSpace:
         The uniform baseline is strong on its own (every group pruned alike); searchers that
         start from it explore per-group deviations around a front that is already good.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        check_int("n", n, 0)
         if n == 0:
             return []
         grid = sorted(self.levels)

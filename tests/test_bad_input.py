@@ -100,6 +100,12 @@ CASES = [
          old="[evaluation]\n", new='[latency]\npredictor = "magic"\n[evaluation]\n'),
     Case("latency-negative-calibration", "latency calibration must be an integer >= 0, got -1",
          old="[evaluation]\n", new="[latency]\ncalibration = -1\n[evaluation]\n"),
+    Case("latency-batch-moved", "latency_batch is now [latency] batch", old="[evaluation]\n",
+         new="[evaluation]\nlatency_batch = 8\n"),
+    Case("latency-runs-moved", "latency_runs is now [latency] runs", old="[evaluation]\n",
+         new="[evaluation]\nlatency_runs = 5\n"),
+    Case("latency-zero-runs", "latency runs must be an integer >= 1, got 0",
+         old="[evaluation]\n", new="[latency]\nruns = 0\n[evaluation]\n"),
     Case("latency-ratio-objective-unmeasured", "neither [latency] table nor [evaluation] measure_latency is true",
          old="[task]", new='objectives = ["accuracy", "latency_ratio"]\n[latency]\ntable = false\n[task]'),
     # -- searcher options ---------------------------------------------------------------------

@@ -21,7 +21,8 @@ from evaluators.settings import EvalSettings
 from evaluators.tasks import load_task
 from spaces.groups import build_graph, discover_groups, root_pruning_group
 from spaces.policy import Policy
-from spaces.space import RECOVERY_PARAM, SearchSpace
+from search.config import check_space_names
+from spaces.space import RECOVERY_PARAM, SearchSpace, SpaceConfig
 from tests.architectures import ARCHITECTURES
 
 CACHE = Path(__file__).resolve().parents[1] / "studies" / "cache"
@@ -31,7 +32,7 @@ CACHE = Path(__file__).resolve().parents[1] / "studies" / "cache"
 def digits():
     task = load_task("digits", cache_dir=CACHE)
     base = task.base_model()
-    space = SearchSpace.from_model(base, task.example_inputs, recoveries=("adaptive_bn", "cap"))
+    space = SearchSpace.from_model(base, task.example_inputs, ratio_min=0.1, recoveries=("adaptive_bn", "cap"))
     settings = EvalSettings()
     calibration = calibration_batches(task, settings)
     pruned = apply_policy(base, space.uniform(0.5), task.example_inputs, calibration, groups=space.groups)
@@ -274,7 +275,7 @@ def test_unknown_recovery_is_a_clear_error(digits):
         "unknown recovery 'capp'",
     )
     _one_line_value_error(lambda: EvalSettings(recovery="capp"), "unknown recovery 'capp'")
-    _one_line_value_error(lambda: SearchSpace(groups=space.groups, recoveries=("cap", "capp")),
+    _one_line_value_error(lambda: check_space_names(SpaceConfig(recoveries=("cap", "capp"))),
                           "unknown recovery 'capp'")
 
 

@@ -78,11 +78,38 @@ def test_defaults_and_derived_values():
     (("export", "formats"), ["tflite"], r"unknown format 'tflite'"),
     (("evaluation", "recovery"), "magic", r"unknown recovery 'magic'"),
     (("evaluation", "fidelity"), "cheap", r"fidelity must stay 'full'"),
+    (("space", "methods"), ["l1", "magic"], r"\[space\]: unknown method 'magic'"),
+    (("space", "recoveries"), ["cap", "capp"], r"\[space\]: unknown recovery 'capp'"),
+    (("space", "ratio_min"), 0.0, r"\[space\]: ratio range"),
+    (("evaluation", "latency_batch"), 8, r"\[evaluation\].*latency_batch is now \[latency\] batch"),
+    (("evaluation", "latency_runs"), 5, r"\[evaluation\].*latency_runs is now \[latency\] runs"),
+    (("evaluation", "latency"), {"runs": 5}, r"\[evaluation\] latency: .*\[latency\] table"),
+    (("latency", "rounds"), 5, r"unknown key 'rounds' in \[latency\]"),
 ])
 def test_bad_values_are_one_line_config_errors(path, value, match):
     with pytest.raises(ConfigError, match=match) as info:
         StudyConfig.from_dict(with_(path, value))
     assert "\n" not in str(info.value)
+
+
+def test_sections_are_the_configs_of_their_layers():
+    from evaluators.latency_table import LatencyConfig
+    from spaces.space import SpaceConfig
+
+    config = StudyConfig.from_dict(with_(("latency",), {"batch": 4, "runs": 7}))
+    assert isinstance(config.space, SpaceConfig) and config.space.ratio_min == 0.2
+    assert config.latency == LatencyConfig(batch=4, runs=7)
+    assert config.evaluation.latency is config.latency  # per-evaluation timing reads [latency]
+
+
+def test_objectives_come_from_the_registry():
+    from evaluators.metrics import MAXIMIZE, Objective, register_objective
+    from search.config import CONSTRAINTS
+
+    register_objective("accuracy", Objective(MAXIMIZE, "accuracy"))  # the same objective again: a no-op
+    assert CONSTRAINTS["max_flops_ratio"] == "flops" and CONSTRAINTS["min_accuracy"] == "accuracy"
+    config = StudyConfig.from_dict(with_(("study", "objectives"), ["accuracy", "params", "latency_ratio"]))
+    assert config.study.directions == ("maximize", "minimize", "minimize")
 
 
 def test_budget_is_required_and_duplicate_searcher_names_are_refused():

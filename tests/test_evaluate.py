@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from evaluators.evaluate import evaluate, evaluate_model
+from evaluators.latency_table import LatencyConfig
 from evaluators.metrics import Metrics
 from evaluators.prune import apply_policy
 from evaluators.recover import recover
@@ -24,7 +25,7 @@ FAST = EvalSettings(calibration_samples=128, bn_batches=2, eval_samples=200)
 def digits():
     task = load_task("digits", cache_dir=CACHE)
     base = task.base_model()
-    return task, base, SearchSpace.from_model(base, task.example_inputs, methods=("l1", "taylor"))
+    return task, base, SearchSpace.from_model(base, task.example_inputs, ratio_min=0.1, methods=("l1", "taylor"))
 
 
 def _eval(digits, policy, settings=FAST, **kwargs):
@@ -74,7 +75,8 @@ def test_evaluate_is_deterministic_given_the_seed(digits):
 
 def test_latency_and_fidelity_and_eval_samples(digits):
     _, _, space = digits
-    settings = FAST.replace(measure_latency=True, latency_runs=3, latency_batch=2, eval_samples=37, fidelity="cheap")
+    settings = FAST.replace(measure_latency=True, latency=LatencyConfig(runs=3, batch=2), eval_samples=37,
+                            fidelity="cheap")
     m = _eval(digits, space.uniform(0.7), settings)
     assert m.ok and m.fidelity == "cheap"
     assert m.latency_ms > 0 and "latency" in m.timings
@@ -83,7 +85,7 @@ def test_latency_and_fidelity_and_eval_samples(digits):
 
 def test_measured_latency_is_paired_with_the_unpruned_model(digits):
     _, _, space = digits
-    settings = FAST.replace(measure_latency=True, latency_runs=10, latency_batch=8, eval_samples=37)
+    settings = FAST.replace(measure_latency=True, latency=LatencyConfig(runs=10, batch=8), eval_samples=37)
     full, small = (_eval(digits, space.uniform(r), settings) for r in (1.0, 0.3))
     assert 0.5 < full.latency_ratio < 2.0       # the base timed against itself (loose: CI machines are shared)
     assert small.latency_ratio < full.latency_ratio
@@ -127,7 +129,7 @@ def test_evaluate_model_measures_an_already_pruned_model(digits):
 @pytest.mark.parametrize("field, value", [
     ("recovery", "magic"), ("calibration_samples", 0), ("bn_batches", 0), ("finetune_steps", -1),
     ("finetune_lr", 0.0), ("temperature", -1.0), ("batch_size", 0), ("eval_samples", 0),
-    ("latency_batch", 0), ("latency_runs", 0), ("threads", 0), ("seed", -1), ("fidelity", ""),
+    ("latency", "fast"), ("threads", 0), ("seed", -1), ("fidelity", ""),
     ("kd", "yes"), ("threads", 1.5), ("batch_size", True),
 ])
 def test_settings_reject_bad_values_naming_them(field, value):
@@ -144,6 +146,18 @@ def test_settings_round_trip_and_unknown_keys():
         EvalSettings.from_dict({"steps": 3})
     assert EvalSettings(calibration_samples=256, bn_batches=4).calibration_batch_size == 64
     assert EvalSettings(calibration_samples=100, bn_batches=3).calibration_batch_size == 34
+
+
+@pytest.mark.parametrize("key, moved_to", [("latency_batch", "batch"), ("latency_runs", "runs")])
+def test_settings_name_where_a_moved_latency_key_lives(key, moved_to):
+    with pytest.raises(ValueError, match=rf"{key} is now \[latency\] {moved_to}"):
+        EvalSettings.from_dict({key: 4})
+
+
+def test_settings_carry_the_latency_config_and_read_it_back_from_a_dict():
+    s = EvalSettings(latency=LatencyConfig(batch=4, runs=6))
+    assert EvalSettings.from_dict(s.to_dict()) == s
+    assert s.replace(latency={"batch": 2}).latency == LatencyConfig(batch=2)
 
 
 def test_evaluate_leaves_the_callers_random_stream_alone(digits):

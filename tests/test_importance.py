@@ -22,7 +22,7 @@ from evaluators.shapley import ChannelMask, ForwardSchedule, ShapleyImportance
 from evaluators.tasks import load_task
 from spaces.groups import build_graph, discover_groups, out_channels, root_pruning_group
 from spaces.policy import Policy
-from spaces.space import METHOD_PARAM, SearchSpace, kept_channels
+from spaces.space import METHOD_PARAM, SearchSpace, SpaceConfig, kept_channels
 from tests.architectures import ARCHITECTURES
 
 CACHE = Path(__file__).resolve().parents[1] / "studies" / "cache"
@@ -347,7 +347,7 @@ def test_forward_schedule_never_skips_shared_modules():
 # -- the method as a search dimension --------------------------------------------------------------
 def test_global_method_is_one_categorical_over_every_criterion(digits):
     task, base, groups, _ = digits
-    space = SearchSpace(groups=tuple(groups), methods=available_importances())
+    space = SearchSpace(groups=tuple(groups), config=SpaceConfig(ratio_min=0.1, methods=available_importances()))
     dists = distributions(space)
     assert list(dists[METHOD_PARAM].choices) == list(available_importances())
     assert not any(k.endswith(f".{METHOD_PARAM}") for k in dists)
@@ -366,7 +366,8 @@ def test_per_group_methods_decode_and_prune(digits, monkeypatch):
     task, base, groups, calibration = digits
     # keep shapley cheap for the pruning below (apply_policy uses default options)
     use_cheap_options(monkeypatch, "shapley")
-    space = SearchSpace(groups=tuple(groups), methods=available_importances(), method_per_group=True)
+    space = SearchSpace(groups=tuple(groups), config=SpaceConfig(ratio_min=0.1, methods=available_importances(),
+                                                             method_per_group=True))
     dists = distributions(space)
     for g in groups:
         assert list(dists[f"{g.name}.{METHOD_PARAM}"].choices) == list(available_importances())
@@ -382,6 +383,6 @@ def test_per_group_methods_decode_and_prune(digits, monkeypatch):
 
 def test_per_group_method_needs_the_space_flag(digits):
     task, base, groups, _ = digits
-    space = SearchSpace(groups=tuple(groups), methods=("l1", "taylor"))
+    space = SearchSpace(groups=tuple(groups), config=SpaceConfig(ratio_min=0.1, methods=("l1", "taylor")))
     with pytest.raises(ValueError, match="method_per_group"):
         space.validate(Policy(ratios={}, method={groups[0].name: "taylor"}))

@@ -21,7 +21,7 @@ LATENCY = "\n[latency]\nbatch = 8\nruns = 10\nwarmup = 2\nlevels = [0.5]\n"
 def deterministic_timer(monkeypatch):
     """Time models by their FLOPs: these tests check how the runner uses the table, not the
     machine's noise (tests/test_latency.py and benchmarks/latency.py measure for real)."""
-    import spaces.latency
+    from evaluators import timing
     from spaces.cost import count_cost
 
     def fake(model, inputs, **kwargs):
@@ -30,8 +30,8 @@ def deterministic_timer(monkeypatch):
     def fake_paired(model, reference, inputs, **kwargs):
         return fake(model, inputs), fake(reference, inputs)
 
-    monkeypatch.setattr(spaces.latency, "measure_latency_ms", fake)
-    monkeypatch.setattr(spaces.latency, "measure_paired_ms", fake_paired)
+    monkeypatch.setattr(timing, "measure_latency_ms", fake)
+    monkeypatch.setattr(timing, "measure_paired_ms", fake_paired)
 
 
 def latency_config(tmp, constraints="max_latency_ratio = 0.6", latency=LATENCY, name="lat"):
@@ -89,8 +89,8 @@ def test_latency_ratio_measured_in_every_evaluation(tmp_path):
 
     path = tiny_config(tmp_path, name="measured", n_trials=8, constraints="max_latency_ratio = 0.8")
     text = path.read_text().replace('seed = 0\n', 'seed = 0\nobjectives = ["accuracy", "latency_ratio"]\n', 1)
-    text = text.replace("batch_size = 32\n", "batch_size = 32\nmeasure_latency = true\nlatency_runs = 2\n", 1)
-    path.write_text(text + "\n[latency]\ntable = false\n")
+    text = text.replace("batch_size = 32\n", "batch_size = 32\nmeasure_latency = true\n", 1)
+    path.write_text(text + "\n[latency]\ntable = false\nruns = 2\n")
     config = load_config(path)
 
     def pool(p, _):

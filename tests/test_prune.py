@@ -67,7 +67,7 @@ def test_lowest_scored_channels_are_removed():
         w = model.features[0][0].weight
         w.mul_(0.01)
         w[:4] *= 1000  # channels 0..3 have by far the largest L1 norm
-    space = SearchSpace.from_model(model, example)
+    space = SearchSpace.from_model(model, example, ratio_min=0.1)
     pruned = apply_policy(model, Policy(ratios={"features.0.0": 0.25}, method="l1"), example, groups=space.groups)
     kept = pruned.features[0][0].weight
     assert torch.allclose(kept, model.features[0][0].weight[:4])
@@ -84,7 +84,7 @@ def test_taylor_with_calibration_prunes():
     model = PlainCNN().eval()
     example = torch.randn(1, 3, 16, 16)
     calib = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)))]
-    space = SearchSpace.from_model(model, example)
+    space = SearchSpace.from_model(model, example, ratio_min=0.1)
     pruned = apply_policy(model, space.uniform(0.5, method="taylor"), example, calib, groups=space.groups)
     assert pruned(example).shape == (1, 10)
     assert all(p.grad is None for p in model.parameters())

@@ -23,7 +23,7 @@ CACHE = Path(__file__).resolve().parents[1] / "studies" / "cache"
 def digits():
     task = load_task("digits", cache_dir=CACHE)
     base = task.base_model()
-    space = SearchSpace.from_model(base, task.example_inputs)
+    space = SearchSpace.from_model(base, task.example_inputs, ratio_min=0.1)
     return task, base, space
 
 

@@ -5,7 +5,7 @@ import torch
 
 from search.params import distributions
 from spaces.policy import Policy
-from spaces.space import SearchSpace, kept_channels
+from spaces.space import SearchSpace, SpaceConfig, kept_channels
 from tests.architectures import ResNetStyle
 
 
@@ -66,8 +66,7 @@ def test_kept_channels_rounding(channels, ratio, round_to, expected):
 
 
 def test_round_to_changes_kept_counts(space):
-    from dataclasses import replace
-    coarse = replace(space, round_to=8)
+    coarse = space.with_config(round_to=8)
     p = space.uniform(0.3)
     assert all(k % 8 == 0 for k in coarse.kept(p).values())
 
@@ -78,13 +77,36 @@ def test_round_to_changes_kept_counts(space):
     ({"ratio_max": 1.5}, "ratio range"),
     ({"ratio_step": 0.0}, "ratio_step"),
     ({"ratio_step": 0.3, "ratio_min": 0.2}, "does not divide"),
-    ({"methods": ("l1", "magic")}, "unknown method 'magic'"),
+    ({"methods": ()}, "at least one pruning method"),
+    ({"methods": "l1"}, "methods must be a list of strings"),
+    ({"method_per_group": 1}, "method_per_group must be true or false"),
     ({"round_to": 0}, "round_to"),
 ])
 def test_bad_space_options_are_named(space, kwargs, match):
-    from dataclasses import replace
     with pytest.raises(ValueError, match=match):
-        replace(space, **kwargs)
+        space.with_config(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        SpaceConfig(**kwargs)
+
+
+def test_space_config_defaults_and_its_table():
+    assert SpaceConfig().ratio_min == 0.2  # the default a study's [space] gets
+    config = SpaceConfig.from_dict({"ratio_min": 0.5, "methods": ["l1", "l2"], "ignored": ["fc"]})
+    assert config.methods == ("l1", "l2") and config.ignored == ("fc",)
+    with pytest.raises(ValueError, match=r"unknown key 'ratio_mn' in \[space\]"):
+        SpaceConfig.from_dict({"ratio_mn": 0.1})
+
+
+def test_space_reads_its_config_and_from_model_takes_a_config(space):
+    assert (space.ratio_min, space.ratio_step, space.methods) == (0.2, 0.1, ("l1", "fpgm"))
+    assert space.config.methods is space.methods
+    again = SearchSpace.from_model(ResNetStyle(widths=(16, 32), blocks=1), torch.randn(1, 3, 16, 16), space.config)
+    assert again.config == space.config and again.group_names == space.group_names
+
+
+def test_method_names_are_not_checked_by_the_space():
+    # names belong to the evaluators' registries: search.config checks them
+    assert SpaceConfig(methods=("magic",)).methods == ("magic",)
 
 
 def test_policy_outside_space_is_refused(space):

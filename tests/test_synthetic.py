@@ -136,7 +136,7 @@ def test_model_factory_pickles(tiny_task):
 def test_model_is_prunable_with_residual_groups(tiny_task):
     task, _ = tiny_task
     base = task.base_model()
-    space = SearchSpace.from_model(base, task.example_inputs)
+    space = SearchSpace.from_model(base, task.example_inputs, ratio_min=0.1)
     assert any(len(g.members) > 3 for g in space.groups), "residual stages should couple several layers"
     policy = space.uniform(0.5)
     pruned = apply_policy(base, policy, task.example_inputs)

@@ -79,7 +79,7 @@ def test_digits_task_is_accurate_and_shaped(digits):
 
 
 def test_digits_space_has_residual_and_depthwise_groups(digits):
-    space = SearchSpace.from_model(digits.base_model(), digits.example_inputs)
+    space = SearchSpace.from_model(digits.base_model(), digits.example_inputs, ratio_min=0.1)
     members = [set(g.members) for g in space.groups]
     assert any(any("shortcut" in m for m in ms) and len(ms) > 3 for ms in members), "no residual group"
     modules = dict(digits.base_model().named_modules())

@@ -15,7 +15,7 @@ import torch.nn as nn
 from evaluators.prune import apply_policy
 from spaces.groups import discover_groups
 from spaces.policy import Policy
-from spaces.space import SearchSpace, kept_channels
+from spaces.space import SearchSpace, SpaceConfig, kept_channels
 from spaces.watermark import (
     Watermark,
     WatermarkConfig,
@@ -64,7 +64,7 @@ def r18():
     torch.manual_seed(0)
     model = ResNet18().eval()
     x = torch.randn(1, 3, 32, 32)
-    space = SearchSpace(groups=tuple(discover_groups(model, x)))
+    space = SearchSpace(groups=tuple(discover_groups(model, x)), config=SpaceConfig(ratio_min=0.1))
     key = bytes(range(32))
     config = WatermarkConfig(key=key, message="(c) ACME Corp 2025")
     wm = Watermark.from_space(space, config)
@@ -148,7 +148,7 @@ def test_projection_is_nearest_consistent_and_idempotent(r18):
 
 
 def test_projection_respects_round_to(r18):
-    space = replace(r18["space"], round_to=4)
+    space = r18["space"].with_config(round_to=4)
     wm = Watermark.from_space(space, replace(r18["config"], n_bits=16))
     assert wm.capacity < r18["wm"].capacity  # a step is delta * round_to channels
     projected = wm.project(space.uniform(0.5))
@@ -164,7 +164,7 @@ def _flops(space, policy):
 @pytest.fixture(scope="module")
 def costed(r18):
     """r18's space with its analytic cost model (what the runner's spaces have)."""
-    return SearchSpace.from_model(r18["model"], r18["x"])
+    return SearchSpace.from_model(r18["model"], r18["x"], ratio_min=0.1)
 
 
 def test_capped_projection_never_raises_flops_where_nearest_would(r18, costed):
