@@ -23,9 +23,8 @@ current weights is left unchanged and the reason is logged.
 
 Registered recoveries: ``cap`` runs this and then adaptive BN; ``cap_nobn`` runs it alone
 (the refitted layers reproduce the unpruned outputs, so the trained BN statistics stay
-valid and are better estimated than from a few calibration batches). Cost and accuracy
-on digits: ``benchmarks/methods.py`` (about 1 s per evaluation vs 0.15 s for adaptive BN,
-one core, 256 calibration samples).
+valid and are better estimated than from a few calibration batches). Their cost and
+accuracy against adaptive BN are measured by ``benchmarks/methods.py``.
 """
 
 from __future__ import annotations
@@ -40,14 +39,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evaluators.batch import Batch
+from evaluators.compensation_layers import conv_padding, in_width, kept_indices, unsupported
 from evaluators.recover import recover, register_recovery
+from spaces.checks import check_bool, check_int, check_number
 from evaluators.shapley import ForwardSchedule, record_outputs, replaying
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-
 _REPLAY_BYTES = 512 * 2**20  # activations kept between passes, at most
+
+# (name, pruned layer, base layer, kept base output rows, kept base input columns)
+_Layer = tuple[str, nn.Module, nn.Module, list[int], list[int]]
 
 
 @dataclass(frozen=True)
@@ -60,15 +63,10 @@ class CaPConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not math.isfinite(self.ridge) \
-                or self.ridge < 0:
-            raise ValueError(f"cap ridge must be a number >= 0, got {self.ridge!r}")
-        if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 1:
-            raise ValueError(f"cap max_rows must be an integer >= 1, got {self.max_rows!r}")
-        if not isinstance(self.sequential, bool):
-            raise ValueError(f"cap sequential must be true or false, got {self.sequential!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"cap seed must be an integer >= 0, got {self.seed!r}")
+        check_number("cap ridge", self.ridge, 0)
+        check_int("cap max_rows", self.max_rows, 1)
+        check_bool("cap sequential", self.sequential)
+        check_int("cap seed", self.seed, 0)
 
 
 @dataclass
@@ -98,98 +96,6 @@ class CompensationReport:
         return {r.name: r.skipped for r in self.layers if r.skipped is not None}
 
 
-# -- which layers, which channels ----------------------------------------------------------
-def _in_width(module: nn.Module) -> int | None:
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.in_channels
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
-        return weight.shape[1]
-    return None
-
-
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    if not isinstance(conv.padding, str):
-        return tuple(conv.padding)
-    if conv.padding == "valid":
-        return (0, 0)
-    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-    if any(t % 2 for t in total):
-        return None  # asymmetric "same" padding: not expressible with F.unfold
-    return tuple(t // 2 for t in total)
-
-
-def _unsupported(module: nn.Module) -> str | None:
-    """Why ``module`` (whose input width shrank) cannot be compensated, or None."""
-    if isinstance(module, nn.Linear):
-        return None
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return (f"grouped/depthwise conv (groups={module.groups}): each output reads only its own input "
-                    "channels, which were removed together with it")
-        if module.padding_mode != "zeros":
-            return f"padding_mode {module.padding_mode!r} is not zero padding"
-        if _conv_padding(module) is None:
-            return "asymmetric 'same' padding"
-        return None
-    return f"{type(module).__name__} is not a Conv2d or Linear (not compensated as linear in its inputs)"
-
-
-def _match_rows(small: torch.Tensor, big: torch.Tensor, same_width: bool) -> list[int] | None:
-    """Indices i_0 < i_1 < ... of ``big``'s rows that ``small``'s rows were taken from.
-
-    ``same_width``: rows are compared whole; otherwise a row matches when every value of
-    the small row occurs in the big row (its columns were sliced too). Candidates are the
-    big rows holding the small row's first value, found by binary search in the sorted
-    values (memory linear in the weights).
-    """
-    width = big.shape[1]
-    values, order = torch.sort(big.reshape(-1))
-    firsts = small[:, 0].contiguous()
-    lo = torch.searchsorted(values, firsts, right=False).tolist()
-    hi = torch.searchsorted(values, firsts, right=True).tolist()
-    picked: list[int] = []
-    j = 0
-    for r, row in enumerate(small):
-        found = None
-        for c in sorted({int(i) // width for i in order[lo[r]:hi[r]]}):
-            if c < j:
-                continue
-            cand = big[c]
-            if torch.equal(row, cand) if same_width else bool(torch.isin(row, cand).all()):
-                found = c
-                break
-        if found is None:
-            return None
-        picked.append(found)
-        j = found + 1
-    return picked
-
-
-def kept_indices(pruned_weight: torch.Tensor, base_weight: torch.Tensor) -> tuple[list[int], list[int]] | None:
-    """(kept output rows, kept input columns) of ``base_weight`` giving ``pruned_weight``.
-
-    Works on ``[out, in, *kernel]`` weights; None when no exact match exists.
-    """
-    p, b = pruned_weight.detach(), base_weight.detach()
-    if p.dim() != b.dim() or p.shape[2:] != b.shape[2:]:
-        return None
-    rows_p, rows_b = p.flatten(1), b.flatten(1)
-    if p.shape[0] == b.shape[0]:
-        rows = list(range(b.shape[0]))
-    else:
-        rows = _match_rows(rows_p, rows_b, same_width=p.shape[1] == b.shape[1])
-        if rows is None:
-            return None
-    sub = b[rows]
-    cols = _match_rows(p.transpose(0, 1).flatten(1), sub.transpose(0, 1).flatten(1), same_width=True)
-    if cols is None or not torch.equal(b[rows][:, cols], p):
-        return None
-    return rows, cols
-
-
 # -- data collection -------------------------------------------------------------------------
 class _Stop(Exception):
     """Raised by a hook once it captured what it needs (skips the rest of the forward)."""
@@ -199,7 +105,7 @@ def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One row per output position: im2col patches (conv, ``(C, kh, kw)`` order = weight
     layout) or feature rows (linear)."""
     if isinstance(module, nn.Conv2d):
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=_conv_padding(module),
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=conv_padding(module),
                         stride=module.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return x.reshape(-1, x.shape[-1])
@@ -243,62 +149,74 @@ def compensate(
         )
     start = time.perf_counter()
     report = CompensationReport()
+    layers = _consumer_layers(pruned, base, report)
+    if layers:
+        was_training, base_was_training = pruned.training, base.training
+        pruned.eval()
+        base.eval()
+        try:
+            _refit(pruned, base, calibration, layers, report, config)
+        finally:
+            pruned.train(was_training)
+            base.train(base_was_training)
+    report.seconds = time.perf_counter() - start
+    log.debug("cap: compensated %d layer(s) in %.3f s", len(report.compensated), report.seconds)
+    return report
+
+
+def _skip(entry: LayerReport, reason: str) -> None:
+    entry.skipped = reason
+    log.info("cap: layer %r not compensated: %s", entry.name, reason)
+
+
+def _consumer_layers(pruned: nn.Module, base: nn.Module, report: CompensationReport) -> list[_Layer]:
+    """Every layer of ``pruned`` narrower in its inputs than its base layer (each one gets a
+    ``report`` entry) that can be refitted, with the base rows and columns it kept."""
     base_modules = dict(base.named_modules())
-    layers: list[tuple[str, nn.Module, nn.Module, list[int], list[int]]] = []
+    layers: list[_Layer] = []
     for name, module in pruned.named_modules():
         ref = base_modules.get(name)
         if ref is None or type(ref) is not type(module):
             continue
-        width, ref_width = _in_width(module), _in_width(ref)
+        width, ref_width = in_width(module), in_width(ref)
         if width is None or ref_width is None or width >= ref_width:
             continue
         entry = LayerReport(name, type(module).__name__, ref_width, width)
         report.layers.append(entry)
-        entry.skipped = _unsupported(module)
-        if entry.skipped is None:
-            kept = kept_indices(module.weight, ref.weight)
-            if kept is None:
-                entry.skipped = "its weights do not match a slice of the base layer's (modified after pruning?)"
-            else:
-                layers.append((name, module, ref, *kept))
-        if entry.skipped is not None:
-            log.info("cap: layer %r not compensated: %s", name, entry.skipped)
-    if not layers:
-        report.seconds = time.perf_counter() - start
-        return report
-
-    was_training, base_was_training = pruned.training, base.training
-    pruned.eval()
-    base.eval()
-    try:
-        x1 = calibration[0][0][:1]
-        schedule = ForwardSchedule(pruned, lambda: pruned(x1))
-        entries = {r.name: r for r in report.layers}
-        for layer in list(layers):
-            if schedule.calls(layer[1]) > 1:
-                entries[layer[0]].skipped = "called more than once per forward (shared weights)"
-                log.info("cap: layer %r not compensated: %s", layer[0], entries[layer[0]].skipped)
-                layers.remove(layer)
-        layers.sort(key=lambda item: schedule.start([item[1]]) or math.inf)
-        targets, picks = _base_targets(base, calibration, layers, config)
-        if config.sequential:
-            replay: dict[nn.Module, list[torch.Tensor]] = {}
-            for layer in layers:
-                # Outputs of modules that finished before this layer started stay valid after
-                # it is refitted: the next pass replays them instead of recomputing.
-                record = schedule.skippable(schedule.start([layer[1]]))
-                normals, replay = _collect(pruned, calibration, [layer], targets, picks, replay, record)
-                _fit(layer, normals.get(layer[0]), entries[layer[0]], config)
+        reason = unsupported(module)
+        kept = kept_indices(module.weight, ref.weight) if reason is None else None
+        if reason is None and kept is None:
+            reason = "its weights do not match a slice of the base layer's (modified after pruning?)"
+        if reason is not None:
+            _skip(entry, reason)
         else:
-            normals, _ = _collect(pruned, calibration, layers, targets, picks, {}, [])
-            for layer in layers:
-                _fit(layer, normals.get(layer[0]), entries[layer[0]], config)
-    finally:
-        pruned.train(was_training)
-        base.train(base_was_training)
-    report.seconds = time.perf_counter() - start
-    log.debug("cap: compensated %d layer(s) in %.3f s", len(report.compensated), report.seconds)
-    return report
+            layers.append((name, module, ref, *kept))
+    return layers
+
+
+def _refit(pruned, base, calibration, layers: list[_Layer], report: CompensationReport, config: CaPConfig) -> None:
+    """Fit every layer in execution order (models in eval mode); see the module docstring."""
+    x1 = calibration[0][0][:1]
+    schedule = ForwardSchedule(pruned, lambda: pruned(x1))
+    entries = {r.name: r for r in report.layers}
+    for layer in list(layers):
+        if schedule.calls(layer[1]) > 1:
+            _skip(entries[layer[0]], "called more than once per forward (shared weights)")
+            layers.remove(layer)
+    layers.sort(key=lambda item: schedule.start([item[1]]) or math.inf)
+    targets, picks = _base_targets(base, calibration, layers, config)
+    if not config.sequential:
+        normals, _ = _collect(pruned, calibration, layers, targets, picks, {}, [])
+        for layer in layers:
+            _fit(layer, normals.get(layer[0]), entries[layer[0]], config)
+        return
+    replay: dict[nn.Module, list[torch.Tensor]] = {}
+    for layer in layers:
+        # Outputs of modules that finished before this layer started stay valid after
+        # it is refitted: the next pass replays them instead of recomputing.
+        record = schedule.skippable(schedule.start([layer[1]]))
+        normals, replay = _collect(pruned, calibration, [layer], targets, picks, replay, record)
+        _fit(layer, normals.get(layer[0]), entries[layer[0]], config)
 
 
 def _base_targets(base, calibration, layers, config):
@@ -394,8 +312,7 @@ def _error(normal: _Normal, w: torch.Tensor) -> float:
 def _fit(layer, normal: _Normal | None, entry: LayerReport, config: CaPConfig) -> None:
     name, module, _, _, _ = layer
     if normal is None:
-        entry.skipped = "not executed on the calibration data"
-        log.info("cap: layer %r not compensated: %s", name, entry.skipped)
+        _skip(entry, "not executed on the calibration data")
         return
     w0 = _current_solution(module)
     entry.error_before = _error(normal, w0)
@@ -444,8 +361,8 @@ def cap_without_bn_recovery(pruned: nn.Module, *, base, task, settings, calibrat
 
     The refitted layers reproduce the unpruned layers' outputs, so the trained BN
     statistics behind them stay (nearly) right, and they were estimated on the whole train
-    split rather than on a few calibration batches: on digits this beats ``cap`` at high
-    pruning ratios (benchmarks/results/methods.md).
+    split rather than on a few calibration batches (compared with ``cap`` in
+    benchmarks/results/methods.md).
     """
     _require_calibration("cap_nobn", calibration)
     compensate(pruned, base, calibration, CaPConfig(seed=settings.seed))
