@@ -15,10 +15,16 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.quality_presets import UNIFORM, BenchConfig
 from benchmarks.quality_scores import study_result, uniform_result
+
+if TYPE_CHECKING:
+    from evaluators.metrics import Metrics
+    from evaluators.pool import EvaluatorPool
+    from evaluators.settings import EvalSettings
+    from spaces.policy import Policy
 
 log = logging.getLogger("benchmarks.search_quality")
 
@@ -31,11 +37,11 @@ class SharedPool:
     pool protocol (``search.pool.Pool``).
     """
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: EvaluatorPool) -> None:
         self.pool = pool
-        self.settings = None
+        self.settings: EvalSettings | None = None
 
-    def bind(self, settings: Any) -> "SharedPool":
+    def bind(self, settings: EvalSettings) -> "SharedPool":
         self.settings = settings
         return self
 
@@ -47,10 +53,10 @@ class SharedPool:
     def in_flight(self) -> int:
         return self.pool.in_flight
 
-    def submit(self, policy: Any, tag: Any = None, settings: Any = None) -> None:
+    def submit(self, policy: Policy, tag: Any = None, settings: EvalSettings | None = None) -> None:
         self.pool.submit(policy, tag=tag, settings=settings if settings is not None else self.settings)
 
-    def results(self, timeout: float | None = None) -> list:
+    def results(self, timeout: float | None = None) -> list[tuple[Any, Policy, Metrics]]:
         return self.pool.results(timeout=timeout)
 
     def close(self) -> None:

@@ -160,3 +160,24 @@ def test_loo_residual_sd_separates_explained_from_unexplained_latency():
     assert _loo_residual_sd(flops[:, None], affine) < 1e-9
     noisy = affine + rng.normal(0, 0.05, 40)
     assert 0.03 < _loo_residual_sd(flops[:, None], noisy) < 0.08
+
+
+def test_shared_pool_is_a_driver_pool_that_binds_each_studys_settings():
+    from benchmarks.quality_run import SharedPool
+    from evaluators.settings import EvalSettings
+    from search.pool import Pool
+    from tests.fakes import FakePool, tiny_space
+
+    space = tiny_space()
+    inner = FakePool(space)
+    shared = SharedPool(inner)
+    assert isinstance(shared, Pool)
+    study, cheap = EvalSettings(seed=3), EvalSettings(seed=4, fidelity="cheap")
+    shared.bind(study).submit(space.uniform(0.5), tag="a")      # no settings: the bound study's
+    shared.submit(space.uniform(0.6), tag="b", settings=cheap)  # a proposal's own settings win
+    assert shared.in_flight == 2 and shared.capacity == inner.capacity
+    assert [s for _, _, s in inner._queue] == [study, cheap]
+    got = shared.results(timeout=0) + shared.results(timeout=0)
+    assert [tag for tag, _, _ in got] == ["a", "b"]
+    shared.close()  # the next study reuses it: the real pool stays open
+    assert not inner.closed
