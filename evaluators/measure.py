@@ -8,9 +8,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from evaluators.batch import Batch
 from spaces.cost import Cost, count_cost
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def top1_accuracy(model: nn.Module, batches: Sequence[Batch]) -> float:

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from evaluators.importance import Batch, make_importance, needs_calibration
+from evaluators.batch import Batch
+from evaluators.importance import make_importance, needs_calibration
 from spaces.groups import ChannelGroup, build_graph, discover_groups, out_channels, root_pruning_group
 from spaces.policy import Policy
 from spaces.space import kept_channels

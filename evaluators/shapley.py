@@ -55,7 +55,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from evaluators.importance import Batch, Importance, default_loss, register_importance
+from evaluators.batch import Batch
+from evaluators.importance import Importance, default_loss, register_importance
 
 log = logging.getLogger(__name__)
 

@@ -92,8 +92,8 @@ class _Individual(list):
         self.outcome: Outcome | None = None
 
 
-Batch = list[Proposal]
-Program = Generator[Batch, list[Outcome], None]
+ProposalBatch = list[Proposal]  # one round of proposals awaiting their outcomes
+Program = Generator[ProposalBatch, list[Outcome], None]
 
 
 @register_searcher("genetic")
@@ -132,8 +132,8 @@ class GeneticSearcher(Searcher):
         self._program: Program | None = self._algorithm()
         self._set_batch(next(self._program))
 
-    def _set_batch(self, batch: Batch | None) -> None:
-        self._batch: Batch = list(batch or [])
+    def _set_batch(self, batch: ProposalBatch | None) -> None:
+        self._batch: ProposalBatch = list(batch or [])
         self._issued = [False] * len(self._batch)
         self._results: list[Outcome | None] = [None] * len(self._batch)
 
@@ -217,7 +217,7 @@ class GeneticSearcher(Searcher):
 
     def _evaluate(
         self, genomes: Sequence[Sequence[int]], generation: int, cheap: bool, memo: dict[tuple, Outcome]
-    ) -> Generator[Batch, list[Outcome], list[Outcome]]:
+    ) -> Generator[ProposalBatch, list[Outcome], list[Outcome]]:
         """Outcomes of ``genomes``, proposing only those not in ``memo``."""
         new: list[tuple[int, ...]] = []
         for g in genomes:

@@ -29,13 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evaluators.batch import Batch
 from evaluators.importance import make_importance
 from spaces.groups import build_graph, root_pruning_group
 from spaces.policy import Policy
 
 log = logging.getLogger(__name__)
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
