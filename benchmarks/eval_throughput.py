@@ -5,8 +5,8 @@ forward passes only) and everything else (pruning, cost counting, Ray transport,
 per evaluation and per worker. Targets: 2 workers >= 1.7x 1 worker; non-forward share
 <= 30% of an evaluation. Writes ``benchmarks/results/eval_throughput.json``.
 
-    python -m benchmarks.eval_throughput            # full run (~1-2 min on 2 cores)
-    python -m benchmarks.eval_throughput --quick    # smoke run (< 1 min)
+    python -m benchmarks.eval_throughput            # full run
+    python -m benchmarks.eval_throughput --quick    # smoke run
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ measured in every evaluation (``latency_ratio``: timed alternately with the unpr
 and minimise FLOPs. Every study's Pareto models are timed afresh; each latency arm is
 compared with the FLOPs arm at equal accuracy: at 11 accuracy levels from the common best
 down 10 points, the fastest model of each front at or above the level, summarised as the
-geometric mean latency ratio (below 1: the latency arm is faster). Also reported: the old
-single-level statistic (1 point below the common best) and the hypervolume of the measured
+geometric mean latency ratio (below 1: the latency arm is faster). Also reported: the
+fastest model of each front at one level (1 point below the common best) and the hypervolume of the measured
 (error, latency ratio) front.
 
 Part 2 first measures how much of the digits model's latency FLOPs leave unexplained
@@ -217,8 +217,8 @@ def attainment_ratio(front: list[dict[str, Any]], reference: list[dict[str, Any]
     At each of ``levels`` accuracy levels from the common best (the lower of the two fronts'
     best accuracies) down to ``span`` below it, each front's fastest model at or above the
     level is taken; the result is the geometric mean of the ratio of their latencies (below
-    1: ``front`` is faster at equal accuracy). One level alone (the old statistic) turns on
-    whichever single model each search happened to find near its top.
+    1: ``front`` is faster at equal accuracy). A single level would turn on whichever single
+    model each search happened to find near its top.
     """
     top = min(max(m["accuracy"] for m in f) for f in (front, reference))
     grid = [top - span * i / (levels - 1) for i in range(levels)]

@@ -15,8 +15,8 @@ in a search: the first evaluation of each calibration draw computes them (cold, 
 separately in the cost table), the later ones reuse them. ``cap`` is CaP followed by
 adaptive BN, ``cap_nobn`` CaP alone.
 
-    python -m benchmarks.methods            # full run (a few minutes on one core)
-    python -m benchmarks.methods --quick    # CI smoke run (< 1 min)
+    python -m benchmarks.methods            # full run
+    python -m benchmarks.methods --quick    # CI smoke run
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ one-off channel-group discovery (``SearchSpace.from_model``).
 
 Writes ``benchmarks/results/scaling.json`` (``scaling_quick.json`` in quick mode) and ``scaling.md``.
 
-    python -m benchmarks.scaling            # full run (~2-3 min on 2 cores)
-    python -m benchmarks.scaling --quick    # CI smoke run (< 1 min)
+    python -m benchmarks.scaling            # full run
+    python -m benchmarks.scaling --quick    # CI smoke run
 """
 
 from __future__ import annotations
