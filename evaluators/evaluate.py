@@ -1,4 +1,4 @@
-"""evaluate: one policy -> Metrics, in this process (prune -> recover -> measure)."""
+"""evaluate: one policy -> Metrics, in this process (``build_pruned`` -> measure)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import torch
 import torch.nn as nn
 
 from evaluators import timing
+from evaluators.build import build_pruned
 from evaluators.measure import model_cost, top1_accuracy
 from evaluators.metrics import Metrics
-from evaluators.prune import apply_policy
-from evaluators.recover import recover
 from evaluators.settings import EvalSettings
 from evaluators.tasks import Task
 from spaces.cost import Cost
@@ -23,13 +22,6 @@ from spaces.policy import Policy
 log = logging.getLogger(__name__)
 
 _DEFAULT_SETTINGS = EvalSettings()
-
-
-def calibration_batches(task: Task, settings: EvalSettings) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The calibration batches every phase of an evaluation shares (seeded)."""
-    return task.batches(
-        "calibration", settings.calibration_batch_size, limit=settings.calibration_samples, seed=settings.seed
-    )
 
 
 def validation_batches(task: Task, settings: EvalSettings) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -84,30 +76,19 @@ def evaluate(
     Never raises for a bad or failing policy: returns ``Metrics.failure``. ``groups``,
     ``base_model`` (unpruned, never modified) and ``base_cost`` are computed when not
     given; pass them when evaluating many policies. Deterministic given ``settings.seed``
-    (torch threads are fixed to ``settings.threads`` for the call).
+    (torch threads are fixed to ``settings.threads`` for the call; see ``build_pruned``).
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
     try:
-        # fork_rng: seeding must not change the caller's random stream.
+        # fork_rng: building the base model must not change the caller's random stream.
         with timing.torch_threads(settings.threads), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed)
             base = base_model if base_model is not None else task.base_model()
             if groups is None:
                 groups = discover_groups(base, task.example_inputs)
             if base_cost is None:
                 base_cost = model_cost(base, task.example_inputs)
-            calibration = calibration_batches(task, settings)
-
-            t = time.perf_counter()
-            pruned = apply_policy(base, policy, task.example_inputs, calibration, groups=groups, round_to=round_to)
-            timings["prune"] = time.perf_counter() - t
-
-            t = time.perf_counter()
-            recovery = policy.recovery or settings.recovery
-            pruned = recover(recovery, pruned, base=base, task=task, settings=settings, calibration=calibration)
-            timings["recover"] = time.perf_counter() - t
-
+            pruned = build_pruned(policy, task, settings, groups=groups, round_to=round_to, base=base, timings=timings)
             values = _measure(pruned, task, settings, base, base_cost, timings)
         return Metrics(
             **values, eval_seconds=time.perf_counter() - start, fidelity=settings.fidelity, timings=timings

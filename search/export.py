@@ -90,27 +90,6 @@ def prepare_out_dir(out: Path, study_name: str) -> None:
 
 
 # -- rebuilding models ---------------------------------------------------------------------
-def build_recovered(policy: Policy, task: Any, settings: Any, space: Any) -> nn.Module:
-    """The pruned + recovered model an evaluation of ``policy`` measured, rebuilt here.
-
-    Mirrors ``evaluators.evaluate.evaluate`` step by step (same seed, threads, calibration
-    batches), so measuring it reproduces the recorded accuracy.
-    """
-    from evaluators.evaluate import calibration_batches
-    from evaluators.timing import torch_threads
-    from evaluators.prune import apply_policy
-    from evaluators.recover import recover
-
-    base = task.base_model()  # built before seeding, as the workers' base model is
-    with torch_threads(settings.threads):
-        torch.manual_seed(settings.seed)
-        calibration = calibration_batches(task, settings)
-        pruned = apply_policy(base, policy, task.example_inputs, calibration, groups=space.groups,
-                              round_to=space.round_to)
-        recovery = policy.recovery or settings.recovery
-        return recover(recovery, pruned, base=base, task=task, settings=settings, calibration=calibration).eval()
-
-
 def rebuild_structure(task: Any, policy: Policy, groups: Sequence[Any] | None = None, round_to: int = 1) -> nn.Module:
     """The pruned architecture of ``policy`` (weights still the base model's)."""
     from evaluators.prune import apply_policy
@@ -135,19 +114,18 @@ def load_exported(directory: str | Path, task: Any, groups: Sequence[Any] | None
 # -- writing -------------------------------------------------------------------------------
 def export_trial(record: TrialRecord, task: Any, space: Any, settings: Any, directory: Path, *,
                  finetune_steps: int = 0, formats: Sequence[str] = ("pt2",)) -> dict[str, Any]:
-    from evaluators.evaluate import calibration_batches, evaluate_model
-    from evaluators.timing import torch_threads
+    from evaluators.build import build_pruned, calibration_batches, seeded
+    from evaluators.evaluate import evaluate_model
     from evaluators.recover import recover
 
     policy = record.policy
-    model = build_recovered(policy, task, settings, space)
+    base = task.base_model()
+    model = build_pruned(policy, task, settings, groups=space.groups, round_to=space.round_to, base=base)
     remeasured = evaluate_model(model, task, settings)
     exported = remeasured
     if finetune_steps > 0:
         ft = settings.replace(recovery="finetune", finetune_steps=finetune_steps)
-        base = task.base_model()
-        with torch_threads(settings.threads):
-            torch.manual_seed(settings.seed)
+        with seeded(settings):
             model = recover("finetune", model, base=base, task=task, settings=ft,
                             calibration=calibration_batches(task, ft)).eval()
         exported = evaluate_model(model, task, settings)

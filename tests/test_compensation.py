@@ -14,7 +14,8 @@ import torch.nn as nn
 import evaluators.compensation as compensation
 from search.params import distributions
 from evaluators.compensation import CaPConfig, compensate, kept_indices
-from evaluators.evaluate import calibration_batches, evaluate
+from evaluators.build import calibration_batches
+from evaluators.evaluate import evaluate
 from evaluators.prune import apply_policy
 from evaluators.recover import available_recoveries, recover
 from evaluators.settings import EvalSettings

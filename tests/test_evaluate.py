@@ -115,7 +115,7 @@ def test_failing_policy_gives_metrics_error_not_an_exception(digits, policy, mat
 def test_evaluate_model_measures_an_already_pruned_model(digits):
     task, base, space = digits
     policy = space.uniform(0.6)
-    from evaluators.evaluate import calibration_batches
+    from evaluators.build import calibration_batches
 
     calibration = calibration_batches(task, FAST)
     pruned = apply_policy(base, policy, task.example_inputs, calibration, groups=space.groups)

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from evaluators.evaluate import calibration_batches, validation_batches
+from evaluators.build import calibration_batches
+from evaluators.evaluate import validation_batches
 from evaluators.measure import top1_accuracy
 from evaluators.prune import apply_policy
 from evaluators.recover import available_recoveries, recalibrate_bn, recover, register_recovery
