@@ -181,3 +181,19 @@ def test_shared_pool_is_a_driver_pool_that_binds_each_studys_settings():
     assert [tag for tag, _, _ in got] == ["a", "b"]
     shared.close()  # the next study reuses it: the real pool stays open
     assert not inner.closed
+
+
+def test_results_page_states_missed_targets_first_and_collects_each_result(tmp_path):
+    from benchmarks.common import write_result
+    from benchmarks.results_page import notes, results_markdown
+
+    met = {"task": "digits", "name": "a", "kind": "proxy_delta", "value": 0.06, "threshold": 0.05, "met": True,
+           "best": "tpe"}
+    missed = {**met, "name": "b", "value": 0.01, "met": False}
+    lines = notes({"results": {"targets": [met, missed], "tasks": {}}})
+    assert lines[2].startswith("- **Missed** (digits): b") and lines[3].startswith("- Met (digits): a")
+    write_result("search_quality", {"targets": [missed], "tasks": {}}, config={"wall_seconds": 90.0}, out_dir=tmp_path,
+                 markdown="## Search quality\n![p](search_quality_digits_pareto.png)")
+    page = results_markdown(tmp_path, [], False, ["search_quality"])
+    assert "## Search quality" in page and "](search_quality_digits_pareto.png)" in page  # outside the repo: as written
+    assert "search_quality 1.5 min" in page and "- **Missed** (digits): b" in page
