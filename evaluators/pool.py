@@ -34,17 +34,13 @@ from evaluators.metrics import Metrics
 from evaluators.settings import EvalSettings
 from evaluators.tasks import Task
 from evaluators.timing import keep_freed_memory
+from spaces.checks import check_int, check_number
 from spaces.groups import ChannelGroup
 from spaces.policy import Policy
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_SETTINGS = EvalSettings()
-
-
-def _check_count(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def ensure_ray(address: str | None, num_cpus: int | None) -> None:
@@ -54,7 +50,7 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
     otherwise a local instance with ``num_cpus`` CPUs is started.
     """
     if num_cpus is not None:
-        _check_count("num_cpus", num_cpus)
+        check_int("num_cpus", num_cpus, 1)
     import ray
 
     if ray.is_initialized():
@@ -152,13 +148,16 @@ class EvaluatorPool:
         groups = tuple(groups)
         if not groups or not all(isinstance(g, ChannelGroup) for g in groups):
             raise ValueError("groups must be a non-empty sequence of ChannelGroup (use space.groups)")
-        _check_count("workers", workers)
-        _check_count("threads_per_worker", threads_per_worker)
-        _check_count("round_to", round_to)
-        _check_count("window", window)
-        _check_count("max_retries", max_retries, 0)
-        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0):
-            raise ValueError(f"timeout_s must be None or a number > 0, got {timeout_s!r}")
+        check_int("workers", workers, 1)
+        check_int("threads_per_worker", threads_per_worker, 1)
+        check_int("round_to", round_to, 1)
+        check_int("window", window, 1)
+        check_int("max_retries", max_retries, 0)
+        if timeout_s is not None:
+            try:
+                check_number("timeout_s", timeout_s, positive=True)
+            except ValueError:
+                raise ValueError(f"timeout_s must be None or a number > 0, got {timeout_s!r}") from None
         if not isinstance(settings, EvalSettings):
             raise ValueError(f"settings must be EvalSettings, got {type(settings).__name__}")
 

@@ -29,14 +29,11 @@ calibration samples (plus one single-sample pass to schedule them), ``walked <= 
 (``n`` without truncation), i.e. about ``samples * n * max_samples * model_flops``
 multiply-adds. The passes re-run only what follows the group: every module that finished
 before the group's first producer started returns its output recorded once
-(:class:`ForwardSchedule`). On the digits task (432 channels in 7 groups; 3.4 MFLOPs)
-the defaults take ~10 s per policy that prunes every group (one thread of a busy 2-core
-machine), against < 0.1 s for the weight criteria and ~0.8 s for Taylor. Scores depend
-only on (weights, calibration data, loss, options), so they are cached per group
-in-process (``cache=True``, LRU): a search pays the cost once per group and worker, and
-a cached policy is pruned in ~0.05 s. Truncation at the default 0.05 saves ~10% of the
-passes on digits (losses approach L(all removed) only late in a walk); larger values
-save more.
+(:class:`ForwardSchedule`). That is orders of magnitude more than the weight criteria
+and Taylor. Scores depend only on (weights, calibration data, loss, options), so they are
+cached per group in-process (``cache=True``, LRU): a search pays the cost once per group
+and worker. Truncation saves the passes of a walk's tail (losses approach L(all removed)
+only late in a walk); larger values save more.
 """
 
 from __future__ import annotations
@@ -57,6 +54,7 @@ import torch.nn as nn
 
 from evaluators.batch import Batch
 from evaluators.importance import Importance, default_loss, register_importance
+from spaces.checks import check_bool, check_int, check_number
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +72,12 @@ class ShapleyConfig:
     cache: bool = True                 # reuse a group's scores for identical weights + data + options
 
     def __post_init__(self) -> None:
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
-            raise ValueError(f"shapley samples must be an integer >= 1, got {self.samples!r}")
-        if self.truncation is not None and (
-            isinstance(self.truncation, bool) or not isinstance(self.truncation, (int, float))
-            or not math.isfinite(self.truncation) or self.truncation < 0
-        ):
-            raise ValueError(f"shapley truncation must be None or a number >= 0, got {self.truncation!r}")
-        if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int) or self.max_samples < 1:
-            raise ValueError(f"shapley max_samples must be an integer >= 1, got {self.max_samples!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"shapley seed must be an integer >= 0, got {self.seed!r}")
-        if not isinstance(self.cache, bool):
-            raise ValueError(f"shapley cache must be true or false, got {self.cache!r}")
+        check_int("shapley samples", self.samples, 1)
+        if self.truncation is not None:
+            check_number("shapley truncation", self.truncation, 0)
+        check_int("shapley max_samples", self.max_samples, 1)
+        check_int("shapley seed", self.seed, 0)
+        check_bool("shapley cache", self.cache)
 
 
 # -- channel masking -----------------------------------------------------------------------

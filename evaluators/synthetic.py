@@ -283,16 +283,15 @@ SHAPES_DEFAULTS: dict = {
     "seed": 0,
     "n_samples": 12000,      # 8400 train / 1200 calibration / 2400 validation (1 sample < 0.05 pt)
     "image_size": 32,
-    "num_classes": 12,       # every figure; 10 classes reach ~95% and leave little to lose
+    "num_classes": 12,       # every figure: fewer classes are too easy to tell pruned models apart
     "noise": 0.1,
     "clutter": 2,
-    # ~27 MFLOPs: wider nets, e.g. (32, 64, 128) at ~107 MFLOPs, cannot be trained within
-    # the 5-minute single-core budget (one epoch alone takes ~110 s).
+    # The widest nets that still train within a single-core benchmark budget.
     "widths": [16, 32, 64],
     "blocks": 2,
-    "epochs": 6,             # ~45 s per epoch on one core
+    "epochs": 6,
     "batch_size": 64,
-    "lr": 0.05,              # 0.1 diverged mid-schedule in calibration runs
+    "lr": 0.05,              # 0.1 diverges mid-schedule
     "split": [0.7, 0.1, 0.2],
 }
 
