@@ -1,7 +1,8 @@
-"""The search-quality benchmark's bookkeeping: hypervolume, uniform ratio sweep, per-seed summary, targets.
+"""The benchmarks' bookkeeping: hypervolume, the uniform sweep, per-seed summaries, targets,
+study configs, the shared pool, the results page, the latency and watermark helpers.
 
-No Ray, no task: these are the functions that decide the reported numbers and whether a
-target was met, checked on hand-made inputs.
+No Ray, no trained task: these are the functions that decide the reported numbers and
+whether a target was met, checked on hand-made inputs and the tiny test model.
 """
 
 import math
