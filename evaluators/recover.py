@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evaluators.batch import Batch
+from evaluators.losses import kd_loss
 from spaces.registry import Registry
 
 if TYPE_CHECKING:
@@ -118,12 +119,6 @@ def adaptive_bn(pruned, *, base, task, settings, calibration) -> nn.Module:
     return recalibrate_bn(pruned, calibration[: settings.bn_batches])
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton et al. 2015: KL(teacher_T || student_T) * T^2."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean") * t * t
-
-
 @register_recovery("finetune")
 def finetune(pruned, *, base, task, settings, calibration) -> nn.Module:
     """Adaptive BN, ``finetune_steps`` SGD steps (cosine lr, KD from ``base`` when ``kd``), adaptive BN again."""
@@ -146,7 +141,7 @@ def finetune(pruned, *, base, task, settings, calibration) -> nn.Module:
             if teacher is not None:
                 with torch.no_grad():
                     target = teacher(x)
-                loss = (1 - KD_ALPHA) * loss + KD_ALPHA * distillation_loss(out, target, settings.temperature)
+                loss = (1 - KD_ALPHA) * loss + KD_ALPHA * kd_loss(out, target, settings.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -32,6 +32,7 @@ from typing import Any
 from deap import base, tools
 
 from search.base import MAXIMIZE, Outcome, Proposal, Searcher, SearcherContext, register_searcher
+from spaces.checks import check_int, check_number, check_number_list
 
 log = logging.getLogger(__name__)
 
@@ -52,33 +53,24 @@ class GeneticOptions:
     max_generations: int | None = None
 
     def __post_init__(self) -> None:
-        for name, minimum in (("population", 2), ("top_k", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"genetic option {name} must be an integer >= {minimum}, got {value!r}")
+        check_int("genetic option population", self.population, 2)
+        check_int("genetic option top_k", self.top_k, 0)
         if self.top_k > self.population:
             raise ValueError(f"genetic option top_k ({self.top_k}) exceeds population ({self.population})")
-        for name in ("crossover_prob", "mutation_prob"):
-            value = getattr(self, name)
-            if value is None and name == "mutation_prob":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"genetic option {name} must be a number in [0, 1], got {value!r}")
+        check_number("genetic option crossover_prob", self.crossover_prob, 0.0, 1.0)
+        if self.mutation_prob is not None:  # None: 1 / genome length
+            check_number("genetic option mutation_prob", self.mutation_prob, 0.0, 1.0)
         if self.sensitivity_ratios is not None:
-            if not isinstance(self.sensitivity_ratios, (list, tuple)):
-                raise ValueError(f"genetic option sensitivity_ratios must be a list, got {self.sensitivity_ratios!r}")
-            for r in self.sensitivity_ratios:
-                if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
+            ratios = check_number_list("genetic option sensitivity_ratios", self.sensitivity_ratios)
+            for r in ratios:
+                if not 0.0 < r <= 1.0:
                     raise ValueError(f"genetic option sensitivity_ratios holds {r!r}, not a ratio in (0, 1]")
-            object.__setattr__(self, "sensitivity_ratios", tuple(float(r) for r in self.sensitivity_ratios))
-        d = self.sensitivity_max_drop
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
-            raise ValueError(f"genetic option sensitivity_max_drop must be in [0, 1], got {d!r}")
+            object.__setattr__(self, "sensitivity_ratios", ratios)
+        check_number("genetic option sensitivity_max_drop", self.sensitivity_max_drop, 0.0, 1.0)
         if not isinstance(self.cheap, Mapping):
             raise ValueError(f"genetic option cheap must be a table of evaluation settings, got {self.cheap!r}")
-        m = self.max_generations
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            raise ValueError(f"genetic option max_generations must be an integer >= 1, got {m!r}")
+        if self.max_generations is not None:
+            check_int("genetic option max_generations", self.max_generations, 1)
 
 
 class _Individual(list):

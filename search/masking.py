@@ -17,30 +17,24 @@ import collections
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from search.base import Outcome, Proposal, Searcher, SearcherContext, register_searcher
-from search.masking_core import MaskingConfig, learn_ratios, policy_at_target
+from search.masking_core import MaskingConfig, MaskingSchedule, check_target, learn_ratios, policy_at_target
+from spaces.checks import check_bool, check_int, check_number_list, check_str
 from spaces.policy import Policy
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class MaskingOptions:
-    """Options of the ``masking`` searcher (``[searchers.options]`` in the study TOML)."""
+class MaskingOptions(MaskingSchedule):
+    """Options of the ``masking`` searcher (``[searchers.options]`` in the study TOML): the
+    schedule every run shares, which runs to make, and how to run them."""
 
     targets: tuple[float, ...] = (0.3, 0.5, 0.7)
     lambdas: tuple[float, ...] = (20.0,)
-    steps: int = 150
-    tau_start: float = 4.0
-    tau_end: float = 0.25
-    weight_lr: float = 0.003
-    ratio_lr: float = 0.1
-    rerank_every: int = 10
-    kd: bool = True
-    temperature: float = 4.0
     method: str | None = None          # ranking criterion; default: the space's first method
     batch_size: int = 64
     parallel: int = 2                  # masking runs in flight at once (Ray tasks)
@@ -48,23 +42,24 @@ class MaskingOptions:
     all_targets: bool = False          # each run also proposes its allocation rescaled to the other targets
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "targets", tuple(float(t) for t in self.targets))
-        object.__setattr__(self, "lambdas", tuple(float(v) for v in self.lambdas))
-        if not self.targets:
+        super().__post_init__()
+        targets = check_number_list("masking targets", self.targets)
+        if not targets:
             raise ValueError("masking needs at least one FLOPs target")
-        if not self.lambdas:
+        object.__setattr__(self, "targets", tuple(check_target(t) for t in targets))
+        lambdas = check_number_list("masking lambdas", self.lambdas, 0.0)
+        if not lambdas:
             raise ValueError("masking needs at least one lambda")
-        for target, lam in itertools.product(self.targets, self.lambdas):
-            self.config(target, lam, 0)  # validates target, lambda, steps, tau, rates
-        if self.batch_size < 1 or self.parallel < 1 or self.threads < 1:
-            raise ValueError("masking batch_size, parallel and threads must be >= 1")
-        if not isinstance(self.all_targets, bool):
-            raise ValueError(f"masking option all_targets must be true or false, got {self.all_targets!r}")
+        object.__setattr__(self, "lambdas", lambdas)
+        if self.method is not None:
+            check_str("masking method", self.method)
+        for key in ("batch_size", "parallel", "threads"):
+            check_int(f"masking {key}", getattr(self, key), 1)
+        check_bool("masking option all_targets", self.all_targets)
 
     def config(self, target: float, lam: float, seed: int, method: str = "l1") -> MaskingConfig:
-        shared = {f.name: getattr(self, f.name) for f in fields(MaskingConfig) if hasattr(self, f.name)}
-        shared.update(target=target, lam=lam, seed=seed, method=self.method or method)
-        return MaskingConfig(**shared)
+        """The run at ``target`` and ``lam`` (criterion: ``method`` unless the options name one)."""
+        return MaskingConfig(**vars(self.schedule()), target=target, lam=lam, seed=seed, method=self.method or method)
 
 
 def _run(task: Any, space: Any, config: MaskingConfig, batch_size: int, threads: int) -> tuple[str, dict]:

@@ -22,7 +22,7 @@ import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from evaluators.batch import Batch
 from evaluators.importance import make_importance
+from evaluators.losses import kd_loss
+from spaces.checks import check_bool, check_int, check_number, check_str
 from spaces.groups import build_graph, root_pruning_group
 from spaces.policy import Policy
 
@@ -39,37 +41,59 @@ _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 @dataclass(frozen=True)
-class MaskingConfig:
-    """One masking run's hyper-parameters (validated on construction)."""
+class MaskingSchedule:
+    """How a masking run trains: the hyper-parameters every run of a searcher shares."""
 
-    target: float = 0.5            # FLOPs ratio to reach, in (0, 1]
-    lam: float = 20.0              # weight of the FLOPs penalty, >= 0
-    steps: int = 150               # alternating (weight step, ratio step) pairs, > 0
+    steps: int = 150               # alternating (weight step, ratio step) pairs
     tau_start: float = 4.0         # mask temperature, in channels
     tau_end: float = 0.25
     weight_lr: float = 0.003
     ratio_lr: float = 0.1
     rerank_every: int = 10
-    kd: bool = True
+    kd: bool = True                # distil from the unpruned model
     temperature: float = 4.0
-    method: str = "l1"
     tolerance: float = 0.01        # final FLOPs-ratio tolerance after snapping
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.target, (int, float)) and 0.0 < self.target <= 1.0):
-            raise ValueError(f"masking target must be a FLOPs ratio in (0, 1], got {self.target!r}")
-        if not self.lam >= 0:
-            raise ValueError(f"masking lambda must be >= 0, got {self.lam!r}")
-        if not (isinstance(self.steps, int) and self.steps > 0):
-            raise ValueError(f"masking steps must be a positive integer, got {self.steps!r}")
-        if not 0 < self.tau_end <= self.tau_start:
+        check_int("masking steps", self.steps, 1)
+        check_number("masking tau_start", self.tau_start, positive=True)
+        check_number("masking tau_end", self.tau_end, positive=True)
+        if self.tau_end > self.tau_start:
             raise ValueError(f"masking tau schedule needs 0 < tau_end <= tau_start, got {self.tau_start}, {self.tau_end}")
-        if self.weight_lr <= 0 or self.ratio_lr <= 0:
-            raise ValueError("masking learning rates must be > 0")
-        if self.rerank_every < 1:
-            raise ValueError(f"masking rerank_every must be >= 1, got {self.rerank_every}")
+        check_number("masking weight_lr", self.weight_lr, positive=True)
+        check_number("masking ratio_lr", self.ratio_lr, positive=True)
+        check_int("masking rerank_every", self.rerank_every, 1)
+        check_bool("masking kd", self.kd)
+        check_number("masking temperature", self.temperature, positive=True)
+        check_number("masking tolerance", self.tolerance, 0.0)
+
+    def schedule(self) -> "MaskingSchedule":
+        """Just the schedule's fields (of a subclass: its run config or searcher options)."""
+        return MaskingSchedule(**{f.name: getattr(self, f.name) for f in fields(MaskingSchedule)})
+
+
+def check_target(target: Any) -> float:
+    value = check_number("masking target", target)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"masking target must be a FLOPs ratio in (0, 1], got {target!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class MaskingConfig(MaskingSchedule):
+    """One masking run: its FLOPs target, penalty weight, ranking criterion and seed."""
+
+    target: float = 0.5            # FLOPs ratio to reach, in (0, 1]
+    lam: float = 20.0              # weight of the FLOPs penalty, >= 0
+    method: str = "l1"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_target(self.target)
+        check_number("masking lambda", self.lam, 0.0)
+        check_str("masking method", self.method)
+        check_int("masking seed", self.seed, 0)
 
 
 class _GroupMask:
@@ -123,9 +147,98 @@ def _mask_targets(graph, model: nn.Module, group_name: str, channels: int):
     return targets
 
 
-def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+class _MaskedStudent:
+    """A training copy of the model with a soft mask on every group and learnable ratios.
+
+    The student trains with batch statistics in its norm layers: with the unpruned model's
+    running statistics every masked channel shifts the next norm's input off its stored
+    mean, so the ratio gradients would measure how a pruned model does *without* BN
+    recalibration rather than what the evaluation's recovery leaves.
+    """
+
+    def __init__(self, model: nn.Module, space: Any, example_inputs: torch.Tensor, config: MaskingConfig,
+                 heldout: Sequence[Batch]) -> None:
+        self.config = config
+        self.space = space
+        self.groups = list(space.groups)
+        self.teacher = copy.deepcopy(model).eval()
+        self.student = copy.deepcopy(model).train()
+        self.graph = build_graph(self.student, example_inputs)
+        self.student.train()  # build_graph traces in eval mode and leaves the model there
+        self.masks = [_GroupMask(g.channels, _mask_targets(self.graph, self.student, g.name, g.channels))
+                      for g in self.groups]
+        self.handles = [
+            module.register_forward_hook(gm.hook(idxs, root_idxs, last_dim=isinstance(module, (nn.Linear, nn.LayerNorm))))
+            for gm in self.masks for module, idxs, root_idxs in gm.targets
+        ]
+        self.criterion = make_importance(config.method)
+        if self.criterion.needs_calibration:
+            self.criterion.prepare(self.student, list(heldout), None)
+        self.channels = torch.tensor([float(g.channels) for g in self.groups])
+        self.base_flops = float(space.base_cost.flops)
+        self.theta = nn.Parameter(torch.full((len(self.groups),), self._initial_logit()))
+        self.weights = [p for p in self.student.parameters() if p.requires_grad]
+        self.w_opt = torch.optim.SGD(self.weights, lr=config.weight_lr, momentum=0.9)
+        # plain SGD, not Adam: Adam would normalise away the per-group FLOPs gradient scale
+        # that makes expensive groups shrink faster than cheap ones
+        self.r_opt = torch.optim.SGD([self.theta], lr=config.ratio_lr, momentum=0.9)
+
+    def _initial_logit(self) -> float:
+        # Every group starts at the uniform ratio that meets the target: the search then
+        # trades channels between groups instead of spending its steps shrinking the model.
+        r_min, r_max = self.space.ratio_min, self.space.ratio_max
+        full = Policy(ratios={g.name: 1.0 for g in self.groups})
+        start = scale_to_target(self.space, full, self.config.target).ratio(self.groups[0].name)
+        p = min(max((start - r_min) / (r_max - r_min), 1e-3), 1 - 1e-3) if r_min < r_max else 0.5
+        return math.log(p / (1 - p))
+
+    def ratios(self) -> torch.Tensor:
+        r_min, r_max = self.space.ratio_min, self.space.ratio_max
+        return r_min + (r_max - r_min) * torch.sigmoid(self.theta)
+
+    def rerank(self) -> None:
+        """Rank each group's channels by the criterion on the current weights."""
+        modules = dict(self.student.named_modules())
+        for g, gm in zip(self.groups, self.masks):
+            scores = self.criterion.score(root_pruning_group(self.graph, modules[g.name], range(g.channels)))
+            order = torch.argsort(scores.double(), descending=True, stable=True)
+            rank = torch.empty(g.channels)
+            rank[order] = torch.arange(g.channels, dtype=torch.float32)
+            gm.rank = rank
+
+    def _task_loss(self, x: torch.Tensor, y: torch.Tensor, ratios: torch.Tensor, tau: float) -> torch.Tensor:
+        for gm, ratio in zip(self.masks, ratios):
+            gm.set(ratio, tau)
+        out = self.student(x)
+        loss = F.cross_entropy(out, y)
+        if self.config.kd:
+            with torch.no_grad():
+                teacher_out = self.teacher(x)
+            loss = loss + kd_loss(out, teacher_out, self.config.temperature)
+        return loss
+
+    def weight_step(self, batch: Batch, tau: float) -> None:
+        """One step on the weights, ratios fixed (training data)."""
+        self.w_opt.zero_grad()
+        self._task_loss(*batch, self.ratios().detach(), tau).backward()
+        nn.utils.clip_grad_norm_(self.weights, 5.0)  # soft masks can spike gradients early on
+        self.w_opt.step()
+
+    def ratio_step(self, batch: Batch, tau: float) -> tuple[float, float]:
+        """One step on the ratios, weights fixed (held-out data); returns (loss, FLOPs ratio)."""
+        ratios = self.ratios()
+        loss = self._task_loss(*batch, ratios, tau)
+        flops_ratio = self.space.cost_model.flops_torch(ratios * self.channels) / self.base_flops
+        loss = loss + self.config.lam * (flops_ratio - self.config.target).abs()
+        self.r_opt.zero_grad()
+        self.student.zero_grad(set_to_none=True)
+        loss.backward()
+        self.r_opt.step()
+        return loss.item(), flops_ratio.item()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def learn_ratios(
@@ -146,99 +259,23 @@ def learn_ratios(
     if not train_batches or not heldout_batches:
         raise ValueError("dynamic channel masking needs training and held-out batches")
     torch.manual_seed(config.seed)
-    teacher = copy.deepcopy(model).eval()
-    student = copy.deepcopy(model).train()
-    groups = list(space.groups)
-    graph = build_graph(student, example_inputs)
-    # build_graph traces the model in eval mode and leaves it there. The student must train
-    # with batch statistics: with the unpruned model's running statistics every masked
-    # channel shifts the next norm's input off its stored mean, so the ratio gradients
-    # measured how badly a pruned model does *without* BN recalibration (they crushed the
-    # residual groups, the most important ones), not what the evaluation's recovery leaves.
-    student.train()
-    masks: list[_GroupMask] = []
-    handles = []
-    for g in groups:
-        gm = _GroupMask(g.channels, _mask_targets(graph, student, g.name, g.channels))
-        masks.append(gm)
-        for module, idxs, root_idxs in gm.targets:
-            last_dim = isinstance(module, (nn.Linear, nn.LayerNorm))
-            handles.append(module.register_forward_hook(gm.hook(idxs, root_idxs, last_dim)))
-    criterion = make_importance(config.method)
-    if criterion.needs_calibration:
-        criterion.prepare(student, list(heldout_batches), None)
-    modules = dict(student.named_modules())
-
-    def rerank() -> None:
-        for g, gm in zip(groups, masks):
-            scores = criterion.score(root_pruning_group(graph, modules[g.name], range(g.channels)))
-            order = torch.argsort(scores.double(), descending=True, stable=True)
-            rank = torch.empty(g.channels)
-            rank[order] = torch.arange(g.channels, dtype=torch.float32)
-            gm.rank = rank
-
-    r_min, r_max = space.ratio_min, space.ratio_max
-    channels = torch.tensor([float(g.channels) for g in groups])
-    base_flops = float(space.base_cost.flops)
-    # Start every group at the uniform ratio that meets the target: the search then trades
-    # channels between groups instead of spending its steps shrinking the whole model.
-    start = scale_to_target(space, Policy(ratios={g.name: 1.0 for g in groups}), config.target).ratio(groups[0].name)
-    p = min(max((start - r_min) / (r_max - r_min), 1e-3), 1 - 1e-3) if r_min < r_max else 0.5
-    theta = nn.Parameter(torch.full((len(groups),), math.log(p / (1 - p))))
-    weights = [p for p in student.parameters() if p.requires_grad]
-    w_opt = torch.optim.SGD(weights, lr=config.weight_lr, momentum=0.9)
-    # plain SGD, not Adam: Adam would normalise away the per-group FLOPs gradient scale that
-    # makes expensive groups shrink faster than cheap ones
-    r_opt = torch.optim.SGD([theta], lr=config.ratio_lr, momentum=0.9)
-
-    def ratios() -> torch.Tensor:
-        return r_min + (r_max - r_min) * torch.sigmoid(theta)
-
-    def task_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = student(x)
-        loss = F.cross_entropy(out, y)
-        if config.kd:
-            with torch.no_grad():
-                t_out = teacher(x)
-            loss = loss + _kd_loss(out, t_out, config.temperature)
-        return loss
-
+    run = _MaskedStudent(model, space, example_inputs, config, heldout_batches)
     trace = []
     try:
         for step in range(config.steps):
             tau = config.tau_start * (config.tau_end / config.tau_start) ** (step / max(1, config.steps - 1))
             if step % config.rerank_every == 0:
-                rerank()
-            # weight step (ratios fixed)
-            x, y = train_batches[step % len(train_batches)]
-            r = ratios().detach()
-            for gm, ri in zip(masks, r):
-                gm.set(ri, tau)
-            w_opt.zero_grad()
-            task_loss(x, y).backward()
-            nn.utils.clip_grad_norm_(weights, 5.0)  # soft masks can spike gradients early on
-            w_opt.step()
-            # ratio step on held-out data (weights fixed)
-            x, y = heldout_batches[step % len(heldout_batches)]
-            r = ratios()
-            for gm, ri in zip(masks, r):
-                gm.set(ri, tau)
-            flops_ratio = space.cost_model.flops_torch(r * channels) / base_flops
-            loss = task_loss(x, y) + config.lam * (flops_ratio - config.target).abs()
-            r_opt.zero_grad()
-            student.zero_grad(set_to_none=True)
-            loss.backward()
-            r_opt.step()
-            trace.append((loss.item(), flops_ratio.item()))
+                run.rerank()
+            run.weight_step(train_batches[step % len(train_batches)], tau)
+            trace.append(run.ratio_step(heldout_batches[step % len(heldout_batches)], tau))
     finally:
-        for h in handles:
-            h.remove()
-    learned = {g.name: float(v) for g, v in zip(groups, ratios().detach())}
+        run.close()
+    learned = {g.name: float(v) for g, v in zip(space.groups, run.ratios().detach())}
     policy = policy_at_target(space, learned, config.target, config.method, config.tolerance)
     info = {
         "learned_ratios": learned,
         "learned_flops_ratio": space.cost_model.predict(
-            {g.name: g.channels * learned[g.name] for g in groups}).flops / base_flops,
+            {g.name: g.channels * learned[g.name] for g in space.groups}).flops / space.base_cost.flops,
         "flops_ratio": space.flops_ratio(policy),
         "final_loss": trace[-1][0] if trace else math.nan,
         "target": config.target,

@@ -16,12 +16,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 
 from search.base import FULL, Outcome, Proposal, Searcher, SearcherContext, register_searcher
 from search.recorder import SampledTrial, TrialSource
+from spaces.checks import check_bool, check_int, check_number, check_str_list
 from spaces.policy import Policy
 
 
@@ -162,36 +163,33 @@ class OptunaSearcher(Searcher):
         return None
 
 
-def _check_fidelities(kind: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(f, str) and f for f in value):
-        raise ValueError(f"{kind} option fidelities must be a list of fidelity names ([] = all), got {value!r}")
-    return tuple(value)
-
-
-def _check_uniform_start(kind: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{kind} option uniform_start must be an integer >= 0, got {value!r}")
-
-
 @dataclass(frozen=True)
-class TPEOptions:
-    n_startup_trials: int = 10
-    n_ei_candidates: int = 24
-    multivariate: bool = True
-    constant_liar: bool = True
+class SamplerOptions:
+    """Options every Optuna-backed searcher has besides its sampler's own arguments."""
+
+    kind: ClassVar[str] = "sampler"
     fidelities: Sequence[str] = (FULL,)   # trials the sampler learns from; [] = all
     uniform_start: int = 0                # first proposals: uniform policies over the FLOPs budget
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fidelities", _check_fidelities("tpe", self.fidelities))
-        _check_uniform_start("tpe", self.uniform_start)
+        object.__setattr__(self, "fidelities", check_str_list(f"{self.kind} option fidelities", self.fidelities))
+        check_int(f"{self.kind} option uniform_start", self.uniform_start, 0)
+
+
+@dataclass(frozen=True)
+class TPEOptions(SamplerOptions):
+    kind: ClassVar[str] = "tpe"
+    n_startup_trials: int = 10
+    n_ei_candidates: int = 24
+    multivariate: bool = True
+    constant_liar: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("n_startup_trials", "n_ei_candidates"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"tpe option {name} must be an integer >= 1, got {value!r}")
+            check_int(f"tpe option {name}", getattr(self, name), 1)
         for name in ("multivariate", "constant_liar"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"tpe option {name} must be true or false, got {getattr(self, name)!r}")
+            check_bool(f"tpe option {name}", getattr(self, name))
 
 
 @register_searcher("tpe")
@@ -203,25 +201,20 @@ class TPESearcher(OptunaSearcher):
 
 
 @dataclass(frozen=True)
-class NSGA2Options:
+class NSGA2Options(SamplerOptions):
+    kind: ClassVar[str] = "nsga2"
     population_size: int = 8
     mutation_prob: float | None = None
     crossover_prob: float = 0.9
     swapping_prob: float = 0.5
-    fidelities: Sequence[str] = (FULL,)   # trials the sampler learns from; [] = all
-    uniform_start: int = 0                # first proposals: uniform policies over the FLOPs budget
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fidelities", _check_fidelities("nsga2", self.fidelities))
-        _check_uniform_start("nsga2", self.uniform_start)
-        if isinstance(self.population_size, bool) or not isinstance(self.population_size, int) or self.population_size < 2:
-            raise ValueError(f"nsga2 option population_size must be an integer >= 2, got {self.population_size!r}")
+        super().__post_init__()
+        check_int("nsga2 option population_size", self.population_size, 2)
         for name in ("mutation_prob", "crossover_prob", "swapping_prob"):
             value = getattr(self, name)
-            if value is None and name == "mutation_prob":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"nsga2 option {name} must be a number in [0, 1], got {value!r}")
+            if not (name == "mutation_prob" and value is None):  # None: Optuna's default (1 / params)
+                check_number(f"nsga2 option {name}", value, 0.0, 1.0)
 
 
 @register_searcher("nsga2")

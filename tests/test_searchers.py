@@ -247,3 +247,36 @@ def test_uniform_start_proposes_the_uniform_sweep_first(kind, space):
 def test_uniform_start_is_validated(value):
     with pytest.raises(ValueError, match="uniform_start"):
         build_options("tpe", {"uniform_start": value})
+
+
+@pytest.mark.parametrize("kind, options, message", [
+    ("tpe", {"n_ei_candidates": 0}, "tpe option n_ei_candidates must be an integer >= 1, got 0"),
+    ("tpe", {"multivariate": "yes"}, "tpe option multivariate must be true or false, got 'yes'"),
+    ("tpe", {"fidelities": "full"}, "tpe option fidelities must be a list of strings"),
+    ("nsga2", {"population_size": 1}, "nsga2 option population_size must be an integer >= 2, got 1"),
+    ("nsga2", {"swapping_prob": 1.5}, "nsga2 option swapping_prob must be <= 1.0, got 1.5"),
+    ("nsga2", {"uniform_start": -1}, "nsga2 option uniform_start must be an integer >= 0, got -1"),
+    ("genetic", {"top_k": 9}, "genetic option top_k (9) exceeds population (8)"),
+    ("genetic", {"mutation_prob": -0.1}, "genetic option mutation_prob must be >= 0.0, got -0.1"),
+    ("genetic", {"sensitivity_ratios": [0.5, 0.0]}, "sensitivity_ratios holds 0.0, not a ratio in (0, 1]"),
+    ("genetic", {"max_generations": 0}, "genetic option max_generations must be an integer >= 1, got 0"),
+    ("masking", {"tau_start": 0.1, "tau_end": 1.0}, "masking tau schedule needs 0 < tau_end <= tau_start"),
+    ("masking", {"parallel": 0}, "masking parallel must be an integer >= 1, got 0"),
+])
+def test_bad_options_are_one_line_errors_naming_the_option(kind, options, message):
+    with pytest.raises(ValueError) as info:
+        build_options(kind, options)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_options_share_one_definition_of_common_fields():
+    from search.masking import MaskingOptions
+    from search.masking_core import MaskingConfig, MaskingSchedule
+    from search.optuna_searcher import NSGA2Options, SamplerOptions, TPEOptions
+
+    assert issubclass(TPEOptions, SamplerOptions) and issubclass(NSGA2Options, SamplerOptions)
+    assert issubclass(MaskingOptions, MaskingSchedule) and issubclass(MaskingConfig, MaskingSchedule)
+    options = MaskingOptions(steps=7, kd=False, targets=[0.4])
+    run = options.config(0.4, 5.0, seed=2, method="l2")
+    assert (run.steps, run.kd, run.target, run.lam, run.seed, run.method) == (7, False, 0.4, 5.0, 2, "l2")
+    assert run.schedule() == options.schedule()
