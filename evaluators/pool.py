@@ -43,6 +43,15 @@ log = logging.getLogger(__name__)
 _DEFAULT_SETTINGS = EvalSettings()
 
 
+def _check_timeout(timeout_s: Any) -> None:
+    """``timeout_s``: None (no timeout) or a finite number > 0."""
+    if timeout_s is not None:
+        try:
+            check_number("timeout_s", timeout_s, positive=True)
+        except ValueError:
+            raise ValueError(f"timeout_s must be None or a number > 0, got {timeout_s!r}") from None
+
+
 def ensure_ray(address: str | None, num_cpus: int | None) -> None:
     """``ray.init`` unless Ray is already initialised in this process.
 
@@ -153,11 +162,7 @@ class EvaluatorPool:
         check_int("round_to", round_to, 1)
         check_int("window", window, 1)
         check_int("max_retries", max_retries, 0)
-        if timeout_s is not None:
-            try:
-                check_number("timeout_s", timeout_s, positive=True)
-            except ValueError:
-                raise ValueError(f"timeout_s must be None or a number > 0, got {timeout_s!r}") from None
+        _check_timeout(timeout_s)
         if not isinstance(settings, EvalSettings):
             raise ValueError(f"settings must be EvalSettings, got {type(settings).__name__}")
 
