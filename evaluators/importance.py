@@ -95,32 +95,21 @@ class _TorchPruningImportance(Importance):
         return scores.detach().float().cpu()
 
 
-@register_importance("l1")
-class L1Importance(_TorchPruningImportance):
-    """Group L1 norm of the weights (Li et al. 2017)."""
-
-    impl = partial(tp.importance.GroupMagnitudeImportance, p=1)
-
-
-@register_importance("l2")
-class L2Importance(_TorchPruningImportance):
-    """Group L2 norm of the weights."""
-
-    impl = partial(tp.importance.GroupMagnitudeImportance, p=2)
+def _weight_criterion(name: str, class_name: str, impl: Callable[[], Any], doc: str) -> type[Importance]:
+    """A registered :class:`_TorchPruningImportance` subclass; bind it to ``class_name`` in this
+    module so instances pickle by reference."""
+    cls = type(class_name, (_TorchPruningImportance,), {"impl": impl, "__doc__": doc, "__module__": __name__})
+    return register_importance(name)(cls)
 
 
-@register_importance("fpgm")
-class FPGMImportance(_TorchPruningImportance):
-    """Distance to the geometric median of the group's filters (He et al. 2019)."""
-
-    impl = partial(tp.importance.FPGMImportance, p=2)
-
-
-@register_importance("lamp")
-class LAMPImportance(_TorchPruningImportance):
-    """Layer-adaptive magnitude-based pruning scores (Lee et al. 2021)."""
-
-    impl = partial(tp.importance.LAMPImportance, p=2)
+L1Importance = _weight_criterion("l1", "L1Importance", partial(tp.importance.GroupMagnitudeImportance, p=1),
+                                 "Group L1 norm of the weights (Li et al. 2017).")
+L2Importance = _weight_criterion("l2", "L2Importance", partial(tp.importance.GroupMagnitudeImportance, p=2),
+                                 "Group L2 norm of the weights.")
+FPGMImportance = _weight_criterion("fpgm", "FPGMImportance", partial(tp.importance.FPGMImportance, p=2),
+                                   "Distance to the geometric median of the group's filters (He et al. 2019).")
+LAMPImportance = _weight_criterion("lamp", "LAMPImportance", partial(tp.importance.LAMPImportance, p=2),
+                                   "Layer-adaptive magnitude-based pruning scores (Lee et al. 2021).")
 
 
 @register_importance("bn_scale")
