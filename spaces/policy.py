@@ -9,18 +9,17 @@ rank channels, either one name for the whole model or a mapping group -> name.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from spaces.checks import check_number, check_str
+
 
 def _check_ratio(name: str, ratio: Any) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        raise ValueError(f"ratio for group {name!r} must be a number, got {ratio!r}")
-    ratio = float(ratio)
-    if not math.isfinite(ratio) or not 0.0 < ratio <= 1.0:
+    ratio = check_number(f"ratio for group {name!r}", ratio)
+    if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio for group {name!r} must be in (0, 1], got {ratio!r}")
     return ratio
 
@@ -41,13 +40,12 @@ class Policy:
         if isinstance(self.method, Mapping):
             methods = {str(k): v for k, v in self.method.items()}
             for group, name in methods.items():
-                if not isinstance(name, str) or not name:
-                    raise ValueError(f"method for group {group!r} must be a non-empty string, got {name!r}")
+                check_str(f"method for group {group!r}", name)
             object.__setattr__(self, "method", MappingProxyType(dict(sorted(methods.items()))))
-        elif not isinstance(self.method, str) or not self.method:
-            raise ValueError(f"method must be a non-empty string or a mapping, got {self.method!r}")
-        if self.recovery is not None and (not isinstance(self.recovery, str) or not self.recovery):
-            raise ValueError(f"recovery must be a non-empty string or None, got {self.recovery!r}")
+        else:
+            check_str("method (a name, or a mapping group -> name)", self.method)
+        if self.recovery is not None:
+            check_str("recovery (or None)", self.recovery)
 
     # -- accessors -------------------------------------------------------------------------
     def ratio(self, group: str) -> float:

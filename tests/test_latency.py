@@ -1,23 +1,17 @@
 """The latency table as data: additive (NetAdapt) and fitted predictions, the fit, JSON."""
 
 import pytest
-import torch
 
 from spaces.latency import LatencyTable, fit_latency_model, predict_latency_ms
-from spaces.space import SearchSpace
-from tests.architectures import PlainCNN
+from tests.fakes import tiny_space
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    model = PlainCNN().eval()
-    example = torch.randn(1, 3, 16, 16)
-    return model, example, SearchSpace.from_model(model, example, ratio_min=0.1)
+def space():
+    return tiny_space()
 
 
-def test_prediction_is_base_plus_group_deltas(setup):
-    model, example, space = setup
+def test_prediction_is_base_plus_group_deltas(space):
     table = LatencyTable(base_ms=10.0, levels=(0.5,), deltas={g.name: (-1.0,) for g in space.groups})
     assert predict_latency_ms(table, space, space.uniform(1.0)) == pytest.approx(10.0)
     assert predict_latency_ms(table, space, space.uniform(0.5)) == pytest.approx(10.0 - len(space.groups), abs=0.2)
@@ -36,8 +30,7 @@ def test_fitted_model_recovers_known_costs_by_layer_kind():
     assert all(v >= 0 for v in coef.values())
 
 
-def test_fitted_table_ranks_policies_by_their_cost(setup):
-    model, example, space = setup
+def test_fitted_table_ranks_policies_by_their_cost(space):
     table = LatencyTable(base_ms=10.0, levels=(0.5,), deltas={g.name: (-1.0,) for g in space.groups},
                          coefficients={"intercept": 1.0, "conv": 1e-6, "linear": 1e-6}, predictor="fitted")
     small, large = space.uniform(0.3), space.uniform(0.9)

@@ -106,3 +106,16 @@ def test_latency_ratio_measured_in_every_evaluation(tmp_path):
         assert r.metrics.latency_ratio == pytest.approx(r.metrics.flops_ratio, rel=1e-6)
     front = pareto_front(records, config.study.directions)
     assert front and all(r.metrics.latency_ratio <= 0.8 + 1e-9 for r in front)
+
+
+def test_a_study_recorded_before_latency_moved_to_its_own_table_still_resumes(tmp_path):
+    """Studies store their evaluation settings; those written while ``latency_batch`` and
+    ``latency_runs`` were ``[evaluation]`` keys (and without ``latency``) must resume."""
+    config = load_config(latency_config(tmp_path, name="old"))
+    run_study(config.with_overrides(n_trials=2), pool_factory=lambda p, a: FakePool(p.space), progress=False)
+    study = optuna.load_study(study_name="old", storage=config.study.storage_url)
+    stored = dict(study.user_attrs["evaluation"])
+    stored.pop("latency")
+    study.set_user_attr("evaluation", {**stored, "latency_batch": 1, "latency_runs": 20})
+    run_study(config.with_overrides(n_trials=4), pool_factory=lambda p, a: FakePool(p.space), progress=False)
+    assert len(optuna.load_study(study_name="old", storage=config.study.storage_url).trials) == 4
