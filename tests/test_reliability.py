@@ -377,10 +377,10 @@ def test_running_trials_of_a_live_launcher_count_towards_the_budget(tmp_path):
 def test_a_launcher_appearing_mid_run_cannot_push_the_study_over_budget(tmp_path, monkeypatch):
     """The check after creating a trial keeps the count exact even when the check before
     (a read of the launcher table, at most every OTHERS_RECHECK_S) missed a new launcher."""
-    import search.runner
+    import search.budget
     from tests.fakes import FakePool
 
-    monkeypatch.setattr(search.runner, "OTHERS_RECHECK_S", 1e9)  # this run never notices it in time
+    monkeypatch.setattr(search.budget, "OTHERS_RECHECK_S", 1e9)  # this run never notices it in time
     n = 8
     config = load_config(study_config(tmp_path, n_trials=n, searchers='\n[[searchers]]\nkind = "random"\n'))
     run_study(config.with_overrides(n_trials=1), pool_factory=lambda p, a: FakePool(p.space), progress=False)
