@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import evaluators.compensation as compensation
 from search.params import distributions
-from evaluators.compensation import CaPConfig, compensate, kept_indices
+from evaluators.compensation import CaPConfig, compensate
 from evaluators.build import calibration_batches
 from evaluators.evaluate import evaluate
 from evaluators.prune import apply_policy
@@ -103,15 +103,6 @@ def test_removed_duplicate_channels_are_compensated_exactly(cls, producer, consu
     assert after < 1e-3
     entry = report.layers[0]
     assert entry.error_after < 1e-6 < entry.error_before
-
-
-def test_kept_indices_recovers_the_slices():
-    torch.manual_seed(0)
-    w = torch.randn(10, 7, 3, 3)
-    rows, cols = [0, 2, 3, 7, 9], [1, 4, 5]
-    assert kept_indices(w[rows][:, cols], w) == (rows, cols)
-    assert kept_indices(w[:, cols], w) == (list(range(10)), cols)
-    assert kept_indices(w[rows][:, cols] + 1e-3, w) is None
 
 
 # -- digits ------------------------------------------------------------------------------------------
