@@ -4,7 +4,8 @@ and the search-quality benchmark reports it per masking target against uniform p
 import pytest
 import torch
 
-from benchmarks.search_quality import UNIFORM, interpolate_uniform, masking_per_target
+from benchmarks.quality_presets import UNIFORM
+from benchmarks.quality_report import interpolate_uniform, masking_per_target
 from search.masking_core import MaskingConfig, learn_ratios, scale_to_target
 from spaces.policy import Policy
 
@@ -23,7 +24,7 @@ def _continuous_flops_ratio(space, policy):
 def test_residual_group_is_kept_wide_at_a_low_target(digits):
     # The residual stream feeding the classifier (block4.shortcut.0) is the group whose
     # channels cost the most accuracy (searchers' best digits policies keep 0.7-0.95 of it
-    # at 30% FLOPs). A student measured with frozen BN statistics crushed it towards r_min.
+    # at 30% FLOPs); a student trained with frozen BN statistics would push it towards r_min.
     task, model, space = digits
     _, info = learn_ratios(model, space, task.batches("train", 64, seed=0), task.batches("calibration", 64, seed=0),
                            task.example_inputs, MaskingConfig(target=0.3, steps=10, rerank_every=5, seed=0))
