@@ -1,4 +1,11 @@
-"""Who proposes, who records: searchers, the study runner, storage, export and the CLI.
+"""Who proposes, who records: searchers, the study's set-up, driver and storage, export, CLI.
+
+Modules, one job each: ``base`` (the Searcher contract and registry), ``setup`` (validate a
+config and build what a run needs), ``runner`` (``run_study``), ``driver`` (the loop),
+``budget`` / ``launchers`` (the shared trial budget, launcher liveness), ``cache`` (shared
+evaluations), ``recorder`` (the one writer of trials), ``records`` (trials read back, the
+Pareto front), ``storage`` (URLs, opening, read-only study access), ``resume``, ``pool``
+(the evaluator-pool protocol), ``export``, ``cli``.
 
 Import cost matters for Ray workers and the CLI, so the heavy pieces (runner, export,
 cli) are imported from their modules, not here.

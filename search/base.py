@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from evaluators.metrics import MAXIMIZE, MINIMIZE, Metrics
+from spaces.checks import check_int
 from spaces.policy import Policy
 from spaces.registry import Registry
 from spaces.space import SearchSpace
@@ -72,8 +73,7 @@ class Proposal:
     def __post_init__(self) -> None:
         if not isinstance(self.policy, Policy):
             raise ValueError(f"a proposal needs a Policy, got {type(self.policy).__name__}")
-        if isinstance(self.generation, bool) or not isinstance(self.generation, int):
-            raise ValueError(f"generation must be an integer, got {self.generation!r}")
+        check_int("generation", self.generation)
 
     @property
     def fidelity(self) -> str:

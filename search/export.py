@@ -39,6 +39,7 @@ from search.base import FULL
 from search.config import ConfigError, StudyConfig
 from search.records import TrialRecord, pareto_front
 from search.storage import check_compatible, read_study
+from spaces.checks import check_choice, check_int
 from spaces.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -207,13 +208,14 @@ def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune
     from search.setup import build_watermark, fingerprint_of, load_task_and_space
 
     formats = tuple(formats if formats is not None else config.export.formats)
-    bad = [f for f in formats if f not in ("pt2", "onnx")]
-    if bad:
-        raise ConfigError(f"unknown export format {bad[0]!r} (known: pt2, onnx)")
-    check_formats(formats)
     steps = config.export.finetune_steps if finetune_steps is None else finetune_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ConfigError(f"export finetune_steps must be an integer >= 0, got {steps!r}")
+    try:
+        for f in formats:
+            check_choice("export format", f, ("pt2", "onnx"))
+        check_int("export finetune_steps", steps, 0)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    check_formats(formats)
     out = Path(out) if out is not None else Path(config.export.dir) / config.name
     summary, records = read_study(config)
     front = pareto_front(records, config.study.directions)
