@@ -177,7 +177,7 @@ class Searcher(abc.ABC):
         """Restore state from this searcher's finished trials (in trial order).
 
         The default tells every outcome in order; ``pending`` proposals are re-submitted by
-        the runner and told later.
+        the driver and told later.
         """
         for outcome in outcomes:
             self.tell(outcome)
@@ -193,7 +193,7 @@ class Searcher(abc.ABC):
 
         A searcher that returns nothing from ``ask`` while nothing of its own is being
         evaluated either waits for such work (e.g. a background training task: override
-        this to return True meanwhile, and the runner polls it) or is out of proposals.
+        this to return True meanwhile, and the driver polls it) or is out of proposals.
         """
         return False
 

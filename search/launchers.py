@@ -93,8 +93,9 @@ def claimed_trials(trials: Sequence[FrozenTrial], launchers: Mapping[str, Launch
     a launcher that may still be alive. Trials failed as stale or over budget, and RUNNING
     trials of dead launchers (they will be failed as stale), hold none. A RUNNING trial
     without a launcher id holds a place only while it is young and another launcher is
-    alive: an Optuna searcher's ``study.ask`` creates the trial a moment before the runner
-    writes its ``run`` attr; with no other launcher alive it is a dead launcher's leftover.
+    alive: a sampler's trial (``search.recorder.TrialSource``) exists a moment before the
+    recorder writes its ``run`` attr; with no other launcher alive it is a dead launcher's
+    leftover.
     """
     now = time.time()
     others = bool(other_live_launchers(launchers, me, grace_s))
