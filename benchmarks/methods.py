@@ -33,6 +33,7 @@ from tqdm import tqdm
 from benchmarks.common import ROOT, base_parser, setup_logging, write_and_report
 from evaluators.evaluate import evaluate
 from evaluators.importance import available_importances
+from evaluators.measure import top1_accuracy
 from evaluators.settings import EvalSettings
 from evaluators.shapley import ShapleyImportance
 from evaluators.tasks import load_task
@@ -88,14 +89,8 @@ def run(quick: bool, cache_dir: Path) -> dict[str, Any]:
         rows.append({"data": data, "calibration_samples": settings.calibration_samples, "seed": settings.seed,
                      "criterion": name, "recovery": rec, "pruned": p, "cold": cold, **cell})
     return {"rows": rows, "criteria": list(criteria), "recoveries": list(recoveries_for["standard"]),
-            "pruned": list(pruned), "base_accuracy": _base_accuracy(task, base),
+            "pruned": list(pruned), "base_accuracy": top1_accuracy(base, [task.validation]),
             "validation_samples": len(task.validation[1])}
-
-
-def _base_accuracy(task, base) -> float:
-    x, y = task.validation
-    with torch.no_grad():
-        return float((base(x).argmax(1) == y).float().mean())
 
 
 # -- tables -------------------------------------------------------------------------------------------
