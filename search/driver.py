@@ -18,14 +18,14 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from optuna.trial import TrialState
 
 from evaluators.metrics import Metrics
-from search.base import Proposal, Searcher
+from search.base import Outcome, Proposal, Searcher
 from search.budget import Budget
 from search.launchers import HEARTBEAT_S
 from search.cache import CacheKey, ResultCache, cache_key
@@ -94,7 +94,8 @@ class Driver:
     """One run's loop state: submissions in flight, arrived results, counters."""
 
     def __init__(self, plan: Plan, pool: Pool, recorder: TrialRecorder, budget: Budget,
-                 records: list[TrialRecord], run_id: str = "", cache: ResultCache | None = None) -> None:
+                 records: list[TrialRecord], run_id: str = "", cache: ResultCache | None = None,
+                 on_told: Callable[[Outcome], None] | None = None) -> None:
         self.plan = plan
         self.pool = pool
         self.recorder = recorder
@@ -111,7 +112,7 @@ class Driver:
         self.order: collections.deque[int] = collections.deque()
         self.arrived: dict[int, tuple[Metrics, int | None]] = {}
         self.new_trials = self.evaluations = self.cached = 0
-        self.told: list[Any] = []   # outcomes in the order the searchers were told
+        self.on_told = on_told   # called with every outcome, after its searcher was told
 
     def budget_left(self) -> int | None:
         return self.budget.left(len(self.in_flight))
@@ -207,7 +208,8 @@ class Driver:
         t = time.thread_time()
         self.plan.searchers[sub.label].tell(outcome)
         self.timers["searchers"] += time.thread_time() - t
-        self.told.append(outcome)
+        if self.on_told is not None:
+            self.on_told(outcome)
         if progress is not None:
             progress.update(1, self.live)
 
@@ -230,7 +232,7 @@ class Driver:
         return done
 
 
-def _open(driver: Driver, deadline: float | None) -> bool:
+def _may_create(driver: Driver, deadline: float | None) -> bool:
     """Whether the budget and the deadline allow another trial."""
     left = driver.budget_left()
     return (left is None or left > 0) and (deadline is None or time.monotonic() < deadline)
@@ -240,7 +242,7 @@ def fill(driver: Driver, queue: collections.deque, deadline: float | None) -> se
     """Submit proposals until the pool is full; returns the searchers that had none."""
     blocked: set[str] = set()
     capacity = max(1, driver.pool.capacity)
-    while len(driver.in_flight) < capacity and _open(driver, deadline):
+    while len(driver.in_flight) < capacity and _may_create(driver, deadline):
         if queue:  # proposals of dead launchers go first
             driver.submit(*queue.popleft())
             continue
@@ -265,7 +267,7 @@ def run_loop(driver: Driver, queue: collections.deque, deadline: float | None,
             continue
         waiting = any(driver.plan.searchers[n].waiting for n in blocked)
         if not driver.in_flight:
-            if waiting and _open(driver, deadline):
+            if waiting and _may_create(driver, deadline):
                 time.sleep(POLL_S)  # e.g. a masking run still training: ask again shortly
                 driver.budget.heartbeat()
                 continue

@@ -217,10 +217,12 @@ class Harness:
                     constraint_names=self.constraints.names, ordered=True, space=self.space,
                     watermark=self.watermark)
         cache = None if self.share_results else EvaluateEveryTrial()
-        driver = Driver(plan, pool, self.recorder, budget, records, self.me.run_id, cache=cache)
+        told: list[Any] = []
+        driver = Driver(plan, pool, self.recorder, budget, records, self.me.run_id, cache=cache,
+                        on_told=told.append)
         run_loop(driver, collections.deque(), deadline=None)
-        self.log.extend((o.proposal, o) for o in driver.told)
-        return [o.proposal for o in driver.told]
+        self.log.extend((o.proposal, o) for o in told)
+        return [o.proposal for o in told]
 
     def records(self) -> list[Any]:
         return read_trials(optuna.load_study(study_name=self.name, storage=self.storage))
