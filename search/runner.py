@@ -20,6 +20,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import optuna
+
+from search.base import Proposal
 from search.budget import Budget
 from search.config import StudyConfig
 from search.driver import Driver, Plan, bind_searchers, run_loop
@@ -65,6 +68,7 @@ class RunSummary:
 
 
 def plan_of(prepared: Prepared) -> Plan:
+    """What the driver needs of a prepared study."""
     config = prepared.config
     return Plan(searchers=prepared.searchers, shares=config.shares, directions=config.study.directions,
                 constraint_names=config.constraints.names, ordered=config.study.workers == 1,
@@ -79,11 +83,11 @@ class _Started:
     recorder: TrialRecorder
     budget: Budget
     records: list[TrialRecord]
-    resubmit: list
+    resubmit: list[tuple[str, Proposal]]   # proposals of dead launchers, submitted first
     stale: int
 
 
-def _start(prepared: Prepared, storage: object, study: object) -> _Started:
+def _start(prepared: Prepared, storage: optuna.storages.BaseStorage, study: optuna.Study) -> _Started:
     """Register this launcher, resume the study and bind the searchers to the recorder."""
     config = prepared.config
     study_id = storage.get_study_id_from_name(config.name)
@@ -98,7 +102,7 @@ def _start(prepared: Prepared, storage: object, study: object) -> _Started:
     return _Started(prepared, recorder, budget, records, resubmit, stale)
 
 
-def _summary(config: StudyConfig, study: object, driver: Driver, run: _Started, start: float) -> RunSummary:
+def _summary(config: StudyConfig, study: optuna.Study, driver: Driver, run: _Started, start: float) -> RunSummary:
     records = read_trials(study)
     return RunSummary(
         study_name=config.name, storage_url=config.study.storage_url, n_trials=config.study.n_trials,
