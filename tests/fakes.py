@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -157,6 +158,19 @@ def local_pool(task: Any, space: SearchSpace, settings: Any, **kwargs: Any) -> F
 
 
 # -- driving searchers through the real driver -----------------------------------------------
+class CountingMark:
+    """A stand-in watermark (``project`` is all the driver uses): rounds every ratio up to a
+    multiple of 0.2 and counts its projections."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def project(self, policy: Policy) -> Policy:
+        self.calls += 1
+        ratios = {g: min(1.0, math.ceil(r * 5 - 1e-9) / 5) for g, r in policy.ratios.items()}
+        return Policy(ratios=ratios, method=policy.method)
+
+
 class EvaluateEveryTrial(ResultCache):
     """A result cache that never shares: every trial is evaluated (tests that count evaluations)."""
 

@@ -3,8 +3,6 @@ watermark projection, shared evaluations and the order searchers are told in."""
 
 from __future__ import annotations
 
-import math
-
 import optuna
 import pytest
 
@@ -12,7 +10,7 @@ from evaluators.metrics import Metrics
 from search.base import Proposal, Searcher
 from search.driver import mark
 from spaces.policy import Policy
-from tests.fakes import Harness, synthetic_metrics, tiny_space
+from tests.fakes import CountingMark, Harness, synthetic_metrics, tiny_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -20,18 +18,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 @pytest.fixture(scope="module")
 def space():
     return tiny_space()
-
-
-class CountingMark:
-    """A stand-in watermark: rounds every ratio up to a multiple of 0.2; counts projections."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def project(self, policy: Policy) -> Policy:
-        self.calls += 1
-        ratios = {g: min(1.0, math.ceil(r * 5 - 1e-9) / 5) for g, r in policy.ratios.items()}
-        return Policy(ratios=ratios, method=policy.method)
 
 
 class Repeating(Searcher):

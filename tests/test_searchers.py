@@ -19,7 +19,7 @@ from search.base import (
     register_searcher,
 )
 from search.config import ConstraintsSection
-from tests.fakes import Harness, synthetic_metrics, tiny_space
+from tests.fakes import CountingMark, Harness, synthetic_metrics, tiny_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -133,6 +133,17 @@ def test_pending_proposals_are_not_proposed_again(kind, space):
         s = straight.searcher(kind, seed=4)
         straight.run(s, 9)
         assert keys(nxt) == keys(s.ask(4))
+
+
+@pytest.mark.parametrize("kind", SEARCHERS)
+def test_under_a_watermark_trials_are_marked_and_the_searcher_keeps_its_own(kind, space):
+    h = Harness(space, watermark=CountingMark())
+    done = h.run(h.searcher(kind, seed=3), 8)
+    assert len(done) == 8
+    for proposal, record in zip(done, sorted(h.records(), key=lambda r: r.number)):
+        space.validate(record.policy)
+        assert record.policy == CountingMark().project(proposal.policy)
+    assert [o.proposal.policy for o in h.outcomes()] == [p.policy for p in done]
 
 
 def test_registry_rejects_duplicates_and_unknown_names():
