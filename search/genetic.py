@@ -31,6 +31,7 @@ from typing import Any
 
 from deap import base, tools
 
+from evaluators.heuristics import check_heuristic_start, start_policies
 from search.base import MAXIMIZE, Outcome, Proposal, Searcher, SearcherContext, register_searcher
 from spaces.checks import check_int, check_number, check_number_list
 
@@ -51,6 +52,7 @@ class GeneticOptions:
     sensitivity_max_drop: float = 0.1
     cheap: Mapping[str, Any] = field(default_factory=dict)  # EvalSettings overrides for step 1
     max_generations: int | None = None
+    heuristic_start: Mapping[str, int] = field(default_factory=dict)  # {heuristic: count} in generation 0
 
     def __post_init__(self) -> None:
         check_int("genetic option population", self.population, 2)
@@ -71,6 +73,8 @@ class GeneticOptions:
             raise ValueError(f"genetic option cheap must be a table of evaluation settings, got {self.cheap!r}")
         if self.max_generations is not None:
             check_int("genetic option max_generations", self.max_generations, 1)
+        object.__setattr__(self, "heuristic_start",
+                           check_heuristic_start("genetic option heuristic_start", self.heuristic_start))
 
 
 class _Individual(list):
@@ -245,7 +249,10 @@ class GeneticSearcher(Searcher):
         # 2. generations: cheap step for all, full step for the top-k survivors.
         o = self.options
         parents: list[_Individual] = []
-        offspring = [self._individual(self._random_genome()) for _ in range(o.population)]
+        starts = [space.encode(p) for p in start_policies(o.heuristic_start, space, self.context.max_flops_ratio,
+                                                          self.context.task)][: o.population]
+        offspring = [self._individual(g) for g in starts]
+        offspring += [self._individual(self._random_genome()) for _ in range(o.population - len(starts))]
         generation, stale = 0, 0
         while o.max_generations is None or generation < o.max_generations:
             self.generation = generation

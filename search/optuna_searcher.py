@@ -14,12 +14,13 @@ needed.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import optuna
 
+from evaluators.heuristics import check_heuristic_start, start_policies
 from search.base import FULL, Outcome, Proposal, Searcher, SearcherContext, register_searcher
 from search.recorder import SampledTrial, TrialSource
 from spaces.checks import check_bool, check_int, check_number, check_str_list
@@ -103,7 +104,7 @@ class OptunaSearcher(Searcher):
 
     #: the Optuna sampler class; its keyword arguments are the options' fields but these
     sampler_class: type[optuna.samplers.BaseSampler] | None = None
-    _OWN_OPTIONS = ("fidelities", "uniform_start")
+    _OWN_OPTIONS = ("fidelities", "uniform_start", "heuristic_start")
 
     def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         if self.sampler_class is None:
@@ -113,13 +114,16 @@ class OptunaSearcher(Searcher):
         return self.sampler_class(seed=seed, **kwargs)
 
     def start_policies(self) -> list[Policy]:
-        """The first proposals (option ``uniform_start``): uniform policies spread over the
-        FLOPs budget, fixed params of the sampler's first trials, so it learns from a front
-        uniform pruning already has.
+        """The first proposals, fixed params of the sampler's first trials, so it learns from a
+        front the heuristics already reach: option ``uniform_start`` (uniform policies spread
+        over the FLOPs budget), then option ``heuristic_start`` (``evaluators.heuristics.start_policies``).
         Computed once per searcher."""
         if self._starts is None:
             n = getattr(self.options, "uniform_start", 0)
-            self._starts = self.space.uniform_sweep(n, self.context.max_flops_ratio) if n else []
+            starts = self.space.uniform_sweep(n, self.context.max_flops_ratio) if n else []
+            spec = getattr(self.options, "heuristic_start", {})
+            heuristic = start_policies(spec, self.space, self.context.max_flops_ratio, self.context.task)
+            self._starts = starts + [p for p in heuristic if p not in starts]
         return self._starts
 
     def sampler(self) -> optuna.samplers.BaseSampler:
@@ -170,10 +174,13 @@ class SamplerOptions:
     kind: ClassVar[str] = "sampler"
     fidelities: Sequence[str] = (FULL,)   # trials the sampler learns from; [] = all
     uniform_start: int = 0                # first proposals: uniform policies over the FLOPs budget
+    heuristic_start: Mapping[str, int] = field(default_factory=dict)  # then {heuristic: count} policies
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fidelities", check_str_list(f"{self.kind} option fidelities", self.fidelities))
         check_int(f"{self.kind} option uniform_start", self.uniform_start, 0)
+        object.__setattr__(self, "heuristic_start",
+                           check_heuristic_start(f"{self.kind} option heuristic_start", self.heuristic_start))
 
 
 @dataclass(frozen=True)

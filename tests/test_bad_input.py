@@ -111,6 +111,12 @@ CASES = [
     # -- searcher options ---------------------------------------------------------------------
     Case("searcher-negative-uniform-start", "uniform_start must be an integer >= 0, got -2",
          old='kind = "random"', new='kind = "tpe"\n[searchers.options]\nuniform_start = -2'),
+    Case("searcher-heuristic-start-unknown", "heuristic_start: unknown heuristic 'global_l1' (known: global_lamp",
+         old='kind = "random"', new='kind = "tpe"\n[searchers.options]\nheuristic_start = {global_l1 = 4}'),
+    Case("searcher-heuristic-start-zero", "nsga2 option heuristic_start.global_lamp must be an integer >= 1, got 0",
+         old='kind = "random"', new='kind = "nsga2"\n[searchers.options]\nheuristic_start = {global_lamp = 0}'),
+    Case("searcher-heuristic-start-not-a-table", "genetic option heuristic_start must be a table of heuristic name",
+         old='kind = "random"', new='kind = "genetic"\n[searchers.options]\nheuristic_start = ["global_lamp"]'),
     Case("masking-all-targets-not-a-bool", "all_targets must be true or false, got 'yes'",
          old='kind = "random"', new='kind = "masking"\n[searchers.options]\nall_targets = "yes"'),
     Case("verify-missing-export-dir", "not found", ("verify", "{config}", "{tmp}/no-such-export")),
