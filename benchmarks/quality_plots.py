@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.quality_presets import UNIFORM
+from benchmarks.quality_presets import BASELINES, UNIFORM
 
 
 def _front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -42,7 +42,7 @@ def plot_task(result: Mapping[str, Any], out_dir: Path, levels: Sequence[float],
 def _plot_fronts(plt: Any, result: Mapping[str, Any], colours: Mapping[str, Any], levels: Sequence[float],
                  max_flops: float, path: Path) -> Path:
     per_seed = result["per_seed"]
-    searchers = [m for m in per_seed if m != UNIFORM]
+    searchers = [m for m in per_seed if m not in BASELINES]
     seed0 = sorted(per_seed[UNIFORM], key=int)[0]
     uni = [(p["flops_ratio"], p["accuracy"]) for p in per_seed[UNIFORM][seed0]["points"] if p["ok"]]
     cols = 4
@@ -52,6 +52,10 @@ def _plot_fronts(plt: Any, result: Mapping[str, Any], colours: Mapping[str, Any]
     for ax, method in zip(axes.flat, searchers):
         _plot_method(ax, per_seed[method][seed0], colours[method])
         ax.plot(*zip(*sorted(uni)), "--", color="black", lw=1, label="uniform")
+        for b in (b for b in BASELINES if b != UNIFORM and b in per_seed):  # global pruning, no search
+            pts = sorted((p["flops_ratio"], p["accuracy"]) for p in per_seed[b][seed0]["points"] if p["ok"])
+            if pts:
+                ax.plot(*zip(*pts), ":", color=colours[b], lw=1, label=b)
         for lv in levels:
             ax.axvline(lv, color="grey", lw=0.6, ls=":")
         ax.axvline(max_flops, color="red", lw=0.8, ls="--")
@@ -90,9 +94,11 @@ def _plot_hypervolume(plt: Any, result: Mapping[str, Any], colours: Mapping[str,
     per_seed = result["per_seed"]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for method in per_seed:
-        if method == UNIFORM:
-            hv = [per_seed[UNIFORM][s]["hypervolume"] for s in per_seed[UNIFORM]]
-            ax.axhline(statistics.fmean(hv), color="black", ls="--", lw=1, label="uniform (sweep)")
+        if method in BASELINES:
+            hv = [per_seed[method][s]["hypervolume"] for s in per_seed[method]]
+            ls = "--" if method == UNIFORM else ":"
+            ax.axhline(statistics.fmean(hv), color="black" if method == UNIFORM else colours[method], ls=ls, lw=1,
+                       label=f"{method} (no search)")
             continue
         curves = np.array([per_seed[method][s]["hv_curve"] for s in sorted(per_seed[method], key=int)], dtype=float)
         x = np.arange(1, curves.shape[1] + 1)

@@ -1,8 +1,9 @@
 """What the search-quality benchmark compares: task presets, targets and the method table.
 
 A *method* is a named ``[[searchers]]`` list (``fn(preset, quick)``) registered in
-:data:`METHODS`; ``uniform`` is the baseline every method is compared with and is not a
-study. :class:`BenchConfig` turns one task's preset, budget and seeds into study configs.
+:data:`METHODS`; the :data:`BASELINES` are not studies but search-free policies
+(``evaluators.heuristics``): ``uniform``, the baseline every method is compared with, and
+Torch-Pruning's global pruning ``global_magnitude`` and ``global_lamp``. :class:`BenchConfig` turns one task's preset, budget and seeds into study configs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from spaces.checks import check_int, check_number
 from spaces.registry import Registry
 
 UNIFORM = "uniform"
+#: search-free methods, evaluated at FLOPs targets instead of run as studies (uniform first)
+BASELINES = (UNIFORM, "global_magnitude", "global_lamp")
 
 
 def _check_levels(name: str, values: tuple[float, ...]) -> None:
@@ -101,14 +104,14 @@ METHODS: Registry[MethodBuilder] = Registry("method")
 
 def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
     """Register the ``[[searchers]]`` list of a compared method (``fn(preset, quick)``)."""
-    if name == UNIFORM:
+    if name in BASELINES:
         raise ValueError(f"method {name!r} is already registered")
     return METHODS.register(name)
 
 
 def available_methods() -> tuple[str, ...]:
-    """The uniform baseline, then every registered method."""
-    return (UNIFORM, *METHODS.names())
+    """The baselines (uniform first), then every registered method."""
+    return (*BASELINES, *METHODS.names())
 
 
 def method_searchers(method: str, preset: TaskPreset, quick: bool) -> list[dict[str, Any]]:
@@ -199,17 +202,17 @@ class BenchConfig:
         check_int("n_trials", self.n_trials, minimum=2)
         check_int("workers", self.workers, minimum=1)
         for method in self.methods:
-            if method != UNIFORM:
+            if method not in BASELINES:
                 METHODS.get(method)
         if UNIFORM not in self.methods:
             raise ValueError("the uniform baseline must be among the methods (everything is compared to it)")
 
     @property
     def searchers(self) -> tuple[str, ...]:
-        return tuple(m for m in self.methods if m != UNIFORM)
+        return tuple(m for m in self.methods if m not in BASELINES)
 
     def method_table(self) -> dict[str, list[dict[str, Any]]]:
-        """``{method: [[searchers]] list}`` of every compared method but the baseline."""
+        """``{method: [[searchers]] list}`` of every compared method but the baselines."""
         return {m: method_searchers(m, self.preset, self.quick) for m in self.searchers}
 
     def fingerprint(self) -> dict[str, Any]:

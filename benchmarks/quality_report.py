@@ -1,5 +1,6 @@
-"""The search-quality report: per-method summaries over seeds (paired against uniform),
-masking per target, the issue's target checks, and the markdown tables."""
+"""The search-quality report: per-method summaries over seeds (paired against uniform and
+against the better baseline), masking per target, the issue's target checks, and the
+markdown tables."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.quality_presets import TARGETS, UNIFORM
+from benchmarks.quality_presets import BASELINES, TARGETS, UNIFORM
 
 
 def _stats(values: Sequence[float | None]) -> dict[str, Any]:
@@ -26,25 +27,37 @@ def _acc(entry: Mapping[str, Any] | None) -> float | None:
     return entry.get("accuracy") if entry else None
 
 
+def _best_baseline(per_seed: Mapping[str, Any], seed: str, key: str, level: str) -> float | None:
+    """The better baseline's accuracy (uniform, global pruning: those that ran) for one seed and level."""
+    accs = [_acc(per_seed[b][seed].get(key, {}).get(level)) for b in BASELINES if seed in per_seed.get(b, {})]
+    accs = [a for a in accs if a is not None]
+    return max(accs) if accs else None
+
+
 def summarize(result: dict[str, Any], levels: Sequence[float]) -> dict[str, Any]:
-    """Mean ± std over seeds; per-seed paired deltas against uniform; HV ratio to random."""
+    """Mean ± std over seeds; per-seed paired deltas against uniform (``*_delta``) and against
+    the better of the baselines (``*_vs_baselines``); HV ratio to random."""
     per_seed = result["per_seed"]
     seeds = sorted(per_seed[UNIFORM], key=int)
     out: dict[str, Any] = {}
     for method, runs in per_seed.items():
         row: dict[str, Any] = {"hypervolume": _stats([runs[s]["hypervolume"] for s in seeds]),
                                "wall_s": _stats([runs[s].get("wall_s") for s in seeds]), "proxy": {}, "finetuned": {},
-                               "proxy_delta": {}, "finetuned_delta": {}}
+                               "proxy_delta": {}, "finetuned_delta": {}, "proxy_vs_baselines": {},
+                               "finetuned_vs_baselines": {}}
         for lv in map(str, levels):
             row["proxy"][lv] = _stats([_acc(runs[s]["best_proxy"].get(lv)) for s in seeds])
             row["finetuned"][lv] = _stats([_acc(runs[s].get("finetuned", {}).get(lv)) for s in seeds])
-            for kind, key in (("proxy_delta", "best_proxy"), ("finetuned_delta", "finetuned")):
-                deltas = []
+            for kind, key in (("proxy", "best_proxy"), ("finetuned", "finetuned")):
+                deltas, vs_best = [], []
                 for s in seeds:
                     a = _acc(runs[s].get(key, {}).get(lv))
                     b = _acc(per_seed[UNIFORM][s].get(key, {}).get(lv))
+                    best = _best_baseline(per_seed, s, key, lv)
                     deltas.append(None if a is None or b is None else a - b)
-                row[kind][lv] = _stats(deltas)
+                    vs_best.append(None if a is None or best is None else a - best)
+                row[f"{kind}_delta"][lv] = _stats(deltas)
+                row[f"{kind}_vs_baselines"][lv] = _stats(vs_best)
         if "random" in per_seed:
             ratios = [runs[s]["hypervolume"] / per_seed["random"][s]["hypervolume"] - 1.0
                       if per_seed["random"][s]["hypervolume"] > 0 else None for s in seeds]
@@ -103,7 +116,7 @@ def masking_per_target(result: Mapping[str, Any], method: str = "masking") -> li
 def check_targets(task: str, summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Evaluate the issue's targets for ``task``: the best searcher (by mean) against the threshold."""
     checks = []
-    searchers = [m for m in summary if m != UNIFORM]
+    searchers = [m for m in summary if m not in BASELINES]
     for target in TARGETS.get(task, []):
         kind = target["kind"]
         if kind == "hv_vs_random":
@@ -143,7 +156,11 @@ def markdown(results: Mapping[str, Any], config: Mapping[str, Any]) -> str:
         "method, seed and FLOPs level, fine-tuned identically (same steps, lr, KD from the unpruned model, seed) "
         "and scored on the whole validation split. Hypervolume: feasible full-fidelity trials in "
         "(1 - accuracy, FLOPs ratio), reference point (1, 1). Accuracies in %, mean ± std over seeds; Δ = paired "
-        "per-seed difference to uniform. The GA's cheap-fidelity trials count in its budget but not in its front.",
+        "per-seed difference to uniform; Δ best baseline = paired difference to the better of uniform, global magnitude "
+        "and global LAMP (fine-tuned). Baselines without search: uniform; `global_magnitude` and `global_lamp` = "
+        "Torch-Pruning global pruning (group L2 magnitude normalised by its mean, or LAMP), bisected to each FLOPs "
+        "level and to the uniform sweep's FLOPs ratios. The GA's cheap-fidelity trials count in its budget but not in "
+        "its front.",
         "",
     ]
     for task, res in results["tasks"].items():
@@ -165,8 +182,9 @@ def _task_markdown(task: str, res: Mapping[str, Any]) -> list[str]:
              f"Wall time {res['wall_s'] / 60:.1f} min.",
              ""]
     head = "| method | HV | HV vs random | " + " | ".join(
-        f"proxy ≤{int(100 * lv)}% | Δ | fine-tuned ≤{int(100 * lv)}% | Δ" for lv in levels) + " | s/study |"
-    lines += [head, "|" + "---|" * (4 + 4 * len(levels))]
+        f"proxy ≤{int(100 * lv)}% | Δ | fine-tuned ≤{int(100 * lv)}% | Δ | Δ best baseline" for lv in levels
+    ) + " | s/study |"
+    lines += [head, "|" + "---|" * (4 + 5 * len(levels))]
     lines += [_method_row(method, row, levels) for method, row in res["summary"].items()]
     if res.get("masking_per_target"):
         lines += ["", "Masking per target (every masking proposal of the studies at that target: a run's own or, "
@@ -189,7 +207,8 @@ def _method_row(method: str, row: Mapping[str, Any], levels: Sequence[float]) ->
     for lv in map(str, levels):
         cells += [_pm(row["proxy"][lv]), _pm(row["proxy_delta"][lv], signed=True) if method != UNIFORM else "",
                   _pm(row["finetuned"][lv]),
-                  _pm(row["finetuned_delta"][lv], signed=True) if method != UNIFORM else ""]
+                  _pm(row["finetuned_delta"][lv], signed=True) if method != UNIFORM else "",
+                  _pm(row.get("finetuned_vs_baselines", {}).get(lv), signed=True) if method not in BASELINES else ""]
     wall = row["wall_s"]["mean"]
     cells.append(f"{wall:.0f}" if wall is not None else "—")
     return f"| {method} | " + " | ".join(cells) + " |"

@@ -1,7 +1,8 @@
 """Running the search-quality benchmark of one task: every method x seed on one shared pool,
-the uniform sweep, then one identical fine-tune of each method's chosen models.
+the baselines (uniform sweep, global pruning), then one identical fine-tune of each method's
+chosen models.
 
-Studies run through the product (``search.runner.run_study``); the uniform sweep and the
+Studies run through the product (``search.runner.run_study``); the baselines and the
 fine-tunes are plain evaluations on the same ``EvaluatorPool``, so its actors start once.
 """
 
@@ -17,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.quality_presets import UNIFORM, BenchConfig
-from benchmarks.quality_scores import study_result, uniform_result
+from benchmarks.quality_presets import BASELINES, UNIFORM, BenchConfig
+from benchmarks.quality_scores import heuristic_result, study_result, uniform_result
 
 if TYPE_CHECKING:
     from evaluators.metrics import Metrics
@@ -84,6 +85,22 @@ def uniform_policies(space: Any, levels: Sequence[float]) -> list[Any]:
     return [space.uniform(r) for r in ratios]
 
 
+def global_policies(method: str, task: Any, space: Any, levels: Sequence[float]) -> list[tuple[float, Any]]:
+    """Torch-Pruning global pruning (``method``: an ``evaluators.heuristics`` name) at the
+    FLOPs ratios of the uniform sweep's grid points and at each level: ``(target, policy)``.
+
+    Like the uniform baseline it is not limited to the study's grid or ratio range: each
+    group keeps 5-100% of its channels (kept / channels, off the grid), chosen within the
+    group by their L2 norm as Torch-Pruning chooses them."""
+    from evaluators.heuristics import heuristic_policies
+
+    targets = sorted(set(levels) | {space.flops_ratio(space.uniform(r)) for r in space.levels})
+    wide = space.with_config(ratio_min=0.05, ratio_max=1.0, ratio_step=0.05, methods=("l2",))
+    policies = heuristic_policies(method, wide, targets, model=task.base_model(), example_inputs=task.example_inputs,
+                                  on_grid=False)
+    return list(zip(targets, policies))
+
+
 class Checkpoint:
     """Per-study results of an unfinished run, saved after every study (``--resume`` reuses them).
 
@@ -143,27 +160,42 @@ def task_info(cfg: BenchConfig, task: Any, space: Any, load_s: float) -> dict[st
 
 def run_method(cfg: BenchConfig, method: str, seed: int, shared: SharedPool, task_and_space: tuple[Any, Any],
                storage_dir: Path) -> dict[str, Any]:
-    """One method's result for one seed: a study through ``run_study``, or the uniform sweep."""
-    from evaluators.settings import EvalSettings
+    """One method's result for one seed: a study through ``run_study``, or a baseline."""
     from search.runner import run_study
     from search.setup import prepare
 
     levels = cfg.preset.levels
-    if method == UNIFORM:
-        start = time.perf_counter()
-        settings = EvalSettings(**cfg.evaluation(seed))
-        policies = uniform_policies(task_and_space[1], levels)
-        got = evaluate_all(shared, [(("u", seed, i), p, settings) for i, p in enumerate(policies)],
-                           f"uniform seed {seed}")
-        res = uniform_result([(p, got[("u", seed, i)]) for i, p in enumerate(policies)], levels,
-                             cfg.preset.max_flops_ratio)
-        res["wall_s"] = time.perf_counter() - start
-        return res
+    if method in BASELINES:
+        return run_baseline(cfg, method, seed, shared, task_and_space)
     config = cfg.study_config(method, seed, storage_dir)
     prepared = prepare(config, task_and_space=task_and_space)
     summary = run_study(config, prepared=prepared, progress=False,
                         pool_factory=lambda p, _addr: shared.bind(p.config.evaluation))
     return study_result(summary, levels)
+
+
+def run_baseline(cfg: BenchConfig, method: str, seed: int, shared: SharedPool,
+                 task_and_space: tuple[Any, Any]) -> dict[str, Any]:
+    """A baseline's result for one seed: its policies evaluated with the studies' proxy settings."""
+    from evaluators.settings import EvalSettings
+
+    start = time.perf_counter()
+    task, space = task_and_space
+    levels, max_flops = cfg.preset.levels, cfg.preset.max_flops_ratio
+    settings = EvalSettings(**cfg.evaluation(seed))
+    if method == UNIFORM:
+        policies = uniform_policies(space, levels)
+        got = evaluate_all(shared, [(("u", seed, i), p, settings) for i, p in enumerate(policies)],
+                           f"uniform seed {seed}")
+        res = uniform_result([(p, got[("u", seed, i)]) for i, p in enumerate(policies)], levels, max_flops)
+    else:
+        targets = global_policies(method, task, space, levels)
+        got = evaluate_all(shared, [((method, seed, i), p, settings) for i, (_, p) in enumerate(targets)],
+                           f"{method} seed {seed}")
+        res = heuristic_result([(t, p, got[(method, seed, i)]) for i, (t, p) in enumerate(targets)], levels,
+                               max_flops)
+    res["wall_s"] = time.perf_counter() - start
+    return res
 
 
 def run_task(cfg: BenchConfig, checkpoint: Checkpoint | None = None) -> dict[str, Any]:

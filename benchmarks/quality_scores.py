@@ -1,5 +1,6 @@
 """What one study scored: its points, hypervolume (final and per trial) and best feasible
-accuracy per FLOPs level; the same for the uniform sweep."""
+accuracy per FLOPs level; the same for the baselines (the uniform sweep, the global-pruning
+heuristics at FLOPs targets)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,19 @@ def uniform_result(evaluated: Sequence[tuple[Any, Any]], levels: Sequence[float]
     feasible = [(p["accuracy"], p["flops_ratio"]) for p in ok if p["feasible"]]
     return {"trials": len(points), "evaluations": len(points), "hypervolume": hypervolume(feasible),
             "best_proxy": best, "points": points}
+
+
+def heuristic_result(evaluated: Sequence[tuple[float, Any, Any]], levels: Sequence[float],
+                     max_flops: float) -> dict[str, Any]:
+    """A search-free heuristic as a method: ``evaluated`` = (FLOPs target, policy, metrics)."""
+    points, policies = [], {}
+    for i, (target, policy, m) in enumerate(sorted(evaluated, key=lambda tpm: tpm[0])):
+        p = _point(m)
+        points.append({"trial": i, "target": float(target), "fidelity": "full", "ok": p is not None,
+                       "feasible": p is not None and p["flops_ratio"] <= max_flops + 1e-12,
+                       "accuracy": p["accuracy"] if p else None, "flops_ratio": p["flops_ratio"] if p else None})
+        policies[i] = policy.to_dict()
+    ok = [p for p in points if p["ok"]]
+    feasible = [(p["accuracy"], p["flops_ratio"]) for p in ok if p["feasible"]]
+    return {"trials": len(points), "evaluations": len(points), "hypervolume": hypervolume(feasible),
+            "best_proxy": _best_per_level(ok, levels, policies), "points": points}

@@ -8,6 +8,8 @@ same search space, proxy evaluation, constraint and objectives ``["accuracy", "f
 * ``uniform``   — every group at one remaining ratio (Torch-Pruning, same L1 criterion, same
   recovery): the whole ratio grid plus, per reported FLOPs level, the largest continuous
   ratio whose exact FLOPs ratio (``space.flops_ratio``) is at most that level;
+* ``global_magnitude``, ``global_lamp`` — Torch-Pruning global pruning without search
+  (``evaluators.heuristics``), bisected to each level and to the uniform sweep's FLOPs ratios;
 * ``random``, ``tpe``, ``nsga2`` — Optuna samplers; ``genetic`` — DEAP NSGA-II with the
   two-step cheap/full fitness (its cheap trials count in the budget); ``masking`` — dynamic
   channel masking (one masking run per trial); ``portfolio`` — TPE + NSGA-II + GA + masking

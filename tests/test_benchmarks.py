@@ -198,3 +198,58 @@ def test_results_page_states_missed_targets_first_and_collects_each_result(tmp_p
     page = results_markdown(tmp_path, [], False, ["search_quality"])
     assert "## Search quality" in page and "](search_quality_digits_pareto.png)" in page  # outside the repo: as written
     assert "search_quality 1.5 min" in page and "- **Missed** (digits): b" in page
+
+
+def test_global_pruning_baselines_are_compared_but_never_the_best_searcher():
+    from benchmarks.quality_presets import BASELINES
+
+    per_seed = {
+        UNIFORM: {"0": _run(0.5, {"0.3": 0.60}, {"0.3": 0.80}), "1": _run(0.5, {"0.3": 0.70}, {"0.3": 0.82})},
+        "global_magnitude": {"0": _run(0.5, {"0.3": 0.65}, {"0.3": 0.84}), "1": _run(0.5, {"0.3": 0.60}, {"0.3": 0.81})},
+        "global_lamp": {"0": _run(0.5, {"0.3": 0.95}, {"0.3": 0.70}), "1": _run(0.5, {"0.3": 0.50}, {"0.3": 0.90})},
+        "tpe": {"0": _run(0.5, {"0.3": 0.70}, {"0.3": 0.85}), "1": _run(0.5, {"0.3": 0.72}, {"0.3": 0.86})},
+    }
+    summary = summarize({"per_seed": per_seed}, [0.3])
+    tpe = summary["tpe"]
+    assert tpe["finetuned_delta"]["0.3"]["values"] == pytest.approx([0.05, 0.04])  # against uniform
+    assert tpe["finetuned_vs_baselines"]["0.3"]["values"] == pytest.approx([0.01, -0.04])  # the better per seed
+    assert tpe["proxy_vs_baselines"]["0.3"]["values"] == pytest.approx([-0.25, 0.02])
+    assert summary["global_lamp"]["proxy_delta"]["0.3"]["values"] == pytest.approx([0.35, -0.20])
+    (check,) = check_targets("digits", summary)  # global_lamp has the best proxy delta but is no searcher
+    assert check["best"] == "tpe" and set(check["all"]) == {"tpe"}
+    assert set(BASELINES) == {UNIFORM, "global_magnitude", "global_lamp"}
+
+
+def test_baselines_are_methods_but_not_studies():
+    from benchmarks.quality_presets import BASELINES, register_method
+
+    cfg = BenchConfig(task="digits", preset=TaskPreset(levels=(0.3,), max_flops_ratio=0.5))
+    assert cfg.methods[: len(BASELINES)] == BASELINES
+    assert not set(BASELINES) & set(cfg.searchers) and not set(BASELINES) & set(cfg.method_table())
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("global_lamp")
+
+
+@pytest.mark.parametrize("method", ["global_magnitude", "global_lamp"])
+def test_global_baseline_policies_meet_each_target_off_the_grid(method):
+    from benchmarks.quality_run import global_policies
+    from benchmarks.quality_scores import heuristic_result
+    from evaluators.metrics import Metrics
+    from tests.fakes import tiny_space, tiny_task
+
+    task, space = tiny_task(), tiny_space(ratio_min=0.3)
+    pairs = global_policies(method, task, space, [0.25, 0.5])
+    targets = [t for t, _ in pairs]
+    assert targets == sorted(targets) and {0.25, 0.5} <= set(targets)
+    assert {round(space.flops_ratio(space.uniform(r)), 9) for r in space.levels} <= {round(t, 9) for t in targets}
+    flops = space.with_config(methods=("l1", "l2")).flops_ratio
+    for target, policy in pairs:
+        assert flops(policy) <= target + 1e-12 and policy.method == "l2"
+    assert any(r not in space.levels for _, p in pairs for r in p.ratios.values())  # kept / channels, off the grid
+    assert any(r < space.ratio_min for _, p in pairs for r in p.ratios.values())  # not limited to the study's range
+    evaluated = [(t, p, Metrics(accuracy=t, flops=1.0, params=1.0, flops_ratio=flops(p))) for t, p in pairs]
+    res = heuristic_result(evaluated, [0.25, 0.5], max_flops=0.5)
+    assert res["trials"] == len(pairs) and res["hypervolume"] > 0
+    assert [p["target"] for p in res["points"]] == targets
+    best = res["best_proxy"]["0.25"]
+    assert best["flops_ratio"] <= 0.25 and best["accuracy"] == max(t for t, p in pairs if flops(p) <= 0.25)
