@@ -154,6 +154,9 @@ def results_markdown(out: Path, runs: list[dict[str, Any]] | None, quick: bool, 
         md = _watermark_md(wm)
         if md:
             parts += [md, ""]
+    md = _read_md(out, "proxy_correlation_quick" if quick else "proxy_correlation", prefix)
+    if md:
+        parts += [md, ""]
     tp = load_result(out, "eval_throughput")
     if tp is not None and "summary" in tp.get("results", {}):
         parts += [_throughput_md(tp), ""]

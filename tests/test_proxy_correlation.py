@@ -93,3 +93,21 @@ def test_quick_run_writes_the_table_per_task(tmp_path):
     assert all(0.0 <= a <= 1.0 for r in res["records"] for a in r["accuracy"].values())
     assert res["summary"]["finetune_5"]["cost"]["mean_s"] > 0
     assert "| adaptive_bn |" in (tmp_path / "proxy_correlation_quick.md").read_text()
+
+
+def test_make_bench_leaves_the_full_run_out_but_quick_and_only_run_it(tmp_path, monkeypatch):
+    import benchmarks.__main__ as bench
+
+    ran: list[list[str]] = []
+
+    def fake_run(name, quick, out):
+        ran[-1].append(name)
+        return {"script": name, "exit_code": 0, "wall_s": 0.0}
+
+    monkeypatch.setattr(bench, "run_script", fake_run)
+    for argv in ([], ["--quick"], ["--only", "proxy_correlation"]):
+        ran.append([])
+        assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    full, quick, only = ran
+    assert "proxy_correlation" not in full and "search_quality" in full
+    assert "proxy_correlation" in quick and only == ["proxy_correlation"]
