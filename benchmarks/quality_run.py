@@ -204,16 +204,17 @@ def run_task(cfg: BenchConfig, checkpoint: Checkpoint | None = None) -> dict[str
 
     from evaluators.pool import EvaluatorPool, ensure_ray
     from evaluators.settings import EvalSettings
-    from search.setup import load_task_and_space
+    from search.setup import load_task_and_space, make_searchers, ray_cpus
 
     torch.set_num_threads(1)
     start = time.perf_counter()
     probe = cfg.study_config(cfg.searchers[0] if cfg.searchers else "random", cfg.seeds[0], Path("."))
     task, space = load_task_and_space(probe)
+    configs = [cfg.study_config(m, cfg.seeds[0], Path(".")) for m in cfg.searchers]
     info = task_info(cfg, task, space, time.perf_counter() - start)
-    # Ray CPUs: the pool's actors plus room for the masking searcher's training tasks, which
-    # run while the actors wait for their proposals.
-    ensure_ray(None, num_cpus=cfg.workers + 2)
+    # Ray starts as `prunesearch run` starts it: the pool's actors plus the largest need of
+    # any method's searchers (the studies run one after another).
+    ensure_ray(None, num_cpus=max([cfg.workers, *(ray_cpus(c, make_searchers(c, space, task)) for c in configs)]))
     pool = EvaluatorPool(task, groups=space.groups, round_to=space.round_to,
                          settings=EvalSettings(**cfg.evaluation(cfg.seeds[0])), workers=cfg.workers,
                          threads_per_worker=1, window=2)

@@ -78,6 +78,30 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
         )
 
 
+def check_cluster_cpus(total: float, workers: int, threads_per_worker: int,
+                       tasks: dict[str, tuple[int, int]]) -> str | None:
+    """Whether ``total`` Ray CPUs can run the pool's actors and other Ray tasks of the run.
+
+    ``tasks`` maps who runs them (e.g. ``"searcher 'masking'"``) to ``(tasks at once, CPUs
+    each)``. The actors that fit hold their CPUs for the pool's lifetime, so a task needing
+    more CPUs than they leave free could never be scheduled: ``ValueError``. When the CPUs
+    cover each task but not everything at once, a warning line is returned (work then
+    queues); ``None`` when they cover it all. CPUs are counted over the whole cluster.
+    """
+    held = min(workers, int(total // threads_per_worker)) * threads_per_worker
+    free = total - held
+    for who, (count, cpus) in tasks.items():
+        if count > 0 and cpus > free:
+            raise ValueError(
+                f"{who} runs Ray tasks of {cpus} CPU(s), but the evaluation workers ({workers} x "
+                f"{threads_per_worker} thread(s)) hold {held:g} of the Ray cluster's {total:g} CPUs: lower "
+                f"[study] workers or threads_per_worker, or give the cluster more CPUs"
+            )
+    need = workers * threads_per_worker + sum(count * cpus for count, cpus in tasks.values())
+    return (f"the run asks for {need} Ray CPUs (evaluation workers and searchers' tasks) but the Ray "
+            f"cluster has {total:g}; some of that work will queue") if need > total else None
+
+
 class EvalWorker:
     """Body of one Ray actor: the task and base model live here for the actor's lifetime."""
 
@@ -136,7 +160,9 @@ class _Slot:
 
 
 class EvaluatorPool:
-    """Ray actors evaluating policies; ``submit`` then collect with ``results``."""
+    """Ray actors evaluating policies; ``submit`` then collect with ``results``. A local Ray it
+    starts gets ``ray_cpus`` CPUs (default ``workers * threads_per_worker``; more leaves room
+    for the run's other Ray tasks, e.g. a searcher's training runs)."""
 
     def __init__(
         self,
@@ -151,6 +177,7 @@ class EvaluatorPool:
         max_retries: int = 2,
         window: int = 2,
         ray_address: str | None = None,
+        ray_cpus: int | None = None,
     ):
         if not isinstance(task, Task):
             raise ValueError(f"task must be an evaluators.tasks.Task, got {type(task).__name__}")
@@ -170,7 +197,7 @@ class EvaluatorPool:
 
         from evaluators.measure import model_cost
 
-        ensure_ray(ray_address, workers * threads_per_worker)
+        ensure_ray(ray_address, ray_cpus if ray_cpus is not None else workers * threads_per_worker)
         self._ray = ray
         self.workers = workers
         self.threads_per_worker = threads_per_worker

@@ -25,6 +25,11 @@ turns the params into its policy and puts the trial in ``Proposal.trial``; the r
 writes the proposal's attrs on that trial. For every other proposal the recorder creates a
 trial with exactly the proposed params.
 
+A searcher whose own background work runs as Ray tasks (masking's training runs) declares
+the CPUs that work holds at once with ``ray_resources()``; the study's Ray set-up
+(``search.setup.start_ray``) adds them to the evaluation workers' CPUs, and ``pending_since()``
+lets the driver stop a run whose background work never starts (``search.driver.STALL_S``).
+
 Register a searcher with ``@register_searcher("name")``; its options are a frozen
 dataclass ``Options`` (unknown keys are errors) built from the ``[searchers.options]``
 TOML table.
@@ -139,6 +144,23 @@ class SearcherContext:
 
 
 @dataclass(frozen=True)
+class RayResources:
+    """The Ray tasks a searcher's own background work keeps in flight at once."""
+
+    tasks: int = 0          # tasks in flight at once
+    cpus_per_task: int = 1  # Ray ``num_cpus`` of each
+
+    def __post_init__(self) -> None:
+        check_int("tasks", self.tasks, 0)
+        check_int("cpus_per_task", self.cpus_per_task, 1)
+
+    @property
+    def cpus(self) -> int:
+        """CPUs the work holds at once."""
+        return self.tasks * self.cpus_per_task
+
+
+@dataclass(frozen=True)
 class NoOptions:
     """Options of a searcher that takes none."""
 
@@ -196,6 +218,19 @@ class Searcher(abc.ABC):
         this to return True meanwhile, and the driver polls it) or is out of proposals.
         """
         return False
+
+    def ray_resources(self) -> RayResources:
+        """The Ray tasks of its own background work in flight at once (default: none).
+
+        The study's Ray set-up gives Ray these CPUs on top of the evaluation workers', and
+        refuses a cluster on which such a task could never be scheduled.
+        """
+        return RayResources()
+
+    def pending_since(self) -> float | None:
+        """``time.monotonic()`` since when its background work has waited to start with none
+        of it running (e.g. a Ray task queued for lack of CPUs); ``None`` when none waits."""
+        return None
 
     # -- the contract ---------------------------------------------------------------------
     @abc.abstractmethod

@@ -3,7 +3,9 @@
 The loop fills the pool up to its capacity with proposals (searchers picked by their
 ``share``: the one furthest below its share of trials asks next), records each as one
 trial, collects results, records metrics/constraints/values and tells the searcher, until
-the budget is spent, the deadline passed or every searcher is out of proposals.
+the budget is spent, the deadline passed or every searcher is out of proposals. A searcher
+whose own background work waits to start for longer than ``STALL_S`` stops the run
+(``SearcherStalled``) instead of starving silently.
 
 Each proposal becomes a :class:`Submission` once, at submit: its watermark projection (what
 is recorded and evaluated), its cache key and settings overrides. A proposal of an
@@ -38,6 +40,29 @@ log = logging.getLogger(__name__)
 
 # How often searchers that wait for their own background work are asked again (seconds).
 POLL_S = 0.2
+# How long a searcher's background work may wait to start, none of it running (seconds),
+# before the run stops with SearcherStalled: Ray worker start-up fits well within it.
+STALL_S = 120.0
+
+
+class SearcherStalled(RuntimeError):
+    """A searcher's own background work waited longer than ``STALL_S`` to start."""
+
+
+def check_stalled(searchers: Mapping[str, Searcher], now: float | None = None) -> None:
+    """``SearcherStalled`` naming the first searcher whose background work has waited to start
+    (``Searcher.pending_since``) for longer than ``STALL_S``, and what to change."""
+    now = time.monotonic() if now is None else now
+    for name, searcher in searchers.items():
+        since = searcher.pending_since()
+        if since is None or now - since <= STALL_S:
+            continue
+        need = searcher.ray_resources()
+        raise SearcherStalled(
+            f"searcher {name!r} ({searcher.kind}): its Ray tasks ({need.tasks} x {need.cpus_per_task} CPU) "
+            f"waited {now - since:.0f} s to start with none running; give Ray more free CPUs (fewer [study] "
+            f"workers or threads_per_worker, or a larger cluster) or lower the searcher's parallel/threads"
+        )
 
 
 @dataclass(frozen=True)
@@ -238,8 +263,24 @@ def _may_create(driver: Driver, deadline: float | None) -> bool:
     return (left is None or left > 0) and (deadline is None or time.monotonic() < deadline)
 
 
+def reserved(driver: Driver, label: str) -> int:
+    """Trials kept for the other searchers waiting on their own background work: what they
+    still lack of their share of ``n_trials`` (their work is slower than an evaluation, and
+    without this the others would spend the whole budget before it arrives)."""
+    n_trials = driver.budget.n_trials
+    if n_trials is None:
+        return 0
+    total = sum(driver.plan.shares.values())
+    keep = 0
+    for name, searcher in driver.plan.searchers.items():
+        if name != label and searcher.waiting and not searcher.finished:
+            keep += max(0, int(n_trials * driver.plan.shares[name] / total + 1e-9) - driver.issued[name])
+    return keep
+
+
 def fill(driver: Driver, queue: collections.deque, deadline: float | None) -> set[str]:
-    """Submit proposals until the pool is full; returns the searchers that had none."""
+    """Submit proposals until the pool is full; returns the searchers that had none (or
+    whose turn would take trials kept for a waiting searcher: ``reserved``)."""
     blocked: set[str] = set()
     capacity = max(1, driver.pool.capacity)
     while len(driver.in_flight) < capacity and _may_create(driver, deadline):
@@ -249,6 +290,10 @@ def fill(driver: Driver, queue: collections.deque, deadline: float | None) -> se
         label = driver.choose(blocked)
         if label is None:
             break
+        left = driver.budget_left()
+        if left is not None and left <= reserved(driver, label):
+            blocked.add(label)
+            continue
         proposals = driver.ask(label)
         if not proposals:
             blocked.add(label)  # waiting for its results; ask the others
@@ -262,6 +307,7 @@ def run_loop(driver: Driver, queue: collections.deque, deadline: float | None,
              progress: Progress | None = None) -> None:
     """Fill the pool, collect, record, tell — until the budget or the searchers are spent."""
     while True:
+        check_stalled(driver.plan.searchers)
         blocked = fill(driver, queue, deadline)
         if driver.drain(progress):
             continue

@@ -6,8 +6,9 @@ records and evaluates with the same pool and recovery as every other searcher, s
 are comparable. Runs cycle through ``targets`` x ``lambdas`` (then again with the next
 seed) until the budget is spent; with ``all_targets`` a run also proposes its learned
 allocation rescaled to every other target (one trained run, a policy per target). Each run
-is a Ray task when Ray is initialised (``parallel`` of them at once), else it runs
-in-process. Results are released in run order, so the sequence of proposals is the same
+is a Ray task of ``threads`` CPUs when Ray is initialised (``parallel`` of them at once:
+``ray_resources``), else it runs in-process; a task yields a marker as soon as it starts, so
+``pending_since`` tells how long runs have waited for Ray CPUs with none training. Results are released in run order, so the sequence of proposals is the same
 whatever order the tasks finish in.
 """
 
@@ -16,16 +17,19 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from search.base import Outcome, Proposal, Searcher, SearcherContext, register_searcher
+from search.base import Outcome, Proposal, RayResources, Searcher, SearcherContext, register_searcher
 from search.masking_core import MaskingConfig, MaskingSchedule, check_target, learn_ratios, policy_at_target
 from spaces.checks import check_bool, check_int, check_number_list, check_str
 from spaces.policy import Policy
 
 log = logging.getLogger(__name__)
+
+STARTED = "started"  # the first item a run's Ray task yields
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,23 @@ def _run(task: Any, space: Any, config: MaskingConfig, batch_size: int, threads:
     return policy.to_json(), info
 
 
+def _run_streamed(task: Any, space: Any, config: MaskingConfig, batch_size: int, threads: int) -> Iterator[Any]:
+    """The Ray task of one run: yields ``STARTED`` as soon as it runs, then the run's result."""
+    yield STARTED
+    yield _run(task, space, config, batch_size, threads)
+
+
+@dataclass(eq=False)
+class _Launched:
+    """A launched run: its Ray stream (or, in-process, its result), and how far it got."""
+
+    config: MaskingConfig
+    stream: Any = None             # ray ObjectRefGenerator: STARTED, then the result
+    result: Any = None             # the result (in-process) or the ObjectRef of it, once finished
+    started: bool = False
+    launched_at: float = 0.0
+
+
 @register_searcher("masking")
 class MaskingSearcher(Searcher):
     """Dynamic channel masking (Li et al. 2020): learnable ratios under a FLOPs-aware loss."""
@@ -86,7 +107,8 @@ class MaskingSearcher(Searcher):
             raise ValueError("the masking searcher needs the study's task (training data) in its context")
         self.task = context.task
         self._runs: Iterator[tuple[int, MaskingConfig]] = self._run_stream()
-        self._launched: dict[int, Any] = {}     # run index -> Ray ref or finished result
+        self._launched: dict[int, _Launched] = {}
+        self._last_finish = float("-inf")       # time.monotonic() when a Ray run last finished
         self._done: set[int] = set()            # run indices already proposed (this or a past launch)
         self._next_release = 0
         self._task_ref = None
@@ -102,14 +124,44 @@ class MaskingSearcher(Searcher):
     def _launch(self, index: int, config: MaskingConfig) -> None:
         import ray
 
-        if ray.is_initialized():
-            if self._task_ref is None:
-                self._task_ref = ray.put(self.task)
-            remote = ray.remote(num_cpus=self.options.threads, max_retries=2)(_run)
-            self._launched[index] = (config, remote.remote(self._task_ref, self.space, config,
-                                                           self.options.batch_size, self.options.threads))
-        else:
-            self._launched[index] = (config, _run(self.task, self.space, config, self.options.batch_size, self.options.threads))
+        args = (config, self.options.batch_size, self.options.threads)
+        if not ray.is_initialized():
+            self._launched[index] = _Launched(config, result=_run(self.task, self.space, *args), started=True)
+            return
+        if self._task_ref is None:
+            self._task_ref = ray.put(self.task)
+        remote = ray.remote(num_cpus=self.options.threads, max_retries=2)(_run_streamed)
+        self._launched[index] = _Launched(config, stream=remote.remote(self._task_ref, self.space, *args),
+                                          launched_at=time.monotonic())
+
+    def _poll(self) -> None:
+        """Note which Ray runs have started and which have finished (never blocks)."""
+        import ray
+
+        for run in self._launched.values():
+            if run.stream is None or run.result is not None:
+                continue
+            if not ray.wait([run.stream], num_returns=1, timeout=0)[0]:
+                continue
+            ref = next(run.stream)
+            if run.started:  # the second item: the run's result
+                run.result = ref
+                self._last_finish = time.monotonic()
+            else:
+                run.started = True
+
+    def ray_resources(self) -> RayResources:
+        """``parallel`` training runs of ``threads`` CPUs each."""
+        return RayResources(tasks=self.options.parallel, cpus_per_task=self.options.threads)
+
+    def pending_since(self) -> float | None:
+        """Since when a launched run has waited to start while no run was training."""
+        self._poll()
+        runs = self._launched.values()
+        waiting = [r.launched_at for r in runs if not r.started]
+        if not waiting or any(r.started and r.result is None for r in runs):
+            return None
+        return max(min(waiting), self._last_finish)
 
     def ask(self, n: int) -> list[Proposal]:
         import ray
@@ -119,35 +171,38 @@ class MaskingSearcher(Searcher):
             if index in self._done:
                 continue
             self._launch(index, config)
+        self._poll()
         proposals: list[Proposal] = []
         while len(proposals) < n and self._ready:
             proposals.append(self._ready.popleft())
         while len(proposals) < n and self._next_release in self._launched:
             index = self._next_release
-            config, result = self._launched[index]
-            if isinstance(result, ray.ObjectRef):
-                ready, _ = ray.wait([result], timeout=0)
-                if not ready:
-                    break
-                result = ray.get(result)
+            run = self._launched[index]
+            if run.result is None:
+                break
+            result = ray.get(run.result) if isinstance(run.result, ray.ObjectRef) else run.result
             del self._launched[index]
             self._done.add(index)
             self._next_release += 1
             while self._next_release in self._done and self._next_release not in self._launched:
                 self._next_release += 1
-            policy_json, info = result
-            meta = {"masking_run": index, "masking_lambda": config.lam, "masking_seed": config.seed,
-                    "learned_flops_ratio": round(float(info["learned_flops_ratio"]), 6)}
-            released = [Proposal(policy=Policy.from_json(policy_json), generation=index,
-                                 meta={**meta, "masking_target": config.target})]
-            if self.options.all_targets:
-                released += [Proposal(policy=policy, generation=index,
-                                      meta={**meta, "masking_target": target, "masking_learned_at": config.target})
-                             for target, policy in self._rescaled(info, config)]
+            released = self._proposals(index, run.config, *result)
             take = n - len(proposals)
             proposals += released[:take]
             self._ready.extend(released[take:])
         return proposals
+
+    def _proposals(self, index: int, config: MaskingConfig, policy_json: str, info: dict) -> list[Proposal]:
+        """The proposals of finished run ``index``: its own policy, then (all_targets) the rescaled ones."""
+        meta = {"masking_run": index, "masking_lambda": config.lam, "masking_seed": config.seed,
+                "learned_flops_ratio": round(float(info["learned_flops_ratio"]), 6)}
+        released = [Proposal(policy=Policy.from_json(policy_json), generation=index,
+                             meta={**meta, "masking_target": config.target})]
+        if self.options.all_targets:
+            released += [Proposal(policy=policy, generation=index,
+                                  meta={**meta, "masking_target": target, "masking_learned_at": config.target})
+                         for target, policy in self._rescaled(info, config)]
+        return released
 
     def _rescaled(self, info: dict, config: MaskingConfig) -> list[tuple[float, Policy]]:
         """The run's learned allocation moved to each other target by one common factor (the

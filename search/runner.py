@@ -31,7 +31,7 @@ from search.progress import Progress
 from search.recorder import TrialRecorder
 from search.records import TrialRecord, pareto_front, read_trials
 from search.resume import own_seeds, resume
-from search.setup import PoolFactory, Prepared, default_pool, open_study, prepare
+from search.setup import PoolFactory, Prepared, default_pool, open_study, prepare, start_ray
 from search.storage import close_storage
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,8 @@ def run_study(config: StudyConfig, *, pool_factory: PoolFactory | None = None, r
     start = time.monotonic()
     prepared = prepared or prepare(config)
     config = prepared.config
+    if pool_factory is None:
+        start_ray(prepared, ray_address)  # checks the cluster before the first write
     storage, study = open_study(prepared)
     pool = bar = None
     try:

@@ -4,12 +4,15 @@
 reachable, builds the watermark and the searchers, checks an existing study's
 space/objectives/evaluation against the config and builds the latency table; the result,
 ``Prepared``, is what ``search.runner``, ``search.export`` and the CLI work from.
-``open_study`` is the first write of a run; ``default_pool`` starts the Ray workers.
+``start_ray`` starts (or joins and checks) Ray with CPUs for the evaluation workers and
+every searcher's own Ray tasks, before anything is written; ``open_study`` is the first write
+of a run; ``default_pool`` starts the Ray workers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +51,8 @@ class Prepared:
 
 
 PoolFactory = Callable[[Prepared, str | None], Pool]
+
+log = logging.getLogger(__name__)
 
 
 def fingerprint_of(config: StudyConfig, space: Any, task: Any) -> dict[str, Any]:
@@ -172,6 +177,40 @@ def prepare(config: StudyConfig, *, task_and_space: tuple[Any, Any] | None = Non
                     watermark=watermark, latency_table=latency_table)
 
 
+def ray_cpus(config: StudyConfig, searchers: Mapping[str, Searcher]) -> int:
+    """The Ray CPUs a study holds at once: its evaluation workers' plus every searcher's
+    own Ray tasks (``Searcher.ray_resources``)."""
+    s = config.study
+    return s.workers * s.threads_per_worker + sum(x.ray_resources().cpus for x in searchers.values())
+
+
+def start_ray(prepared: Prepared, ray_address: str | None = None) -> None:
+    """Start local Ray with ``ray_cpus`` CPUs, or join the cluster (``ray_address``,
+    ``RAY_ADDRESS``, or a Ray already initialised in this process) and check its CPUs.
+
+    ``ConfigError`` when a searcher's Ray tasks could never be scheduled next to the
+    evaluation workers (``evaluators.pool.check_cluster_cpus``); a warning when the cluster
+    covers each task but not everything at once.
+    """
+    import ray
+
+    from evaluators.pool import check_cluster_cpus, ensure_ray
+
+    config = prepared.config
+    ensure_ray(ray_address, ray_cpus(config, prepared.searchers))
+    tasks = {}
+    for name, searcher in prepared.searchers.items():
+        need = searcher.ray_resources()
+        tasks[f"searcher {name!r}"] = (need.tasks, need.cpus_per_task)
+    total = float(ray.cluster_resources().get("CPU", 0))
+    try:
+        warning = check_cluster_cpus(total, config.study.workers, config.study.threads_per_worker, tasks)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if warning:
+        log.warning(warning)
+
+
 def default_pool(prepared: Prepared, ray_address: str | None = None) -> Pool:
     """The Ray ``EvaluatorPool`` the study's ``[study]`` section describes."""
     from evaluators.pool import EvaluatorPool
@@ -188,6 +227,7 @@ def default_pool(prepared: Prepared, ray_address: str | None = None) -> Pool:
         max_retries=s.max_retries,
         window=s.window,
         ray_address=ray_address,
+        ray_cpus=ray_cpus(prepared.config, prepared.searchers),
     )
 
 
