@@ -5,7 +5,9 @@
    allowed ratio becomes the lowest tested ratio from which on every tested ratio loses at
    most ``sensitivity_max_drop`` accuracy against the reference; genomes then draw that
    group's gene from the bounded range only.
-2. Every generation is scored with the *cheap* proxy (the study's settings with ``cheap``
+2. The first generation holds the policies of option ``heuristic_start`` (``{heuristic:
+   count}``, as for the Optuna searchers; at most ``population``), the rest are random.
+   Every generation is scored with the *cheap* proxy (the study's settings with ``cheap``
    overrides: adaptive BN on a small calibration subset, fewer validation samples,
    fidelity ``"cheap"``). Survival and mating use the cheap values, which every individual
    has, with NSGA-II's constrained domination (feasible first, then by total violation).
