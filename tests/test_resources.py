@@ -197,8 +197,10 @@ def test_every_searcher_gets_its_share_through_prunesearch_run(tmp_path, searche
     assert time.monotonic() - start < 90
     got = _per_searcher(path)
     assert sum(got.values()) == n_trials
-    for name, share in wanted.items():  # a searcher with background work gets all of its share
-        assert got[name] >= (share if name == "masking" else share - 1), (name, dict(got))
+    # A searcher with background work (masking) keeps all of its share; the others get theirs
+    # up to the GA's generation barriers, during which they fill in for each other.
+    for name, share in wanted.items():
+        assert got[name] >= (share if name == "masking" else share // 2), (name, dict(got))
 
 
 def test_ray_without_room_for_a_searchers_tasks_is_refused_before_any_write(tmp_path):
