@@ -17,12 +17,13 @@ import pytest
 
 import search.driver
 from evaluators.pool import check_cluster_cpus
-from search.base import RayResources, Searcher
+from search.base import Proposal, RayResources, Searcher, make_searcher
+from search.budget import Budget
 from search.config import load_config
-from search.driver import SearcherStalled, check_stalled
+from search.driver import Driver, Plan, SearcherStalled, bind_searchers, check_stalled, run_loop
 from search.records import read_trials
 from search.setup import make_searchers, ray_cpus
-from tests.fakes import Harness, tiny_config, tiny_space
+from tests.fakes import DIRECTIONS, FakePool, Harness, tiny_config, tiny_space
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,6 +179,51 @@ def test_stall_bound_leaves_work_that_runs_alone():
         check_stalled({"stuck": stuck})
     stuck.since = None
     check_stalled({"stuck": stuck})          # nothing waits
+
+
+class Slow(Searcher):
+    """Background work that gives a proposal only after ``delay`` asks (a training run)."""
+
+    kind = "slow"
+
+    def __init__(self, context, delay: int):
+        super().__init__(context)
+        self.delay = delay
+        self.asked = 0
+
+    def ask(self, n):
+        self.asked += 1
+        if self.asked <= self.delay:
+            return []
+        self.asked = 0
+        return [Proposal(self.space.uniform(0.5), meta={"slow": True})]
+
+    def tell(self, outcome):
+        pass
+
+    @property
+    def waiting(self):
+        return True
+
+
+def _drive(harness: Harness, searchers: dict, shares: dict, n_trials: int) -> collections.Counter:
+    """Run the real driver loop over ``searchers`` with a fake pool until ``n_trials``."""
+    pool = FakePool(harness.space, workers=2, window=2)
+    bind_searchers(searchers, harness.recorder)
+    budget = Budget(n_trials, 0, harness.storage, harness.recorder.study_id, harness.me)
+    plan = Plan(searchers=searchers, shares=shares, directions=DIRECTIONS, constraint_names=harness.constraints.names,
+                ordered=False, space=harness.space)
+    run_loop(Driver(plan, pool, harness.recorder, budget, [], harness.me.run_id), collections.deque(), deadline=None)
+    return collections.Counter(r.searcher for r in harness.records())
+
+
+@pytest.mark.parametrize("delay", [2, 10])
+def test_a_searcher_waiting_on_its_own_work_keeps_its_share(delay):
+    harness = Harness(tiny_space())
+    searchers = {"random": make_searcher("random", harness.context(label="random")),
+                 "slow": Slow(harness.context(label="slow"), delay)}
+    got = _drive(harness, searchers, {"random": 0.75, "slow": 0.25}, 12)
+    assert got == {"random": 9, "slow": 3}
 
 
 # -- through the command line, with default Ray ----------------------------------------------
