@@ -302,3 +302,26 @@ def test_masking_run_pending_for_lack_of_cpus_is_reported_as_waiting():
         print("ok")
         """, timeout=90)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_stalled_searcher_stops_prunesearch_run_with_one_line_and_the_log(tmp_path):
+    path = _config(tmp_path, '\n[[searchers]]\nkind = "stuck"\n', 4)
+    start = time.monotonic()
+    done = _run_cli(f"""
+        import sys
+        import search.driver
+        from search.base import register_searcher
+        from tests.test_resources import Stuck
+
+        register_searcher("stuck")(Stuck)
+        search.driver.STALL_S = 1.0
+        from search.cli import main
+        sys.exit(main(["run", {str(path)!r}, "--no-progress"]))
+        """, timeout=90)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert time.monotonic() - start < 60
+    lines = [line for line in done.stderr.splitlines() if line.startswith("prunesearch: error: ")]
+    assert len(lines) == 1, done.stderr
+    assert "run failed: SearcherStalled: searcher 'stuck' (stuck): its Ray tasks" in lines[0]
+    assert f"(traceback in {tmp_path}/tiny.log)" in lines[0]
+    assert "SearcherStalled" in (tmp_path / "tiny.log").read_text()
