@@ -139,16 +139,14 @@ class MaskingSearcher(Searcher):
         import ray
 
         for run in self._launched.values():
-            if run.stream is None or run.result is not None:
-                continue
-            if not ray.wait([run.stream], num_returns=1, timeout=0)[0]:
-                continue
-            ref = next(run.stream)
-            if run.started:  # the second item: the run's result
-                run.result = ref
-                self._last_finish = time.monotonic()
-            else:
-                run.started = True
+            while run.stream is not None and run.result is None and ray.wait([run.stream], timeout=0)[0]:
+                ref = next(run.stream)
+                if run.started:  # the second item: the run's result
+                    run.result = ref
+                    self._last_finish = time.monotonic()
+                else:
+                    ray.get(ref)  # the marker (raises the task's error if it failed before running)
+                    run.started = True
 
     def ray_resources(self) -> RayResources:
         """``parallel`` training runs of ``threads`` CPUs each."""
