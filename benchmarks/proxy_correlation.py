@@ -14,6 +14,7 @@ FLOPs ratio, free) is the baseline a proxy has to beat. Writes
 
     python -m benchmarks.proxy_correlation            # full run
     python -m benchmarks.proxy_correlation --quick    # smoke run (< 1 min)
+    python -m benchmarks.proxy_correlation --summarize benchmarks/results/proxy_correlation.json
 """
 
 from __future__ import annotations
@@ -106,6 +107,18 @@ def within_bins(proxy: Sequence[float], reference: Sequence[float], flops: Seque
     return float(np.mean(values)) if values else float("nan")
 
 
+def partial_spearman(proxy: Sequence[float], reference: Sequence[float], flops: Sequence[float]) -> float:
+    """Spearman of ``proxy`` and ``reference`` with the FLOPs ranks partialled out: how well the
+    proxy ranks policies beyond what their size says. NaN when undefined (e.g. the proxy is FLOPs)."""
+    r_pr = rank_correlation(proxy, reference)["spearman"]
+    r_pf = rank_correlation(proxy, flops)["spearman"]
+    r_rf = rank_correlation(reference, flops)["spearman"]
+    denominator = (1 - r_pf ** 2) * (1 - r_rf ** 2)
+    if not np.isfinite(denominator) or denominator <= 1e-12:
+        return float("nan")
+    return float((r_pr - r_pf * r_rf) / np.sqrt(denominator))
+
+
 def cost_summary(seconds: Sequence[float]) -> dict[str, float]:
     """Mean and total seconds of a proxy's evaluations (inside the evaluator, 1 thread)."""
     if not seconds:
@@ -128,7 +141,8 @@ def summarize(records: Sequence[Mapping[str, Any]], proxies: Sequence[str], boot
         values = flops if name == FLOPS else [r["accuracy"][name] for r in records]
         entry: dict[str, Any] = {**rank_correlation(values, reference),
                                  "interval": bootstrap_interval(values, reference, bootstrap),
-                                 "within_bins_spearman": within_bins(values, reference, flops, bins)}
+                                 "within_bins_spearman": within_bins(values, reference, flops, bins),
+                                 "partial_spearman": partial_spearman(values, reference, flops)}
         entry["cost"] = (cost_summary([r["seconds"][name] for r in records]) if name != FLOPS
                          else {"mean_s": 0.0, "total_s": 0.0})
         out[name] = entry
@@ -224,10 +238,11 @@ def _with_interval(entry: Mapping[str, Any], key: str) -> str:
 
 
 def best_untrained(summary: Mapping[str, Any]) -> str | None:
-    """The training-free proxy (not ``flops``) that ranks policies of similar size best."""
-    scored = {k: v["within_bins_spearman"] for k, v in summary.items()
+    """The training-free proxy (not ``flops``) that ranks policies best beyond their size
+    (highest partial Spearman given FLOPs)."""
+    scored = {k: v["partial_spearman"] for k, v in summary.items()
               if k not in (FLOPS, REFERENCE) and not k.startswith("finetune")
-              and v.get("within_bins_spearman") is not None and np.isfinite(v["within_bins_spearman"])}
+              and v.get("partial_spearman") is not None and np.isfinite(v["partial_spearman"])}
     return max(scored, key=scored.get) if scored else None
 
 
@@ -240,16 +255,18 @@ def task_markdown(res: Mapping[str, Any], loaded: bool) -> list[str]:
              f"{ref['batch_size']}); base accuracy {100 * res['base_accuracy']:.1f}%, scored on all "
              f"{res['validation_samples']} validation samples.", "",
              f"| proxy | Spearman [90% CI] | Kendall [90% CI] | Spearman within {res['bins']} FLOPs bins | "
-             f"s/eval{' (loaded machine)' if loaded else ''} |", "|---|---|---|---|---|"]
+             f"partial Spearman given FLOPs | s/eval{' (loaded machine)' if loaded else ''} |",
+             "|---|---|---|---|---|---|"]
     for name, entry in res["summary"].items():
         if name == REFERENCE:
             continue
         lines.append(f"| {name} | {_with_interval(entry, 'spearman')} | {_with_interval(entry, 'kendall')} | "
-                     f"{_num(entry['within_bins_spearman'])} | {_num(entry['cost']['mean_s'])} |")
-    lines.append(f"| {REFERENCE} | 1 | 1 | 1 | {_num(res['summary'][REFERENCE]['cost']['mean_s'])} |")
+                     f"{_num(entry['within_bins_spearman'])} | {_num(entry['partial_spearman'])} | "
+                     f"{_num(entry['cost']['mean_s'])} |")
+    lines.append(f"| {REFERENCE} | 1 | 1 | 1 | 1 | {_num(res['summary'][REFERENCE]['cost']['mean_s'])} |")
     best = best_untrained(res["summary"])
     if best:
-        lines += ["", f"Best training-free proxy within FLOPs bins: `{best}`."]
+        lines += ["", f"Best training-free proxy beyond FLOPs (partial Spearman): `{best}`."]
     return lines
 
 
@@ -257,8 +274,8 @@ def markdown(results: Mapping[str, Any], loaded: bool) -> str:
     lines = ["## Proxy correlation", "",
              "Rank correlation between each proxy's accuracy and the accuracy after a longer identical KD "
              "fine-tune (the reference), over policies spread over the FLOPs range. `flops` ranks by size "
-             "alone; the within-bin column ranks policies of similar size, as a FLOPs-constrained search "
-             "must. Intervals: bootstrap over policies. s/eval: one `evaluate` call, 1 thread"
+             "alone; the within-bin and partial columns measure how well a proxy ranks policies of similar "
+             "size, as a FLOPs-constrained search must. Intervals: bootstrap over policies. s/eval: one `evaluate` call, 1 thread"
              + (", measured while other work shared the 2 cores." if loaded else "."),
              "EagleEye (Li et al. 2020) reports a strong positive correlation between adaptive-BN accuracy "
              "and fine-tuned accuracy on ImageNet-scale models; these tasks are small and the reference "
@@ -268,13 +285,31 @@ def markdown(results: Mapping[str, Any], loaded: bool) -> str:
     return "\n".join(lines)
 
 
+def resummarize(path: str, out: str) -> int:
+    """Recompute every task's summary and the markdown from the records of a written result."""
+    import json
+
+    data = json.loads(open(path).read())
+    cfg, results = data["config"], data["results"]
+    for res in results["tasks"].values():
+        res["summary"] = summarize(res["records"], res["proxies"], cfg["bootstrap"], cfg["bins"])
+    config = {**cfg, "summarized_from": data.get("created")}
+    write_and_report("proxy_correlation", cfg["quick"], results, config=config, out_dir=out,
+                     markdown=markdown(results, results["loaded_machine"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: %(default)s)")
     parser.add_argument("--policies", type=int, default=None, help="policies per task (default: mode's)")
     parser.add_argument("--workers", type=int, default=None, help="Ray evaluation workers; 0 = in this process")
+    parser.add_argument("--summarize", metavar="JSON", default=None,
+                        help="only recompute the summaries and markdown from a written result's records")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    if args.summarize:
+        return resummarize(args.summarize, args.out)
     cfg = dict(QUICK if args.quick else FULL)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in SPACES]

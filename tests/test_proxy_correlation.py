@@ -43,6 +43,15 @@ def test_within_bins_ranks_inside_each_flops_bin_only():
     assert pc.within_bins(reference, reference, flops, bins=2) == pytest.approx(1.0)
 
 
+def test_partial_spearman_credits_only_what_flops_does_not_explain():
+    flops = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    reference = [0.50, 0.48, 0.60, 0.62, 0.75, 0.71, 0.83, 0.86]   # size plus a within-pair order
+    assert pc.partial_spearman(reference, reference, flops) == pytest.approx(1.0)
+    assert math.isnan(pc.partial_spearman(flops, reference, flops))
+    reversed_pairs = [0.48, 0.50, 0.62, 0.60, 0.71, 0.75, 0.86, 0.83]  # right size order, wrong within pairs
+    assert pc.partial_spearman(reversed_pairs, reference, flops) < 0
+
+
 def test_cost_summary_and_summarize_report_every_proxy_against_the_reference():
     assert pc.cost_summary([1.0, 3.0]) == {"mean_s": 2.0, "total_s": 4.0}
     with pytest.raises(ValueError):
@@ -59,9 +68,9 @@ def test_cost_summary_and_summarize_report_every_proxy_against_the_reference():
 
 
 def test_best_untrained_proxy_ignores_flops_and_fine_tunes():
-    summary = {pc.FLOPS: {"within_bins_spearman": 0.99}, "finetune_50": {"within_bins_spearman": 0.9},
-               "cap": {"within_bins_spearman": 0.4}, "adaptive_bn": {"within_bins_spearman": 0.6},
-               "cap_nobn": {"within_bins_spearman": float("nan")}, pc.REFERENCE: {"cost": {}}}
+    summary = {pc.FLOPS: {"partial_spearman": 0.99}, "finetune_50": {"partial_spearman": 0.9},
+               "cap": {"partial_spearman": 0.4}, "adaptive_bn": {"partial_spearman": 0.6},
+               "cap_nobn": {"partial_spearman": float("nan")}, pc.REFERENCE: {"cost": {}}}
     assert pc.best_untrained(summary) == "adaptive_bn"
 
 
@@ -93,6 +102,12 @@ def test_quick_run_writes_the_table_per_task(tmp_path):
     assert all(0.0 <= a <= 1.0 for r in res["records"] for a in r["accuracy"].values())
     assert res["summary"]["finetune_5"]["cost"]["mean_s"] > 0
     assert "| adaptive_bn |" in (tmp_path / "proxy_correlation_quick.md").read_text()
+    # --summarize recomputes the summary from the records alone.
+    del res["summary"]["cap"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert pc.main(["--summarize", str(tmp_path / "old.json"), "--out", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "proxy_correlation_quick.json").read_text())["results"]["tasks"]["digits"]
+    assert "partial_spearman" in again["summary"]["cap"] and again["records"] == res["records"]
 
 
 def test_make_bench_leaves_the_full_run_out_but_quick_and_only_run_it(tmp_path, monkeypatch):
