@@ -14,7 +14,7 @@ FLOPs ratio, free) is the baseline a proxy has to beat. Writes
 
     python -m benchmarks.proxy_correlation            # full run
     python -m benchmarks.proxy_correlation --quick    # smoke run (< 1 min)
-    python -m benchmarks.proxy_correlation --summarize benchmarks/results/proxy_correlation.json
+    python -m benchmarks.proxy_correlation --summarize first.json [more.json ...]   # merge draws
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def run_task(name: str, cfg: Mapping[str, Any], workers: int, seed: int = 0) -> 
     task, space = load_task_and_space(name)
     settings = {k: EvalSettings(**v) for k, v in
                 proxy_settings(cfg["short_steps"], cfg["reference_steps"][name], seed=seed).items()}
-    policies = spanning_policies(space, cfg["policies"], seed=seed)
+    policies = spanning_policies(space, cfg["policies"], seed=cfg.get("policy_seed", seed))
     # The longest evaluations first, so the workers finish together.
     order = sorted(settings, key=lambda k: -settings[k].finetune_steps)
     jobs = [((proxy, i), p, settings[proxy]) for proxy in order for i, p in enumerate(policies)]
@@ -285,15 +285,27 @@ def markdown(results: Mapping[str, Any], loaded: bool) -> str:
     return "\n".join(lines)
 
 
-def resummarize(path: str, out: str) -> int:
-    """Recompute every task's summary and the markdown from the records of a written result."""
+def resummarize(paths: Sequence[str], out: str) -> int:
+    """Recompute every task's summary and the markdown from the records of written results; the
+    records of further files (other policy draws, same settings) join the first file's tasks."""
     import json
 
-    data = json.loads(open(path).read())
-    cfg, results = data["config"], data["results"]
+    files = [json.loads(open(p).read()) for p in paths]
+    cfg, results = files[0]["config"], files[0]["results"]
+    for extra in files[1:]:
+        for name, more in extra["results"]["tasks"].items():
+            res = results["tasks"].get(name)
+            if res is None or more["settings"] != res["settings"]:
+                raise SystemExit(f"error: {name} in a later file has no match with the same settings in the first")
+            res["records"] = res["records"] + more["records"]
+            res["wall_s"] += more["wall_s"]
+            res["evaluation_wall_s"] += more["evaluation_wall_s"]
     for res in results["tasks"].values():
-        res["summary"] = summarize(res["records"], res["proxies"], cfg["bootstrap"], cfg["bins"])
-    config = {**cfg, "summarized_from": data.get("created")}
+        flops = [r["flops_ratio"] for r in res["records"]]
+        res.update(policies=len(res["records"]), flops_range=[min(flops), max(flops)],
+                   summary=summarize(res["records"], res["proxies"], cfg["bootstrap"], cfg["bins"]))
+    config = {**cfg, "summarized_from": [f.get("created") for f in files],
+              "policy_seeds": [f["config"].get("policy_seed", 0) for f in files]}
     write_and_report("proxy_correlation", cfg["quick"], results, config=config, out_dir=out,
                      markdown=markdown(results, results["loaded_machine"]))
     return 0
@@ -304,13 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: %(default)s)")
     parser.add_argument("--policies", type=int, default=None, help="policies per task (default: mode's)")
     parser.add_argument("--workers", type=int, default=None, help="Ray evaluation workers; 0 = in this process")
-    parser.add_argument("--summarize", metavar="JSON", default=None,
-                        help="only recompute the summaries and markdown from a written result's records")
+    parser.add_argument("--policy-seed", type=int, default=0, help="seed of the policy draw (default: %(default)s)")
+    parser.add_argument("--summarize", metavar="JSON", nargs="+", default=None,
+                        help="only recompute the summaries and markdown from written results' records "
+                             "(records of later files join the first's tasks)")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     if args.summarize:
         return resummarize(args.summarize, args.out)
-    cfg = dict(QUICK if args.quick else FULL)
+    cfg = {**(QUICK if args.quick else FULL), "policy_seed": args.policy_seed}
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in SPACES]
     if not tasks or unknown:

@@ -108,6 +108,11 @@ def test_quick_run_writes_the_table_per_task(tmp_path):
     assert pc.main(["--summarize", str(tmp_path / "old.json"), "--out", str(tmp_path)]) == 0
     again = json.loads((tmp_path / "proxy_correlation_quick.json").read_text())["results"]["tasks"]["digits"]
     assert "partial_spearman" in again["summary"]["cap"] and again["records"] == res["records"]
+    # Further files' records (another policy draw) join the first's tasks.
+    old = str(tmp_path / "old.json")
+    assert pc.main(["--summarize", old, old, "--out", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "proxy_correlation_quick.json").read_text())["results"]["tasks"]["digits"]
+    assert merged["policies"] == 6 and merged["records"] == res["records"] * 2
 
 
 def test_make_bench_leaves_the_full_run_out_but_quick_and_only_run_it(tmp_path, monkeypatch):
