@@ -278,8 +278,8 @@ def markdown(results: Mapping[str, Any], loaded: bool) -> str:
              "size, as a FLOPs-constrained search must. Intervals: bootstrap over policies. s/eval: one `evaluate` call, 1 thread"
              + (", measured while other work shared the 2 cores." if loaded else "."),
              "EagleEye (Li et al. 2020) reports a strong positive correlation between adaptive-BN accuracy "
-             "and fine-tuned accuracy on ImageNet-scale models; these tasks are small and the reference "
-             "fine-tune short, so compare the direction, not the figure.", ""]
+             "and fine-tuned accuracy; these tasks are small and the reference fine-tune short, so compare "
+             "the direction, not the figure.", ""]
     for res in results["tasks"].values():
         lines += task_markdown(res, loaded) + [""]
     return "\n".join(lines)
