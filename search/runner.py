@@ -31,7 +31,8 @@ from search.progress import Progress
 from search.recorder import TrialRecorder
 from search.records import TrialRecord, pareto_front, read_trials
 from search.resume import own_seeds, resume
-from search.setup import PoolFactory, Prepared, default_pool, open_study, prepare, start_ray
+from search import setup
+from search.setup import PoolFactory, Prepared, default_pool, open_study, prepare
 from search.storage import close_storage
 
 log = logging.getLogger(__name__)
@@ -119,13 +120,14 @@ def run_study(config: StudyConfig, *, pool_factory: PoolFactory | None = None, r
     start = time.monotonic()
     prepared = prepared or prepare(config)
     config = prepared.config
-    if pool_factory is None:
-        start_ray(prepared, ray_address)  # checks the cluster before the first write
+    factory = pool_factory or default_pool
+    if factory is setup.default_pool:  # the Ray pool: start Ray or check the cluster before the first write
+        setup.start_ray(prepared, ray_address)
     storage, study = open_study(prepared)
     pool = bar = None
     try:
         run = _start(prepared, storage, study)
-        pool = (pool_factory or default_pool)(run.prepared, ray_address)
+        pool = factory(run.prepared, ray_address)
         driver = Driver(plan_of(run.prepared), pool, run.recorder, run.budget, run.records, run.budget.me.run_id)
         n_trials = config.study.n_trials
         bar = Progress(n_trials, min(run.budget.finished, n_trials or run.budget.finished), config.name, progress)
