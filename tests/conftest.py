@@ -37,3 +37,12 @@ def digits_setup():
         return SearchSpace.from_model(model, task.example_inputs, ratio_min=ratio_min, ratio_step=0.05)
 
     return task, model, space
+
+
+@pytest.fixture(scope="session")
+def digits_l1_taylor(digits_setup):
+    """digits' task and base model with a space offering the l1 and taylor criteria."""
+    from spaces.space import SearchSpace
+
+    task, model, _ = digits_setup
+    return task, model, SearchSpace.from_model(model, task.example_inputs, ratio_min=0.1, methods=("l1", "taylor"))

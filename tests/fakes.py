@@ -22,6 +22,7 @@ import optuna
 import torch
 
 from evaluators.metrics import Metrics
+from evaluators.settings import EvalSettings
 from search.base import FULL, Proposal, Searcher, SearcherContext, make_searcher
 from search.config import ConstraintsSection
 from search.budget import Budget
@@ -38,6 +39,8 @@ DIRECTIONS = ("maximize", "minimize")
 # Options that keep a searcher cheap enough for contract tests (masking trains per proposal).
 FAST = {"masking": {"steps": 3, "parallel": 1}}
 OBJECTIVES = ("accuracy", "flops")
+# Evaluation settings small enough for tests on the real digits task.
+FAST_EVAL = EvalSettings(calibration_samples=128, bn_batches=2, eval_samples=200)
 
 
 # -- a tiny task plugin ("tests.fakes:tiny_task"): untrained PlainCNN, random data -----------

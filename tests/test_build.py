@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from evaluators.build import build_pruned, seeded
 from evaluators.evaluate import evaluate, evaluate_model
 from evaluators.settings import EvalSettings
-from evaluators.tasks import load_task
 from spaces.policy import Policy
-from spaces.space import SearchSpace
-
-CACHE = Path(__file__).resolve().parents[1] / "studies" / "cache"
-FAST = EvalSettings(calibration_samples=128, bn_batches=2, eval_samples=200)
+from tests.fakes import FAST_EVAL as FAST
 
 
 @pytest.fixture(scope="module")
-def digits():
-    task = load_task("digits", cache_dir=CACHE)
-    base = task.base_model()
-    return task, base, SearchSpace.from_model(base, task.example_inputs, ratio_min=0.1, methods=("l1", "taylor"))
+def digits(digits_l1_taylor):
+    return digits_l1_taylor
 
 
 @pytest.mark.parametrize("method", ["l1", "taylor"])

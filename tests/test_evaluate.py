@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,19 +11,13 @@ from evaluators.metrics import Metrics
 from evaluators.prune import apply_policy
 from evaluators.recover import recover
 from evaluators.settings import EvalSettings
-from evaluators.tasks import load_task
 from spaces.policy import Policy
-from spaces.space import SearchSpace
-
-CACHE = Path(__file__).resolve().parents[1] / "studies" / "cache"
-FAST = EvalSettings(calibration_samples=128, bn_batches=2, eval_samples=200)
+from tests.fakes import FAST_EVAL as FAST
 
 
 @pytest.fixture(scope="module")
-def digits():
-    task = load_task("digits", cache_dir=CACHE)
-    base = task.base_model()
-    return task, base, SearchSpace.from_model(base, task.example_inputs, ratio_min=0.1, methods=("l1", "taylor"))
+def digits(digits_l1_taylor):
+    return digits_l1_taylor
 
 
 def _eval(digits, policy, settings=FAST, **kwargs):

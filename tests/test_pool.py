@@ -12,13 +12,12 @@ import pytest
 
 from evaluators.evaluate import evaluate
 from evaluators.pool import EvaluatorPool, ensure_ray
-from evaluators.settings import EvalSettings
 from evaluators.tasks import load_task
 from spaces.policy import Policy
 from spaces.space import SearchSpace
+from tests.fakes import FAST_EVAL as FAST
 
 CACHE = Path(__file__).resolve().parents[1] / "studies" / "cache"
-FAST = EvalSettings(calibration_samples=128, bn_batches=2, eval_samples=200)
 
 
 @pytest.fixture(scope="module")
