@@ -102,15 +102,14 @@ class OptunaSearcher(Searcher):
         self._starts: list[Policy] | None = None
         self.trials: TrialSource | None = None
 
-    #: the Optuna sampler class; its keyword arguments are the options' fields but these
+    #: the Optuna sampler class; its keyword arguments are the options' fields but SamplerOptions'
     sampler_class: type[optuna.samplers.BaseSampler] | None = None
-    _OWN_OPTIONS = ("fidelities", "uniform_start", "heuristic_start")
 
     def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         if self.sampler_class is None:
             raise NotImplementedError(f"{type(self).__name__} sets neither sampler_class nor make_sampler")
         kwargs = {} if self.options is None else {
-            f.name: getattr(self.options, f.name) for f in fields(self.options) if f.name not in self._OWN_OPTIONS}
+            f.name: getattr(self.options, f.name) for f in fields(self.options) if f.name not in _OWN_OPTIONS}
         return self.sampler_class(seed=seed, **kwargs)
 
     def start_policies(self) -> list[Policy]:
@@ -181,6 +180,10 @@ class SamplerOptions:
         check_int(f"{self.kind} option uniform_start", self.uniform_start, 0)
         object.__setattr__(self, "heuristic_start",
                            check_heuristic_start(f"{self.kind} option heuristic_start", self.heuristic_start))
+
+
+# Fields every sampler-backed searcher handles itself (not sampler arguments).
+_OWN_OPTIONS = frozenset(f.name for f in fields(SamplerOptions))
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,10 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = entry
 
+    def remove(self, name: str) -> None:
+        """Drop ``name`` if registered (tests that register throw-away entries)."""
+        self._entries.pop(name, None)
+
     def get(self, name: str) -> T:
         """The entry registered under ``name``; ``ValueError`` naming the known ones."""
         self._load_plugins()

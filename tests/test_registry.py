@@ -38,3 +38,11 @@ def test_plugins_load_on_first_lookup():
     assert reg.names() == ()  # a missing plugin module is skipped
     reg2: Registry = Registry("widget", plugins=("json",))
     assert reg2.names() == ()
+
+
+def test_remove_drops_an_entry():
+    reg: Registry = Registry("widget")
+    reg.add("a", int)
+    reg.remove("a")
+    reg.remove("never-there")
+    assert reg.names() == ()

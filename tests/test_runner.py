@@ -270,4 +270,4 @@ def test_a_searcher_waiting_for_background_work_is_polled(tmp_path):
         summary, _ = run(config)
         assert summary.finished == 4
     finally:
-        SEARCHERS._entries.pop("test-slow", None)
+        SEARCHERS.remove("test-slow")
