@@ -211,8 +211,14 @@ def inspect_storage(spec: StorageSpec) -> Iterator[optuna.storages.BaseStorage |
     # leave them behind.
     before = {p: p.exists() for p in sidecars}
     try:
-        if spec.kind == "sqlite" and not _is_optuna_sqlite(spec.path):
+        schema = _sqlite_schema(spec.path) if spec.kind == "sqlite" else "optuna"
+        if schema == "foreign":
             raise ConfigError(f"{str(spec.path)!r} exists but is not an Optuna study storage: choose another storage path")
+        if schema == "incomplete":
+            # Another launcher is creating Optuna's tables in this file (or it is an empty
+            # database): it holds no study yet.
+            yield None
+            return
         storage = open_storage(spec, read_only=True)
         try:
             yield storage
@@ -235,18 +241,26 @@ def _rdb_has_optuna_tables(url: str) -> bool:
         engine.dispose()
 
 
-def _is_optuna_sqlite(path: Path) -> bool:
+def _sqlite_schema(path: Path) -> str:
+    """``"optuna"`` (a complete Optuna schema), ``"incomplete"`` (only Optuna tables, some
+    missing: empty, or being created by another launcher) or ``"foreign"`` (not SQLite, or
+    tables of something else)."""
     try:
         conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
     except sqlite3.Error:
-        return False
+        return "foreign"
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.DatabaseError:
-        return False
+        return "foreign"
     finally:
         conn.close()
-    return {"studies", "trials", "version_info"} <= tables
+    from optuna.storages._rdb.models import BaseModel
+
+    optuna_tables = set(BaseModel.metadata.tables) | {"alembic_version", "sqlite_sequence"}
+    if not tables <= optuna_tables:
+        return "foreign"
+    return "optuna" if {"studies", "trials", "version_info"} <= tables else "incomplete"
 
 
 def find_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.study.StudySummary | None:
