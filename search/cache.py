@@ -35,7 +35,12 @@ class ResultCache:
     def remember(self, record: TrialRecord) -> None:
         """Keep a COMPLETE trial's metrics for later proposals of the same evaluation."""
         if record.state == TrialState.COMPLETE and record.policy is not None and record.metrics is not None:
-            self._done.setdefault(cache_key(record.policy.key(), record.settings), (record.number, record.metrics))
+            self._done.setdefault(cache_key(record.policy.key(), record.eval_overrides), (record.number, record.metrics))
+
+    def store(self, key: CacheKey, number: int, metrics: Metrics) -> None:
+        """Keep trial ``number``'s successful result of ``key`` (a promoted trial's lower rung)."""
+        if metrics.ok:
+            self._done.setdefault(key, (number, metrics))
 
     def hit(self, key: CacheKey) -> tuple[int, Metrics] | None:
         """The trial number and metrics of a finished evaluation of ``key``, if any."""

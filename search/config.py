@@ -15,6 +15,7 @@ them and adds what needs the registries (objective, method and recovery names)::
     [constraints]  max_flops_ratio, max_params_ratio, max_latency_ms, max_latency_ratio,
                    min_accuracy
     [[searchers]]  kind, name (default: kind), share; [searchers.options] per kind
+    [promotion]    search.promotion.PromotionConfig: steps, eta, levels, recovery
     [export]       dir, finetune_steps, formats
     [watermark]    spaces.watermark.WatermarkConfig
 
@@ -38,6 +39,7 @@ from evaluators.metrics import MINIMIZE, OBJECTIVES, get_objective
 from evaluators.settings import EvalSettings
 from spaces.checks import check_int, check_keys, check_number, check_str, check_str_list
 from spaces.space import SpaceConfig
+from search.promotion import PromotionConfig, score_objective
 from spaces.watermark import WatermarkConfig
 
 # Constraint name -> objective it bounds: ``max_<metric>`` for an objective to minimise
@@ -51,7 +53,8 @@ EXPORT_FORMATS = ("pt2", "onnx")
 # Violation recorded for a constraint whose metric was not measured (finite: JSON-safe).
 UNMEASURED = 1e6
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_SECTIONS = ("study", "task", "space", "evaluation", "constraints", "searchers", "export", "watermark", "latency")
+_SECTIONS = ("study", "task", "space", "evaluation", "constraints", "searchers", "export", "watermark", "latency",
+             "promotion")
 _NO_SEARCHERS = "no [[searchers]] given: add at least one, e.g. [[searchers]] kind = \"tpe\""
 
 
@@ -100,6 +103,7 @@ class StudySection:
     eval_timeout_s: float = 0.0
     max_retries: int = 2
     log_file: str = ""
+    gpus_per_worker: float = 0.0  # Ray num_gpus of each evaluation worker; 0.5 = two workers per GPU
 
     def __post_init__(self) -> None:
         s = "study"
@@ -130,6 +134,10 @@ class StudySection:
                                                              check_number))
         _at_least(s, "max_retries", self.max_retries, 0)
         _check(check_str, s, "log_file", self.log_file, empty=True)
+        gpus = _at_least(s, "gpus_per_worker", self.gpus_per_worker, 0.0, check_number)
+        if gpus > 1 and not gpus.is_integer():  # Ray's rule for num_gpus
+            raise ConfigError(f"[study] gpus_per_worker must be a fraction below 1 or a whole number, got {gpus:g}")
+        object.__setattr__(self, "gpus_per_worker", gpus)
 
     @property
     def storage_url(self) -> str:
@@ -250,6 +258,7 @@ class StudyConfig:
     export: ExportSection = field(default_factory=ExportSection)
     watermark: WatermarkConfig | None = None  # None: no watermark
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -269,6 +278,19 @@ class StudyConfig:
             )
         if evaluation.fidelity != "full":
             raise ConfigError(f"[evaluation] fidelity must stay 'full' (the Pareto front's fidelity), got {evaluation.fidelity!r}")
+        self._check_promotion()
+
+    def _check_promotion(self) -> None:
+        from evaluators.recover import available_recoveries
+
+        if not self.promotion.enabled:
+            return
+        if score_objective(self.study.objectives) is None:
+            raise ConfigError("[promotion] ranks trials by a quality objective, but every [study] objective is a "
+                              "cost: add one (e.g. \"accuracy\") or remove [promotion]")
+        if self.promotion.recovery not in available_recoveries():
+            raise ConfigError(f"[promotion] recovery: unknown recovery {self.promotion.recovery!r} "
+                              f"(known: {', '.join(available_recoveries())})")
 
     def _check_searchers(self) -> None:
         from search.base import build_options
@@ -347,6 +369,7 @@ class StudyConfig:
             # key_file is resolved against the working directory, like every path here
             watermark=_section(data, "watermark", WatermarkConfig.from_dict) if "watermark" in data else None,
             latency=_section(data, "latency", LatencyConfig.from_dict),
+            promotion=_section(data, "promotion", PromotionConfig.from_dict),
             source=source,
         )
 

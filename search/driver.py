@@ -3,7 +3,10 @@
 The loop fills the pool up to its capacity with proposals (searchers picked by their
 ``share``: the one furthest below its share of trials asks next), records each as one
 trial, collects results, records metrics/constraints/values and tells the searcher, until
-the budget is spent, the deadline passed or every searcher is out of proposals. A searcher
+the budget is spent, the deadline passed or every searcher is out of proposals. With
+``[promotion]`` (``search.promotion``) a full-fidelity trial whose proxy is among the best of
+its FLOPs level is evaluated again at the next fine-tune rung before it is finished: it
+stays in flight (and, ordered, keeps its place) until its last rung. A searcher
 whose own background work waits to start for longer than ``STALL_S`` stops the run
 (``SearcherStalled``) instead of starving silently.
 
@@ -27,12 +30,13 @@ from typing import Any
 from optuna.trial import TrialState
 
 from evaluators.metrics import Metrics
-from search.base import Outcome, Proposal, Searcher
+from search.base import FULL, Outcome, Proposal, Searcher
 from search.budget import Budget
 from search.launchers import HEARTBEAT_S
 from search.cache import CacheKey, ResultCache, cache_key
 from search.pool import Pool
 from search.progress import LiveFront, Progress
+from search.promotion import Ladder, PromotionConfig
 from search.recorder import TrialRecorder
 from search.records import TrialRecord
 
@@ -77,6 +81,7 @@ class Plan:
     space: Any = None
     watermark: Any = None                # every evaluated policy is projected onto it
     latency_table: Any = None            # latency_ms of every trial from the lookup table
+    promotion: PromotionConfig | None = None   # fine-tune rungs above the proxy (None: off)
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,20 @@ class Driver:
         self.arrived: dict[int, tuple[Metrics, int | None]] = {}
         self.new_trials = self.evaluations = self.cached = 0
         self.on_told = on_told   # called with every outcome, after its searcher was told
+        self.ladder = self._ladder(records)
+        self.rung: dict[int, int] = {}                     # trial -> rung under way (absent: 0)
+        self.climbed: dict[int, list[dict[str, Any]]] = {}  # trial -> its finished rungs
+
+    def _ladder(self, records: list[TrialRecord]) -> Ladder | None:
+        """The study's promotion ladder, with the rungs of earlier runs' trials counted."""
+        promotion = self.plan.promotion
+        if promotion is None or not promotion.enabled:
+            return None
+        ladder = Ladder.for_study(promotion, self.recorder.objectives, self.recorder.constraints)
+        for r in records:
+            if r.fidelity == FULL and r.metrics is not None:
+                ladder.observe_record(r)
+        return ladder
 
     def budget_left(self) -> int | None:
         return self.budget.left(len(self.in_flight))
@@ -178,22 +197,41 @@ class Driver:
         self.order.append(sub.number)
         self.issued[label] += 1
         self.new_trials += 1
-        hit = self.cache.hit(sub.key)
+        self._start(sub)
+
+    def _key(self, sub: Submission) -> CacheKey:
+        """The cache key of ``sub``'s evaluation at the rung it is on."""
+        rung = self.rung.get(sub.number, 0)
+        if rung == 0:
+            return sub.key
+        return cache_key(sub.marked.policy.key(), {**sub.overrides, **self.ladder.config.overrides(rung)})
+
+    def _settings(self, sub: Submission) -> Any:
+        """``sub``'s evaluation settings at the rung it is on (None: the study's)."""
+        rung = self.rung.get(sub.number, 0)
+        if rung == 0:
+            return sub.proposal.settings
+        return (sub.proposal.settings or self.recorder.settings).replace(**self.ladder.config.overrides(rung))
+
+    def _start(self, sub: Submission) -> None:
+        """Evaluate ``sub`` at its rung, or share an equal evaluation done or under way."""
+        key = self._key(sub)
+        hit = self.cache.hit(key)
         if hit is not None:
             self.cached += 1
             self.arrived[sub.number] = (hit[1], hit[0])
-        elif not self.cache.follow(sub.key, sub.number):
+        elif not self.cache.follow(key, sub.number):
             self._evaluate(sub)
 
     def _evaluate(self, sub: Submission) -> None:
         self.evaluations += 1
-        self.cache.start(sub.key, sub.number)
-        self.pool.submit(sub.marked.policy, tag=sub.number, settings=sub.proposal.settings)
+        self.cache.start(self._key(sub), sub.number)
+        self.pool.submit(sub.marked.policy, tag=sub.number, settings=self._settings(sub))
 
     # -- finishing -----------------------------------------------------------------------
     def _share(self, sub: Submission, metrics: Metrics) -> None:
         """Hand an evaluation's result to the trials waiting for it (or retry one)."""
-        shared, retry = self.cache.settle(sub.key, sub.number, metrics)
+        shared, retry = self.cache.settle(self._key(sub), sub.number, metrics)
         for follower in shared:
             self.cached += 1
             self.arrived[follower] = (metrics, sub.number)
@@ -211,13 +249,45 @@ class Driver:
         ms = predict_latency_ms(table, self.plan.space, sub.marked.policy)
         return dataclasses.replace(metrics, latency_ms=ms, latency_ratio=ms / table.base_ms)
 
-    def process(self, number: int, metrics: Metrics, cached_from: int | None, progress: Progress | None) -> None:
-        """Record trial ``number``'s result and tell its searcher."""
-        sub = self.in_flight.pop(number)
+    def _climb(self, sub: Submission, metrics: Metrics) -> bool:
+        """Report the rung ``sub`` finished; True if it goes on to the next one."""
+        if self.ladder is None or sub.proposal.fidelity != FULL:
+            return False
+        rung = self.rung.get(sub.number, 0)
+        step = self.ladder.step(rung)
+        score = self.ladder.score(metrics)
+        self.climbed.setdefault(sub.number, []).append(
+            {"steps": step, "score": score, "flops_ratio": metrics.flops_ratio, "seconds": metrics.eval_seconds})
+        if score is not None:
+            self.recorder.report(sub.trial, step, score)
+        if not self.ladder.promote(rung, metrics):
+            return False
+        self.cache.store(self._key(sub), sub.number, metrics)  # a later equal proposal starts here too
+        self.rung[sub.number] = rung + 1
+        log.debug("trial %d: promoted to %d fine-tune steps", sub.number, self.ladder.step(rung + 1))
+        self._start(sub)
+        return True
+
+    def _promotion_attr(self, number: int) -> dict[str, Any] | None:
+        """User attr ``promotion`` of a finished trial (None: it never left the proxy)."""
+        rung = self.rung.pop(number, 0)
+        rungs = self.climbed.pop(number, [])
+        if rung == 0:
+            return None
+        return {"steps": self.ladder.step(rung), "overrides": self.ladder.config.overrides(rung), "rungs": rungs}
+
+    def process(self, number: int, metrics: Metrics, cached_from: int | None, progress: Progress | None) -> bool:
+        """Record trial ``number``'s result and tell its searcher; False when the trial was
+        promoted to its next rung instead (it stays in flight)."""
+        sub = self.in_flight[number]
         self._share(sub, metrics)
         metrics = self._with_latency(sub, metrics)
+        if self._climb(sub, metrics):
+            return False
+        del self.in_flight[number]
+        promotion = self._promotion_attr(number)
         t = time.thread_time()
-        outcome = self.recorder.finish(sub.trial, sub.proposal, metrics, cached_from=cached_from)
+        outcome = self.recorder.finish(sub.trial, sub.proposal, metrics, cached_from=cached_from, promotion=promotion)
         self.timers["storage"] += time.thread_time() - t
         self.budget.finished += 1
         record = TrialRecord(
@@ -226,7 +296,7 @@ class Driver:
             searcher=sub.label, generation=sub.proposal.generation, fidelity=sub.proposal.fidelity,
             policy=sub.marked.policy, metrics=outcome.metrics, values=outcome.values,
             constraints=dict(zip(self.plan.constraint_names, outcome.constraints)), run=self.run_id or None,
-            settings=sub.overrides,
+            settings=sub.overrides, promotion=promotion or {},
         )
         self.cache.remember(record)
         self.live.add(record)
@@ -237,6 +307,7 @@ class Driver:
             self.on_told(outcome)
         if progress is not None:
             progress.update(1, self.live)
+        return True
 
     def drain(self, progress: Progress | None) -> bool:
         """Process arrived results; True if any. Ordered: only the oldest, if it arrived."""
@@ -246,13 +317,15 @@ class Driver:
             if not (self.order and self.order[0] in self.arrived):
                 return False
             number = self.order.popleft()
-            self.process(number, *self.arrived.pop(number), progress)
+            if not self.process(number, *self.arrived.pop(number), progress):
+                self.order.appendleft(number)  # promoted: still the oldest
             return True
         done = False
         for number in list(self.arrived):
             metrics, cached_from = self.arrived.pop(number)
             self.order.remove(number)
-            self.process(number, metrics, cached_from, progress)
+            if not self.process(number, metrics, cached_from, progress):
+                self.order.append(number)
             done = True
         return done
 

@@ -5,7 +5,10 @@ user attrs ``searcher``, ``generation``, ``fidelity``, ``policy`` (JSON), ``run`
 launcher's run id), ``settings`` (evaluation-setting overrides, only when the proposal has
 them), ``meta`` (only when non-empty) at creation, and ``metrics`` (every Metrics field plus
 ``constraints``: name -> value) at the end, one write; constraint values also go through
-``trial.set_constraint`` so Optuna's samplers and ``best_trials`` see them.
+``trial.set_constraint`` so Optuna's samplers and ``best_trials`` see them. A trial promoted
+to fine-tune rungs (``search.promotion``) has an intermediate value per rung (step = its
+fine-tune steps, 0 for the proxy) and user attr ``promotion``; its ``metrics`` and values
+are the highest rung's.
 
 Every trial is created here, in one of two ways: a proposal with fixed params (``open``:
 one transaction, RUNNING from birth), or a trial a searcher's Optuna sampler fills in
@@ -138,8 +141,13 @@ class TrialRecorder:
             return None
         return tuple(float(v) for v in values)
 
+    def report(self, trial: optuna.trial.Trial, step: int, score: float) -> None:
+        """Record a rung's score as the trial's intermediate value at ``step`` (straight to
+        storage: ``Trial.report`` refuses multi-objective studies)."""
+        self.storage.set_trial_intermediate_value(trial._trial_id, step, score)
+
     def finish(self, trial: optuna.trial.Trial, proposal: Proposal, metrics: Metrics,
-               cached_from: int | None = None) -> Outcome:
+               cached_from: int | None = None, promotion: Mapping[str, Any] | None = None) -> Outcome:
         """Record ``metrics`` and tell the study; returns the searcher's :class:`Outcome`."""
         values = self.values_of(metrics)
         if values is None and metrics.error is None:
@@ -153,6 +161,8 @@ class TrialRecorder:
         if cached_from is not None:
             record["cached_from"] = cached_from
         trial.set_user_attr("metrics", _jsonable(record))
+        if promotion:
+            trial.set_user_attr("promotion", _jsonable(dict(promotion)))
         if values is not None:
             for name, value in zip(names, constraints):
                 trial.set_constraint(name, value)

@@ -38,6 +38,7 @@ class TrialRecord:
     meta: dict[str, Any] = field(default_factory=dict)
     cached_from: int | None = None
     params: dict[str, Any] = field(default_factory=dict)  # what the sampler recorded (Optuna params)
+    promotion: dict[str, Any] = field(default_factory=dict)  # fine-tune rungs reached (search.promotion)
 
     @classmethod
     def from_frozen(cls, t: FrozenTrial) -> "TrialRecord":
@@ -67,6 +68,7 @@ class TrialRecord:
             meta=dict(ua.get("meta") or {}),
             cached_from=raw.get("cached_from") if isinstance(raw, dict) else None,
             params=dict(t.params),
+            promotion=dict(ua.get("promotion") or {}),
         )
 
     @property
@@ -75,6 +77,17 @@ class TrialRecord:
         if self.state == TrialState.COMPLETE:
             return True
         return self.state == TrialState.FAIL and self.metrics is not None and self.metrics.error is not None
+
+    @property
+    def rung_steps(self) -> int:
+        """Fine-tune steps of the rung whose metrics the trial holds (0: the proxy)."""
+        return int(self.promotion.get("steps", 0))
+
+    @property
+    def eval_overrides(self) -> dict[str, Any]:
+        """The evaluation-setting overrides that produced ``metrics`` (a promoted trial's
+        include its rung's fine-tune)."""
+        return {**self.settings, **dict(self.promotion.get("overrides") or {})}
 
     @property
     def feasible(self) -> bool:
@@ -113,13 +126,17 @@ def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str])
 
 
 def pareto_front(records: Sequence[TrialRecord], directions: Sequence[str]) -> list[TrialRecord]:
-    """Feasible COMPLETE full-fidelity trials no other such trial dominates, one per policy.
+    """Feasible COMPLETE full-fidelity trials no other such trial dominates, one per policy,
+    among the trials at the highest promotion rung any of them reached (fine-tuned and proxy
+    scores are not comparable; see ``search.promotion``).
 
     Sorted by the second objective (e.g. FLOPs) ascending, then the first descending.
     """
+    eligible = [r for r in records if r.feasible and r.fidelity == FULL and r.values is not None and r.policy is not None]
+    top = max((r.rung_steps for r in eligible), default=0)
     pool: dict[str, TrialRecord] = {}
-    for r in records:
-        if r.feasible and r.fidelity == FULL and r.values is not None and r.policy is not None:
+    for r in eligible:
+        if r.rung_steps == top:
             pool.setdefault(r.policy.key(), r)  # duplicates of a policy: keep the first trial
     cands = list(pool.values())
     front = [r for r in cands if not any(dominates(o.values, r.values, directions) for o in cands if o is not r)]

@@ -194,7 +194,7 @@ class Harness:
 
     def __init__(self, space: SearchSpace, *, constraints: ConstraintsSection | None = None,
                  storage: Any = None, name: str = "contract", watermark: Any = None,
-                 share_results: bool = True) -> None:
+                 share_results: bool = True, promotion: Any = None) -> None:
         from evaluators.settings import EvalSettings
 
         self.space = space
@@ -204,6 +204,7 @@ class Harness:
         self.name = name
         self.watermark = watermark
         self.share_results = share_results
+        self.promotion = promotion   # a search.promotion.PromotionConfig, or None
         optuna.create_study(storage=self.storage, study_name=name, directions=list(DIRECTIONS), load_if_exists=True)
         self.recorder = TrialRecorder(self.storage, name, space=space, settings=self.settings, objectives=OBJECTIVES,
                                       constraints=self.constraints, run_id="harness")
@@ -232,7 +233,7 @@ class Harness:
         budget = Budget(finished + n, finished, self.storage, self.recorder.study_id, self.me)
         plan = Plan(searchers={label: searcher}, shares={label: 1.0}, directions=DIRECTIONS,
                     constraint_names=self.constraints.names, ordered=True, space=self.space,
-                    watermark=self.watermark)
+                    watermark=self.watermark, promotion=self.promotion)
         cache = None if self.share_results else EvaluateEveryTrial()
         told: list[Any] = []
         driver = Driver(plan, pool, self.recorder, budget, records, self.me.run_id, cache=cache,
