@@ -1,7 +1,8 @@
 """What the search-quality benchmark compares: task presets, targets and the method table.
 
 A *method* is a named ``[[searchers]]`` list (``fn(preset, quick)``) registered in
-:data:`METHODS`; the :data:`BASELINES` are not studies but search-free policies
+:data:`METHODS`, optionally with study tables of its own (:data:`STUDY_TABLES`: e.g. a
+``[promotion]`` ladder); the :data:`BASELINES` are not studies but search-free policies
 (``evaluators.heuristics``): ``uniform``, the baseline every method is compared with, and
 Torch-Pruning's global pruning ``global_magnitude`` and ``global_lamp``. :class:`BenchConfig` turns one task's preset, budget and seeds into study configs.
 """
@@ -119,6 +120,16 @@ def method_searchers(method: str, preset: TaskPreset, quick: bool) -> list[dict[
     return METHODS.get(method)(preset, quick)
 
 
+#: method -> fn(preset, quick) -> extra study tables of that method's studies (``[promotion]``)
+STUDY_TABLES: dict[str, Callable[[TaskPreset, bool], dict[str, Any]]] = {}
+
+
+def method_tables(method: str, preset: TaskPreset, quick: bool) -> dict[str, Any]:
+    """Every study table ``method`` sets: ``searchers`` and its own extra tables."""
+    extra = STUDY_TABLES.get(method)
+    return {"searchers": method_searchers(method, preset, quick), **(extra(preset, quick) if extra else {})}
+
+
 def _masking_options(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     # Masking runs are trained, so each trial costs steps x (a forward/backward pass); fewer
     # steps than the searcher's default keep the 3-seed benchmark within its time budget.
@@ -182,6 +193,22 @@ def _portfolio(preset: TaskPreset, quick: bool) -> list[dict[str, Any]]:
     ]
 
 
+def _promotion(preset: TaskPreset, quick: bool) -> dict[str, Any]:
+    # One rung at the preset's own fine-tune length: the trials promoted are ranked by what
+    # the benchmark's identical final fine-tune then measures (proxy_correlation: a 200-step
+    # fine-tune is the only proxy that orders similar-size policies well).
+    return {"promotion": {"steps": [QUICK["finetune_steps"] if quick else preset.finetune_steps],
+                          "eta": 3, "levels": len(preset.levels) + 1}}
+
+
+@register_method("tpe_promoted")
+def _tpe_promoted(preset: TaskPreset, quick: bool) -> list[dict[str, Any]]:
+    return _tpe(preset, quick)
+
+
+STUDY_TABLES["tpe_promoted"] = _promotion
+
+
 # -- one task's benchmark ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BenchConfig:
@@ -211,9 +238,11 @@ class BenchConfig:
     def searchers(self) -> tuple[str, ...]:
         return tuple(m for m in self.methods if m not in BASELINES)
 
-    def method_table(self) -> dict[str, list[dict[str, Any]]]:
-        """``{method: [[searchers]] list}`` of every compared method but the baselines."""
-        return {m: method_searchers(m, self.preset, self.quick) for m in self.searchers}
+    def method_table(self) -> dict[str, Any]:
+        """``{method: [[searchers]] list}`` of every compared method but the baselines (a
+        method with study tables of its own: ``{"searchers": [...], "promotion": {...}}``)."""
+        return {m: (method_tables(m, self.preset, self.quick) if m in STUDY_TABLES
+                    else method_searchers(m, self.preset, self.quick)) for m in self.searchers}
 
     def fingerprint(self) -> dict[str, Any]:
         """What the per-study results depend on (checkpoints are reused only when it matches)."""
@@ -241,7 +270,7 @@ class BenchConfig:
             "space": {"ratio_step": 0.05, "methods": ["l1"], **self.preset.space},
             "evaluation": self.evaluation(seed),
             "constraints": {"max_flops_ratio": self.preset.max_flops_ratio},
-            "searchers": method_searchers(method, self.preset, self.quick),
+            **method_tables(method, self.preset, self.quick),
         })
 
     def finetune_settings(self, seed: int) -> dict[str, Any]:

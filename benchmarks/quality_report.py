@@ -42,7 +42,9 @@ def summarize(result: dict[str, Any], levels: Sequence[float]) -> dict[str, Any]
     out: dict[str, Any] = {}
     for method, runs in per_seed.items():
         row: dict[str, Any] = {"hypervolume": _stats([runs[s]["hypervolume"] for s in seeds]),
-                               "wall_s": _stats([runs[s].get("wall_s") for s in seeds]), "proxy": {}, "finetuned": {},
+                               "wall_s": _stats([runs[s].get("wall_s") for s in seeds]),
+                               "compute_s": _stats([runs[s].get("compute_s") for s in seeds]),
+                               "proxy": {}, "finetuned": {},
                                "proxy_delta": {}, "finetuned_delta": {}, "proxy_vs_baselines": {},
                                "finetuned_vs_baselines": {}}
         for lv in map(str, levels):
@@ -183,8 +185,8 @@ def _task_markdown(task: str, res: Mapping[str, Any]) -> list[str]:
              ""]
     head = "| method | HV | HV vs random | " + " | ".join(
         f"proxy ≤{int(100 * lv)}% | Δ | fine-tuned ≤{int(100 * lv)}% | Δ | Δ best baseline" for lv in levels
-    ) + " | s/study |"
-    lines += [head, "|" + "---|" * (4 + 5 * len(levels))]
+    ) + " | s/study | eval s/study |"
+    lines += [head, "|" + "---|" * (5 + 5 * len(levels))]
     lines += [_method_row(method, row, levels) for method, row in res["summary"].items()]
     if res.get("masking_per_target"):
         lines += ["", "Masking per target (every masking proposal of the studies at that target: a run's own or, "
@@ -209,8 +211,9 @@ def _method_row(method: str, row: Mapping[str, Any], levels: Sequence[float]) ->
                   _pm(row["finetuned"][lv]),
                   _pm(row["finetuned_delta"][lv], signed=True) if method != UNIFORM else "",
                   _pm(row.get("finetuned_vs_baselines", {}).get(lv), signed=True) if method not in BASELINES else ""]
-    wall = row["wall_s"]["mean"]
-    cells.append(f"{wall:.0f}" if wall is not None else "—")
+    for key in ("wall_s", "compute_s"):  # wall time; evaluation seconds summed over every rung
+        value = row.get(key, {}).get("mean")
+        cells.append(f"{value:.0f}" if value is not None else "—")
     return f"| {method} | " + " | ".join(cells) + " |"
 
 

@@ -17,11 +17,14 @@ def _point(metrics: Any) -> dict[str, Any] | None:
 
 
 def _best_at(points: Sequence[dict[str, Any]], level: float) -> dict[str, Any] | None:
-    """The most accurate feasible full-fidelity point with FLOPs ratio <= level (ties: fewer FLOPs)."""
+    """The most accurate feasible full-fidelity point with FLOPs ratio <= level (ties: fewer
+    FLOPs), among those at the highest promotion rung reached at that level (what the
+    study's front selects on: ``search.records.pareto_front``)."""
     cands = [p for p in points if p["feasible"] and p["fidelity"] == "full" and p["flops_ratio"] <= level + 1e-12]
     if not cands:
         return None
-    return max(cands, key=lambda p: (p["accuracy"], -p["flops_ratio"]))
+    top = max(p.get("rung_steps", 0) for p in cands)
+    return max((p for p in cands if p.get("rung_steps", 0) == top), key=lambda p: (p.get("selected_by", p["accuracy"]), -p["flops_ratio"]))
 
 
 def _best_per_level(points: Sequence[dict[str, Any]], levels: Sequence[float],
@@ -32,6 +35,21 @@ def _best_per_level(points: Sequence[dict[str, Any]], levels: Sequence[float],
         b = _best_at(points, lv)
         best[str(lv)] = None if b is None else {**b, "policy": policies.get(b["trial"])}
     return best
+
+
+def _proxy_score(record: Any, point: dict[str, Any] | None) -> float | None:
+    if point is None:
+        return None
+    rungs = record.promotion.get("rungs") if record.promotion else None
+    return float(rungs[0]["score"]) if rungs else point["accuracy"]
+
+
+def _compute_s(record: Any) -> float:
+    """Evaluation seconds the trial took, every promotion rung included."""
+    rungs = record.promotion.get("rungs") if record.promotion else None
+    if rungs:
+        return float(sum(e.get("seconds") or 0.0 for e in rungs))
+    return float(record.metrics.eval_seconds) if record.metrics is not None else 0.0
 
 
 def study_result(summary: Any, levels: Sequence[float]) -> dict[str, Any]:
@@ -46,7 +64,10 @@ def study_result(summary: Any, levels: Sequence[float]) -> dict[str, Any]:
         points.append({
             "trial": r.number, "searcher": r.searcher, "fidelity": r.fidelity,
             "feasible": bool(r.feasible), "ok": p is not None,
-            "accuracy": p["accuracy"] if p else None, "flops_ratio": p["flops_ratio"] if p else None,
+            # the proxy score (a promoted trial's rung 0), comparable across methods
+            "accuracy": _proxy_score(r, p), "flops_ratio": p["flops_ratio"] if p else None,
+            "rung_steps": r.rung_steps, "selected_by": p["accuracy"] if p else None,
+            "compute_s": _compute_s(r),
         })
         if r.meta and r.meta.get("masking_target") is not None:  # a masking run's proposal
             points[-1]["masking_target"] = float(r.meta["masking_target"])
@@ -64,6 +85,8 @@ def study_result(summary: Any, levels: Sequence[float]) -> dict[str, Any]:
         "evaluations": summary.evaluations,
         "cached": summary.cached,
         "wall_s": summary.elapsed_s,
+        "compute_s": sum(p["compute_s"] for p in points),
+        "promoted": sum(p["rung_steps"] > 0 for p in points),
         "driver_ms_per_trial": summary.driver_ms_per_trial,
         "hypervolume": curve[-1] if curve else 0.0,
         "hv_curve": curve,

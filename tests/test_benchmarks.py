@@ -253,3 +253,31 @@ def test_global_baseline_policies_meet_each_target_off_the_grid(method):
     assert [p["target"] for p in res["points"]] == targets
     best = res["best_proxy"]["0.25"]
     assert best["flops_ratio"] <= 0.25 and best["accuracy"] == max(t for t, p in pairs if flops(p) <= 0.25)
+
+
+def test_a_promoted_study_is_scored_at_its_highest_rung_on_proxy_axes():
+    """The best model per level is chosen among the highest rung reached there (what the
+    study's front selects on), while HV and the reported proxy use each trial's rung-0 score."""
+    from benchmarks.quality_scores import _best_at
+
+    points = [
+        {"trial": 0, "fidelity": "full", "feasible": True, "accuracy": 0.70, "selected_by": 0.70,
+         "flops_ratio": 0.2, "rung_steps": 0},
+        {"trial": 1, "fidelity": "full", "feasible": True, "accuracy": 0.60, "selected_by": 0.90,
+         "flops_ratio": 0.25, "rung_steps": 80},
+        {"trial": 2, "fidelity": "full", "feasible": True, "accuracy": 0.65, "selected_by": 0.85,
+         "flops_ratio": 0.1, "rung_steps": 80},
+    ]
+    assert _best_at(points, 0.3)["trial"] == 1
+    assert _best_at(points, 0.2)["trial"] == 2
+    assert _best_at(points[:1], 0.3)["trial"] == 0
+
+
+def test_the_promoted_method_sets_a_promotion_ladder_in_its_studies(tmp_path):
+    from benchmarks.quality_presets import PRESETS
+
+    cfg = BenchConfig(task="shapes", preset=PRESETS["shapes"], methods=(UNIFORM, "tpe", "tpe_promoted"))
+    promoted = cfg.study_config("tpe_promoted", 0, tmp_path)
+    assert promoted.promotion.steps == (PRESETS["shapes"].finetune_steps,)
+    assert not cfg.study_config("tpe", 0, tmp_path).promotion.enabled
+    assert [s.kind for s in promoted.searchers] == ["tpe"]
