@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from evaluators.batch import Batch
 from evaluators.importance import make_importance, needs_calibration
-from spaces.groups import ChannelGroup, build_graph, discover_groups, out_channels, root_pruning_group
+from spaces.groups import ChannelGroup, build_graph, discover_groups, kept_as_asked, prune_group, root_pruning_group
 from spaces.policy import Policy
 from spaces.space import kept_channels
 
@@ -28,6 +28,33 @@ def channels_to_remove(scores: torch.Tensor, kept: int) -> list[int]:
     return sorted(int(i) for i in order[:n_remove])
 
 
+def unit_scores(scores: torch.Tensor, group: ChannelGroup) -> torch.Tensor:
+    """Per-unit scores of ``group`` from its per-channel scores: the sum over each unit's
+    channels (a whole head or normalisation group is kept or removed as one)."""
+    if scores.numel() != group.width or not torch.isfinite(scores).all():
+        raise ValueError(f"invalid scores for group {group.name!r}")
+    return scores.reshape(group.channels, group.unit).sum(dim=1)
+
+
+def _removals(graph, modules: dict[str, nn.Module], groups: Sequence[ChannelGroup], target: dict[str, int],
+              policy: Policy, criteria: dict) -> dict[str, list[int]]:
+    """The units each of ``groups`` removes, its lowest-scored units by the policy's criterion.
+
+    Every group is scored on the unpruned copy first: indices of one group stay valid while
+    other groups are removed, and scores do not depend on pruning order.
+    """
+    removals: dict[str, list[int]] = {}
+    for g in groups:
+        method = policy.method_for(g.name)
+        full = root_pruning_group(graph, modules[g.name], range(g.width))
+        try:
+            scores = unit_scores(criteria[method].score(full), g)
+        except ValueError:
+            raise ValueError(f"method {method!r} gave invalid scores for group {g.name!r}") from None
+        removals[g.name] = channels_to_remove(scores, target[g.name])
+    return removals
+
+
 def apply_policy(
     model: nn.Module,
     policy: Policy,
@@ -41,9 +68,10 @@ def apply_policy(
     """Return a pruned deep copy of ``model``; ``model`` itself is never modified.
 
     ``groups`` are the discovered channel groups (discovered here when not given). Every
-    group keeps ``kept_channels(channels, ratio, round_to)`` channels, chosen by the
-    policy's importance criterion; the pruned copy's kept counts are checked against the
-    policy and a mismatch raises ``ValueError`` rather than returning a mis-pruned model.
+    group keeps ``kept_channels(channels, ratio, round_to)`` units (channels, or whole heads
+    and normalisation groups: ``spaces.units``), chosen by the policy's importance criterion;
+    the pruned copy's kept counts (and head/group counts) are checked against the policy
+    and a mismatch raises ``ValueError`` rather than returning a mis-pruned model.
     """
     if groups is None:
         groups = discover_groups(model, example_inputs)
@@ -69,22 +97,12 @@ def apply_policy(
         criteria[m].prepare(work, calibration, loss_fn)
     graph = build_graph(work, example_inputs)
     modules = dict(work.named_modules())
-    # Score every group on the unpruned copy first: indices of one group stay valid while
-    # other groups are removed, and scores do not depend on pruning order.
-    removals: dict[str, list[int]] = {}
-    for name in to_prune:
-        root = modules[name]
-        full = root_pruning_group(graph, root, range(out_channels(root)))
-        scores = criteria[policy.method_for(name)].score(full)
-        if scores.numel() != out_channels(root) or not torch.isfinite(scores).all():
-            raise ValueError(f"method {policy.method_for(name)!r} gave invalid scores for group {name!r}")
-        removals[name] = channels_to_remove(scores, target[name])
-    for name, idxs in removals.items():
-        root_pruning_group(graph, modules[name], idxs).prune()
+    removals = _removals(graph, modules, [by_name[n] for n in to_prune], target, policy, criteria)
+    for name, units in removals.items():
+        prune_group(graph, modules, by_name[name], units)
     work.zero_grad(set_to_none=True)
     for name, k in target.items():
-        got = out_channels(modules[name])
-        if got != k:
-            raise ValueError(f"torch_pruning kept {got} channels of group {name!r} instead of {k}")
+        if not kept_as_asked(modules, by_name[name], k):
+            raise ValueError(f"torch_pruning did not keep {k} units of {by_name[name].unit} channels in group {name!r}")
     work.train(was_training)
     return work

@@ -7,6 +7,15 @@ turn on a copy of the model and records how every layer's input/output/weight sh
 A layer's FLOPs (counted exactly as ``torch_pruning.utils.count_ops_and_params`` counts
 them: multiply-accumulates per sample) and every parameter's size are then products of
 those affine dimensions, so predictions are exact up to integer rounding.
+
+Attention: ``nn.MultiheadAttention`` is counted term by term as torch_pruning counts it
+(query scaling, q/k/v projections and bias, per head ``QK^T`` = ``qlen * klen * head_dim``,
+softmax = ``qlen * klen``, ``attention x V`` = ``qlen * klen * v_head_dim``, output
+projection). A hand-written attention module (``spaces.units.attention_modules``) has its
+q/k/v/out ``nn.Linear`` layers counted as layers, plus the same three per-head products,
+which ``count_cost`` adds to torch_pruning's count (it cannot see functional matmuls). The
+sequence lengths are the example input's; a group of whole heads moves ``num_heads`` and
+the q/k/v widths, so every term stays a product of affine dimensions.
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from spaces.groups import ChannelGroup, build_graph, forward, root_pruning_group
+from spaces.groups import ChannelGroup, build_graph, forward, prune_group
+from spaces.units import HEAD_ATTR, attention_modules
 
 # A FLOPs term is coef * product of dims (by index into the recorded dim table).
 Term = tuple[float, tuple[int, ...]]
@@ -105,6 +115,8 @@ def layer_kind(m: nn.Module) -> str:
         return "conv1x1" if math.prod(m.kernel_size) == 1 else "conv"
     if isinstance(m, nn.Linear):
         return "linear"
+    if isinstance(m, nn.MultiheadAttention):
+        return "attention"
     return "elementwise"
 
 
@@ -116,23 +128,61 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
     return None
 
 
+# -- per-layer attributes recorded with the shapes (their dims follow pruning too) ---------
+Attrs = Callable[[nn.Module, tuple], tuple[int, ...]]
+_ATTRS: dict[type, Attrs] = {
+    nn.Conv1d: lambda m, inp: (m.in_channels, m.out_channels),
+    nn.Conv2d: lambda m, inp: (m.in_channels, m.out_channels),
+    nn.Conv3d: lambda m, inp: (m.in_channels, m.out_channels),
+}
+
+
+
+def _mha_attrs(m: nn.MultiheadAttention, inp: tuple) -> tuple[int, ...]:
+    """(qlen, klen, vlen, qdim, kdim, vdim, num_heads) of one call, as the counter reads them."""
+    q, k, v = inp[:3]
+    seq = 1 if m.batch_first else 0
+    return (q.shape[seq], k.shape[seq], v.shape[seq], q.shape[-1], k.shape[-1], v.shape[-1], m.num_heads)
+
+
+_ATTRS[nn.MultiheadAttention] = _mha_attrs
+
+
+@_register(nn.MultiheadAttention)
+def _multihead_attention(m, dim, in_shape, out_shape) -> list[Term]:
+    """torch_pruning's count for ``nn.MultiheadAttention``, term by term: the query scaling,
+    the q/k/v projections (as it counts them: ``len * dim * dim`` each) and their bias, per
+    head ``QK^T`` (``qlen * klen * head_dim``), the softmax (``qlen * klen``) and ``attention x
+    V`` (``qlen * klen * v_head_dim``), then the output projection with its bias. Summed over
+    heads, ``QK^T`` is ``qlen * klen * qdim`` since whole heads are pruned (``head_dim *
+    num_heads == qdim`` stays true); the softmax keeps ``num_heads`` as a factor."""
+    qlen, klen, vlen, qdim, kdim, vdim, heads = (dim("attr", i) for i in range(7))
+    terms = [(1.0, (qlen, qdim)), (1.0, (qlen, qdim, qdim)), (1.0, (klen, kdim, kdim)), (1.0, (vlen, vdim, vdim))]
+    if m.in_proj_bias is not None:
+        terms += [(1.0, (qlen, qdim)), (1.0, (klen, qdim)), (1.0, (vlen, qdim))]
+    terms += [(1.0, (qlen, klen, qdim)), (1.0, (heads, qlen, klen)), (1.0, (qlen, klen, vdim))]
+    return terms + [(1.0, (qlen, vdim, vdim)), (1.0, (qlen, vdim))]
+
 class _ShapeRecorder:
     """Forward hooks that record per-sample input/output shapes of every counted layer."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.attrs: dict[str, tuple[int, ...]] = {}
+
+    def _hook(self, name: str):
+        def hook(mod, inp, out):
+            i, o = _first_tensor(inp), _first_tensor(out)
+            if i is not None and o is not None:
+                self.shapes[name] = (tuple(i.shape[1:]), tuple(o.shape[1:]))
+                if type(mod) in _ATTRS:
+                    self.attrs[name] = _ATTRS[type(mod)](mod, inp)
+        return hook
 
     def snapshot(self, example_inputs: Any) -> dict[tuple, int]:
-        self.shapes = {}
-        hooks = []
-        for name, module in self.model.named_modules():
-            if type(module) in _FORMULAS:
-                def hook(mod, inp, out, name=name):
-                    i, o = _first_tensor(inp), _first_tensor(out)
-                    if i is not None and o is not None:
-                        self.shapes[name] = (tuple(i.shape[1:]), tuple(o.shape[1:]))
-                hooks.append(module.register_forward_hook(hook))
+        self.shapes, self.attrs = {}, {}
+        hooks = [m.register_forward_hook(self._hook(n)) for n, m in self.model.named_modules() if type(m) in _FORMULAS]
         try:
             with torch.no_grad():
                 forward(self.model, example_inputs)
@@ -140,20 +190,47 @@ class _ShapeRecorder:
             for h in hooks:
                 h.remove()
         values: dict[tuple, int] = {}
-        modules = dict(self.model.named_modules())
         for name, (ins, outs) in self.shapes.items():
-            for i, v in enumerate(ins):
-                values[(name, "in", i)] = v
-            for i, v in enumerate(outs):
-                values[(name, "out", i)] = v
-            m = modules[name]
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                values[(name, "attr", 0)] = m.in_channels
-                values[(name, "attr", 1)] = m.out_channels
+            for kind, shape in (("in", ins), ("out", outs), ("attr", self.attrs.get(name, ()))):
+                for i, v in enumerate(shape):
+                    values[(name, kind, i)] = v
+        for name in attention_modules(self.model):
+            values[(name, "heads", 0)] = getattr(self.model.get_submodule(name), HEAD_ATTR)
         for pname, p in self.model.named_parameters():
             for i, v in enumerate(p.shape):
                 values[(pname, "param", i)] = v
         return values
+
+
+def _layer_terms(model: nn.Module, shapes: dict, slopes: np.ndarray, dim: Callable[..., int]) -> tuple[list[Term], list[str]]:
+    """FLOPs terms (and their layer kinds) of every counted layer, by its formula."""
+    modules = dict(model.named_modules())
+    terms: list[Term] = []
+    kinds: list[str] = []
+    for name, (in_shape, out_shape) in shapes.items():
+        m = modules[name]
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups != 1:
+            touched = slopes[:, dim(name, "attr", 1)].any()
+            if not (m.groups == m.in_channels == m.out_channels) and touched:
+                raise ValueError(f"cost model cannot follow grouped conv {name!r} under pruning")
+        layer_terms = _FORMULAS[type(m)](m, lambda kind, i, n=name: dim(n, kind, i), in_shape, out_shape)
+        terms.extend(layer_terms)
+        kinds.extend([layer_kind(m)] * len(layer_terms))
+    return terms, kinds
+
+
+def _product_terms(shapes: dict, dim: Callable[..., int], name: str, qkv: tuple[str, str, str]) -> list[Term]:
+    """The attention products of a hand-written attention module, counted as torch_pruning
+    counts them for ``nn.MultiheadAttention``: per head ``QK^T`` (``qlen * klen * head_dim``),
+    the softmax (``qlen * klen``) and ``attention x V`` (``qlen * klen * v_head_dim``). Token
+    counts are the projections' outputs without their last (width) dimension; summed over
+    heads, the products are ``qlen * klen * q width`` and ``qlen * klen * v width``."""
+    (q, k, v), out = qkv, {n: shapes[n][1] for n in qkv}
+    tokens = {n: tuple(dim(n, "out", i) for i in range(len(out[n]) - 1)) for n in qkv}
+    width = {n: dim(n, "out", len(out[n]) - 1) for n in qkv}
+    heads = dim(name, "heads", 0)
+    return [(1.0, tokens[q] + tokens[k] + (width[q],)), (1.0, (heads,) + tokens[q] + tokens[k]),
+            (1.0, tokens[q] + tokens[v] + (width[v],))]
 
 
 @dataclass(frozen=True)
@@ -163,7 +240,7 @@ class CostModel:
     group_names: tuple[str, ...]
     group_channels: tuple[int, ...]
     base_dims: np.ndarray          # (D,)
-    slopes: np.ndarray             # (G, D): change of each dim per removed channel of group g
+    slopes: np.ndarray             # (G, D): change of each dim per removed unit of group g
     flops_terms: tuple[Term, ...]
     param_terms: tuple[tuple[int, ...], ...]
     base: Cost
@@ -182,32 +259,25 @@ class CostModel:
         modules = dict(work.named_modules())
         graph = build_graph(work, example_inputs)
         for g in groups:
-            root_pruning_group(graph, modules[g.name], [0]).prune()
+            prune_group(graph, modules, g, [0])
             snaps.append(recorder.snapshot(example_inputs))
         keys = list(snaps[0])
         index = {k: i for i, k in enumerate(keys)}
         table = np.array([[s.get(k, 0) for k in keys] for s in snaps], dtype=np.float64)
         slopes = table[:-1] - table[1:]
 
-        base_modules = dict(model.named_modules())
-        terms: list[Term] = []
-        kinds: list[str] = []
-        for name, (in_shape, out_shape) in base_shapes.items():
-            m = base_modules[name]
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups != 1:
-                touched = slopes[:, index[(name, "attr", 1)]].any()
-                if not (m.groups == m.in_channels == m.out_channels) and touched:
-                    raise ValueError(f"cost model cannot follow grouped conv {name!r} under pruning")
-            layer_terms = _FORMULAS[type(m)](m, lambda kind, i, n=name: index[(n, kind, i)], in_shape, out_shape)
-            terms.extend(layer_terms)
-            kinds.extend([layer_kind(m)] * len(layer_terms))
+        dim = lambda n, kind, i: index[(n, kind, i)]  # noqa: E731
+        terms, kinds = _layer_terms(model, base_shapes, slopes, dim)
+        for name, (q, k, v) in attention_modules(model).items():
+            if {q, k, v} <= set(base_shapes):
+                terms += _product_terms(base_shapes, dim, name, (q, k, v))
+                kinds += ["attention"] * 3
         params: list[tuple[int, ...]] = []
         seen: set[int] = set()
         for pname, p in model.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            params.append(tuple(index[(pname, "param", i)] for i in range(p.dim())))
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(tuple(index[(pname, "param", i)] for i in range(p.dim())))
         self = cls(
             group_names=tuple(g.name for g in groups),
             group_channels=tuple(g.channels for g in groups),
@@ -262,8 +332,33 @@ class CostModel:
 
 
 def count_cost(model: nn.Module, example_inputs: Any) -> Cost:
-    """FLOPs (MACs per sample) and params counted on a real model by torch_pruning."""
+    """FLOPs (MACs per sample) and params counted on a real model: torch_pruning's counter,
+    plus the attention products of hand-written attention modules, which it does not see
+    (they are functional matmuls; it counts them inside ``nn.MultiheadAttention`` only)."""
     import torch_pruning as tp
 
     flops, params = tp.utils.count_ops_and_params(model, example_inputs)
-    return Cost(flops=float(flops), params=float(params))
+    return Cost(flops=float(flops) + _count_products(model, example_inputs), params=float(params))
+
+
+def _count_products(model: nn.Module, example_inputs: Any) -> float:
+    """Per-sample FLOPs of the attention products of ``model``'s hand-written attention
+    modules (``_product_terms`` says how they are counted), from one forward pass."""
+    attention = attention_modules(model)
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o))
+             for qkv in attention.values() for n in qkv]
+    try:
+        with torch.no_grad():
+            forward(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    total = 0.0
+    for name, (q, k, v) in attention.items():
+        if not {q, k, v} <= set(outputs):
+            continue
+        tokens = {n: math.prod(outputs[n].shape[1:-1]) for n in (q, k, v)}
+        heads = getattr(model.get_submodule(name), HEAD_ATTR)
+        total += tokens[q] * tokens[k] * (outputs[q].shape[-1] + heads) + tokens[q] * tokens[v] * outputs[v].shape[-1]
+    return total

@@ -5,6 +5,13 @@ every layer joined to it by a residual add, a depthwise conv, the consumers' inp
 slices, concatenation slices). It is named by the qualified name of its root module —
 the first conv/linear whose output channels start the group — which is stable across
 deep copies of the same architecture.
+
+Most groups are pruned channel by channel. A group whose channels feed layers that count
+blocks of them (GroupNorm groups, attention heads: ``spaces.units``) is pruned in whole
+blocks: its ``channels`` are then those *units* (heads, normalisation groups), ``unit`` is
+channels per unit, and ``prune_group`` keeps the counting attributes (``num_heads``,
+``num_groups``) in step. Ratios, kept counts and the cost model all work in units, so what a
+space predicts for a kept count is what pruning builds.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from spaces.units import BlockCount, block_counts, counts_match, set_counts, unit_channels, unit_of
+
 log = logging.getLogger(__name__)
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -26,15 +35,24 @@ ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 @dataclass(frozen=True)
 class ChannelGroup:
-    """One independently prunable set of coupled channels."""
+    """One independently prunable set of coupled channels, pruned in units of ``unit``."""
 
     name: str
-    channels: int
+    channels: int  # pruning units: channels, or whole heads / normalisation groups
     members: tuple[str, ...]  # modules whose output channels are these channels
+    unit: int = 1  # channels per unit
+    counts: tuple[BlockCount, ...] = ()  # attributes counting blocks of these channels
 
     def __post_init__(self) -> None:
         if self.channels < 1:
             raise ValueError(f"group {self.name!r} has {self.channels} channels")
+        if self.unit < 1:
+            raise ValueError(f"group {self.name!r} has unit {self.unit}")
+
+    @property
+    def width(self) -> int:
+        """Channels of the group's root layer (``channels * unit``)."""
+        return self.channels * self.unit
 
 
 def forward(model: nn.Module, example_inputs: Any) -> Any:
@@ -118,6 +136,47 @@ def root_pruning_group(graph: tp.DependencyGraph, root: nn.Module, idxs: Sequenc
     return graph.get_pruning_group(root, pruner.prune_out_channels, list(idxs))
 
 
+def prune_group(graph: tp.DependencyGraph, modules: dict[str, nn.Module], group: ChannelGroup,
+                units: Sequence[int]) -> None:
+    """Remove the pruning units ``units`` of ``group`` (whole blocks of ``group.unit``
+    channels) and set the attributes counting its blocks to the kept width."""
+    root = modules[group.name]
+    idxs = unit_channels(units, group.unit)
+    set_counts(group.counts, modules, out_channels(root) - len(idxs))  # before: MHA's check reads num_heads
+    root_pruning_group(graph, root, idxs).prune()
+
+
+def kept_as_asked(modules: dict[str, nn.Module], group: ChannelGroup, kept_units: int) -> bool:
+    """Whether ``group``'s root and counting attributes show ``kept_units`` units."""
+    width = kept_units * group.unit
+    return out_channels(modules[group.name]) == width and counts_match(group.counts, modules, width)
+
+
+def _candidate(graph: tp.DependencyGraph, group, names: dict[nn.Module, str],
+               modules: dict[str, nn.Module]) -> ChannelGroup | str:
+    """The ChannelGroup of a torch_pruning group, or why it is excluded."""
+    members: list[str] = []
+    touched: list[tuple[str, bool]] = []
+    for dep, _ in group:
+        target = dep.target.module
+        if not (isinstance(target, nn.Module) and target in names):
+            continue
+        member, out = names[target], graph.is_out_channel_pruning_fn(dep.handler)
+        touched.append((member, out))
+        if out and member not in members:
+            members.append(member)  # layers whose outputs carry the group's channels
+        if _is_grouped_conv(target):
+            return f"touches grouped conv {member!r} (groups={target.groups}), which torch_pruning cannot prune channel-wise"
+    root = group[0].dep.target.module
+    counts = block_counts(touched, modules)
+    unit, width = unit_of(counts), out_channels(root)
+    if width % unit:
+        return f"its {width} channels are not whole blocks of {unit} ({', '.join(f'{c.module}.{c.attr}' for c in counts)})"
+    if width // unit < 2:
+        return "has a single channel" if unit == 1 else f"has a single block of {unit} channels"
+    return ChannelGroup(name=names[root], channels=width // unit, members=tuple(members), unit=unit, counts=counts)
+
+
 def _structural_groups(model: nn.Module, example_inputs: Any, ignored_names: set[str]):
     """Candidate groups from the graph, with rule-based exclusions logged."""
     modules = dict(model.named_modules())
@@ -126,45 +185,30 @@ def _structural_groups(model: nn.Module, example_inputs: Any, ignored_names: set
     names = {m: n for n, m in model.named_modules()}
     candidates: list[ChannelGroup] = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
-        root = group[0].dep.target.module
-        name = names[root]
-        members: list[str] = []
-        reason = None
-        for dep, _ in group:
-            target = dep.target.module
-            if isinstance(target, nn.Module) and target in names:
-                member = names[target]
-                if graph.is_out_channel_pruning_fn(dep.handler) and member not in members:
-                    members.append(member)  # layers whose outputs carry the group's channels
-                if _is_grouped_conv(target):
-                    reason = f"touches grouped conv {member!r} (groups={target.groups}), which torch_pruning cannot prune channel-wise"
-        channels = out_channels(root)
-        if reason is None and channels < 2:
-            reason = "has a single channel"
-        if reason is not None:
-            log.info("channel group %r excluded: %s", name, reason)
+        found = _candidate(graph, group, names, modules)
+        if isinstance(found, str):
+            log.info("channel group %r excluded: %s", names[group[0].dep.target.module], found)
             continue
-        candidates.append(ChannelGroup(name=name, channels=channels, members=tuple(members)))
+        candidates.append(found)
     return candidates
 
 
 def _probe(model: nn.Module, example_inputs: Any, groups: list[ChannelGroup]) -> str | None:
-    """Remove one channel of every group on a copy; return the first group that fails."""
+    """Remove one unit of every group on a copy; return the first group that fails."""
     work = copy.deepcopy(model).eval()
     with torch.no_grad():
         ref = [t.shape for t in _output_tensors(forward(work, example_inputs))]
     graph = build_graph(work, example_inputs)
     modules = dict(work.named_modules())
     for g in groups:
-        root = modules[g.name]
         try:
-            root_pruning_group(graph, root, [0]).prune()
+            prune_group(graph, modules, g, [0])
             with torch.no_grad():
                 shapes = [t.shape for t in _output_tensors(forward(work, example_inputs))]
         except Exception as exc:  # torch_pruning raises on patterns it cannot handle
             log.info("channel group %r excluded: pruning it raised %s: %s", g.name, type(exc).__name__, exc)
             return g.name
-        if out_channels(root) != g.channels - 1 or shapes != ref:
+        if not kept_as_asked(modules, g, g.channels - 1) or shapes != ref:
             log.info("channel group %r excluded: torch_pruning kept a different channel count than asked", g.name)
             return g.name
     return None

@@ -1,0 +1,98 @@
+"""Small attention and GroupNorm models for the head-group and GroupNorm tests.
+
+``MHAViT``: a pre-norm transformer on patch tokens with ``nn.MultiheadAttention`` and a
+residual stream (``batch_first`` either way). ``QKVViT``: the same with a hand-written
+q/k/v/out attention module. ``GroupNormNet``: convs followed by ``GroupNorm`` of different
+group sizes, one on a residual add.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+TOKENS, PATCH = 16, 12
+
+
+def tokens_input() -> torch.Tensor:
+    return torch.randn(1, TOKENS, PATCH)
+
+
+def image_input() -> torch.Tensor:
+    return torch.randn(1, 3, 16, 16)
+
+
+class Attention(nn.Module):
+    """Hand-written multi-head self-attention: q/k/v/out projections, ``num_heads`` heads."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, head_dim
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, heads * head_dim) for _ in range(3))
+        self.out_proj = nn.Linear(heads * head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        attn = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(dim=-1)
+        return self.out_proj((attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int, hand_written: bool, batch_first: bool = True):
+        super().__init__()
+        self.hand_written, self.batch_first = hand_written, batch_first
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, 8) if hand_written else nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        if self.hand_written:
+            x = x + self.attn(h)
+        elif self.batch_first:
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+        else:
+            t = h.transpose(0, 1)
+            x = x + self.attn(t, t, t, need_weights=False)[0].transpose(0, 1)
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class MHAViT(nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 4, hidden: int = 64, depth: int = 2, num_classes: int = 10,
+                 hand_written: bool = False, batch_first: bool = True):
+        super().__init__()
+        self.embed = nn.Linear(PATCH, dim)
+        self.pos = nn.Parameter(torch.zeros(1, TOKENS, dim))
+        self.blocks = nn.Sequential(*(Block(dim, heads, hidden, hand_written, batch_first) for _ in range(depth)))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.embed(x) + self.pos)
+        return self.head(self.norm(x).mean(dim=1))
+
+
+class QKVViT(MHAViT):
+    """Hand-written attention with 4, then 6 heads of 8 (so its q/k/v width is not the stream's)."""
+
+    def __init__(self, dim: int = 32, hidden: int = 64, num_classes: int = 10):
+        super().__init__(dim=dim, hidden=hidden, depth=0, num_classes=num_classes)
+        self.blocks = nn.Sequential(Block(dim, 4, hidden, True), Block(dim, 6, hidden, True))
+
+
+class GroupNormNet(nn.Module):
+    """GroupNorm(4, 16) after conv1; GroupNorm(8, 32) and GroupNorm(4, 32) on one residual stream."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1, self.gn1 = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.conv2, self.gn2 = nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GroupNorm(8, 32)
+        self.conv3, self.gn3 = nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(4, 32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.gn1(self.conv1(x)))
+        x = torch.relu(self.gn2(self.conv2(x)))
+        x = x + torch.relu(self.gn3(self.conv3(x)))
+        return self.fc(x.mean(dim=(2, 3)))
