@@ -5,13 +5,19 @@ Built-ins (``available_tasks()``), each in its own module and registered with
 (:mod:`evaluators.image_folder`) and ``shapes`` (:mod:`evaluators.synthetic`).
 
 Any other spec of the form ``"package.module:callable"`` is a plugin: ``callable(**options)``
-must return a :class:`Task`.
+must return a :class:`Task`. A plugin that declares a ``cache_dir`` parameter also gets the
+study's ``[task] cache_dir`` (a ``Path``) there, as the built-ins do. Plugin modules are
+imported from ``sys.path`` and then from the working directory, so ``mymod.py`` beside the
+study needs no ``PYTHONPATH=.`` (Ray workers get the driver's working directory on their
+path as well).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,9 +171,32 @@ def load_task(spec: str, options: Mapping | None = None, cache_dir: str | Path =
         raise ValueError(
             f"unknown task {spec!r} (built-in: {', '.join(available_tasks())}; or a plugin 'package.module:callable')"
         )
+    _working_directory_importable()
     factory = import_object(spec, "task plugin")
+    if "cache_dir" in options:
+        raise ValueError(f"task plugin {spec!r}: cache_dir is not a [task.options] key; set [task] cache_dir")
+    if _takes_cache_dir(factory):
+        options["cache_dir"] = Path(cache_dir)
     check_options(factory, spec, options, "task plugin")
     task = factory(**options)
     if not isinstance(task, Task):
         raise ValueError(f"task plugin {spec!r} returned {type(task).__name__}, not an evaluators.tasks.Task")
     return task
+
+
+def _working_directory_importable() -> None:
+    """Put the working directory at the end of ``sys.path`` (where ``python -m`` would put
+    it first): a plugin module beside the study imports, and cannot shadow an installed one."""
+    cwd = os.getcwd()
+    if not any(entry in ("", ".", cwd) for entry in sys.path):
+        sys.path.append(cwd)
+
+
+def _takes_cache_dir(fn: Callable) -> bool:
+    """Whether plugin ``fn`` declares a ``cache_dir`` parameter (not merely ``**kwargs``)."""
+    try:
+        parameter = inspect.signature(fn).parameters.get("cache_dir")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                        inspect.Parameter.KEYWORD_ONLY)

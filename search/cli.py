@@ -1,9 +1,10 @@
-"""``prunesearch`` command line: run | status | export | dashboard.
+"""``prunesearch`` command line: run | status | describe | export | verify | dashboard.
 
 Exit codes: 0 success; 2 bad input (config, command line, plugin, storage URL, export
 directory) — one line ``prunesearch: error: <what, where, what to do>`` on stderr and
 nothing written to the study storage; 1 a runtime failure — the same one-line form plus
-the path of the log file holding the traceback; 130 interrupted.
+the path of the log file holding the traceback; 130 interrupted; 141 (like a process killed by SIGPIPE)
+when the reader of stdout went away (``prunesearch status ... | head``): no traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 import traceback
@@ -19,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from search.config import ConfigError, StudyConfig, load_config
+from search.report import format_budget, format_front, format_states
+
+__all__ = ["build_parser", "format_front", "format_states", "main"]
 
 PROG = "prunesearch"
 _PACKAGES = ("search", "evaluators", "spaces")
@@ -55,32 +60,50 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="AutoML search for channel-pruning policies.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+_CONFIG_HELP = "study TOML file"
+_STORAGE_HELP = "override [study] storage (database URL or .journal path)"
 
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prunesearch")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _add_run(sub: Any) -> None:
     run = sub.add_parser("run", help="run or resume the study described by CONFIG")
-    run.add_argument("config", help="study TOML file")
-    run.add_argument("--n-trials", type=_int, help="override [study] n_trials")
+    run.add_argument("config", help=_CONFIG_HELP)
+    run.add_argument("--n-trials", type=_int, help="override [study] n_trials (finished trials of the whole study)")
     run.add_argument("--timeout", type=_number, help="override [study] timeout_s (seconds)")
     run.add_argument("--workers", type=_int, help="override [study] workers")
-    run.add_argument("--storage", help="override [study] storage (database URL or .journal path)")
+    run.add_argument("--storage", help=_STORAGE_HELP)
     run.add_argument("--ray-address", help="join a Ray cluster ('auto', or host:port); default: RAY_ADDRESS or local")
     run.add_argument("--seed", type=_int, help="override [study] seed")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--allow-changed-constraints", action="store_true",
+                     help="resume a study whose [constraints] changed: re-judge every trial's feasibility "
+                          "from its stored metrics (rewrites the study's constraint values)")
     run.set_defaults(func=cmd_run)
 
-    status = sub.add_parser("status", help="trials by state and searcher, and the Pareto front")
-    status.add_argument("config")
-    status.add_argument("--storage", help="override [study] storage")
+
+def _add_reports(sub: Any) -> None:
+    from search.describe import add_describe
+
+    status = sub.add_parser("status", help="trials by state and searcher, the base model and the Pareto front")
+    status.add_argument("config", help=_CONFIG_HELP)
+    status.add_argument("--storage", help=_STORAGE_HELP)
     status.set_defaults(func=cmd_status)
+    add_describe(sub, _CONFIG_HELP)
 
     export = sub.add_parser("export", help="export the feasible Pareto trials as models")
-    export.add_argument("config")
+    export.add_argument("config", help=_CONFIG_HELP)
     export.add_argument("--out", help="output directory (default: [export] dir / <study name>)")
     export.add_argument("--finetune-steps", type=_int, help="override [export] finetune_steps")
     export.add_argument("--formats", help="comma-separated: pt2,onnx (override [export] formats)")
-    export.add_argument("--storage", help="override [study] storage")
+    export.add_argument("--storage", help=_STORAGE_HELP)
     export.set_defaults(func=cmd_export)
 
     verify = sub.add_parser("verify", help="check an exported model for the study's structural watermark")
@@ -90,11 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_verify)
 
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage")
-    dash.add_argument("config")
-    dash.add_argument("--port", type=_int, default=8080)
-    dash.add_argument("--host", default="127.0.0.1")
-    dash.add_argument("--storage", help="override [study] storage")
+    dash.add_argument("config", help=_CONFIG_HELP)
+    dash.add_argument("--port", type=_int, default=8080, help="TCP port to serve on (default: 8080)")
+    dash.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    dash.add_argument("--storage", help=_STORAGE_HELP)
     dash.set_defaults(func=cmd_dashboard)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="AutoML search for channel-pruning policies.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the installed prunesearch version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_run(sub)
+    _add_reports(sub)
     return parser
 
 
@@ -147,87 +179,68 @@ def _load(args: argparse.Namespace, **overrides: Any) -> StudyConfig:
         raise ConfigError(f"{args.config}: command-line override: {exc}") from None
 
 
-# -- tables ------------------------------------------------------------------------------
-def format_front(front: Sequence[Any], objectives: Sequence[str]) -> str:
-    """The Pareto table: one row per trial on the feasible full-fidelity front."""
-    if not front:
-        return "Pareto front: empty (no feasible full-fidelity trial yet)"
-    head = ["trial", "searcher", "gen", "accuracy", "flops_ratio", "params_ratio", "MFLOPs"]
-    if "latency_ms" in objectives:
-        head.append("latency_ms")
-    rows = []
-    for r in front:
-        m = r.metrics
-        row = [str(r.number), r.searcher, str(r.generation), f"{m.accuracy:.4f}", f"{m.flops_ratio:.4f}",
-               f"{m.params_ratio:.4f}" if m.params_ratio is not None else "-",
-               f"{m.flops / 1e6:.3f}" if m.flops is not None else "-"]
-        if "latency_ms" in objectives:
-            row.append(f"{m.latency_ms:.3f}" if m.latency_ms is not None else "-")
-        rows.append(row)
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    lines = [f"Pareto front ({len(front)} trial{'s' if len(front) != 1 else ''}, feasible, full fidelity):",
-             "  ".join(h.rjust(w) for h, w in zip(head, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
-
-
-def format_states(records: Sequence[Any]) -> str:
-    """Trials by searcher (rows) and state/fidelity (columns)."""
-    from collections import Counter
-
-    counts = Counter((r.searcher, r.state.name) for r in records)
-    fidelity = Counter((r.searcher, r.fidelity) for r in records)
-    states = sorted({s for _, s in counts})
-    searchers = sorted({n for n, _ in counts})
-    fids = sorted({f for _, f in fidelity})
-    head = ["searcher", *states, *(f"fid:{f}" for f in fids), "total"]
-    rows = [[n, *(str(counts[(n, s)]) for s in states), *(str(fidelity[(n, f)]) for f in fids),
-             str(sum(counts[(n, s)] for s in states))] for n in searchers]
-    rows.append(["all", *(str(sum(counts[(n, s)] for n in searchers)) for s in states),
-                 *(str(sum(fidelity[(n, f)] for n in searchers)) for f in fids), str(len(records))])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
-
-
 # -- commands ----------------------------------------------------------------------------
+def _quiet_ray_token_notice(args: argparse.Namespace) -> None:
+    """Ray 2.5x enables token authentication on every new local cluster and logs "Token
+    authentication is enabled ... Set RAY_AUTH_MODE=disabled to opt out" unless
+    ``RAY_AUTH_MODE`` is set. A local run keeps that default (token auth on) by setting it
+    explicitly, which is what silences the notice; a user's own RAY_AUTH_MODE wins, and
+    joining a cluster is left to the cluster's own setting."""
+    if not args.ray_address and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from search.baseline import format_base
     from search.runner import run_study
     from search.setup import prepare
 
     config = _load(args, n_trials=args.n_trials, timeout_s=args.timeout, workers=args.workers, seed=args.seed)
+    _quiet_ray_token_notice(args)
     with _LogSetup(config.study.log_path) as logs:
         args._log_path = logs.path
-        prepared = prepare(config)
+        prepared = prepare(config, allow_changed_constraints=args.allow_changed_constraints)
         summary = run_study(config, ray_address=args.ray_address, progress=not args.no_progress, prepared=prepared)
     budget = f"/{summary.n_trials}" if summary.n_trials else ""
+    if summary.rejudged is not None:
+        print(f"study {summary.study_name}: every trial re-judged under the new [constraints]; "
+              f"{summary.rejudged} changed feasibility")
     print(f"study {summary.study_name}: {summary.finished}{budget} trials finished "
           f"({summary.new_trials} new: {summary.evaluations} evaluated, {summary.cached} cached; "
           f"{summary.stale_failed} stale failed) in {summary.elapsed_s:.1f} s; storage {summary.storage_url}")
-    print(format_front(summary.front, config.study.objectives))
+    print(f"unpruned base model: {format_base(summary.base)}")
+    print(format_front(summary.front, config.study.objectives, summary.base))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     import optuna
 
+    from search.baseline import format_base, stored_base
     from search.records import pareto_front
-    from search.storage import read_study
+    from search.storage import STUDY_ATTR_N_TRIALS, read_study
+    from search.study_change import ALLOW_FLAG, constraint_changes
 
     config = _load(args)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _, records = read_study(config, source=args.config)
+    summary, records = read_study(config, source=args.config)
+    attrs = summary.user_attrs
     counted = sum(r.evaluated for r in records)
-    budget = f" of n_trials {config.study.n_trials}" if config.study.n_trials else ""
-    print(f"study {config.name} ({config.study.storage_url}): {len(records)} trials, {counted} finished{budget}")
+    budget = format_budget(counted, config.study.n_trials, attrs.get(STUDY_ATTR_N_TRIALS))
+    print(f"study {config.name} ({config.study.storage_url}): {len(records)} trials, {budget}")
+    changes = constraint_changes(attrs, records, config)
+    if changes:
+        print(f"note: the trials were judged with other [constraints] than {args.config} sets "
+              f"({'; '.join(changes)}); `prunesearch run {args.config} {ALLOW_FLAG}` re-judges them")
+    base = stored_base(attrs)
+    print(f"unpruned base model: {format_base(base)}")
     print(format_states(records))
-    print(format_front(pareto_front(records, config.study.directions), config.study.objectives))
+    print(format_front(pareto_front(records, config.study.directions), config.study.objectives, base))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from search.baseline import format_base
     from search.export import export_study
 
     config = _load(args)
@@ -240,10 +253,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         args._log_path = logs.path
         summary = export_study(config, out=args.out, finetune_steps=args.finetune_steps, formats=formats)
     print(f"exported {len(summary.trials)} Pareto trial(s) of {config.name} to {summary.out}")
+    print(f"  unpruned base model: {format_base(summary.base)}")
     for n in summary.trials:
         m = summary.metrics[n]
+        drop = m["drop"]["accuracy_drop"]
         print(f"  trial-{n}: accuracy {m['remeasured']['accuracy']:.4f} (recorded {m['recorded']['accuracy']:.4f}), "
-              f"after export {m['exported']['accuracy']:.4f}, flops_ratio {m['exported']['flops_ratio']:.4f}")
+              f"after export {m['exported']['accuracy']:.4f}"
+              + (f" (drop vs base {drop:+.4f})" if drop is not None else "")
+              + f", flops_ratio {m['exported']['flops_ratio']:.4f}")
     print(f"  plot: {summary.plot}")
     return 0
 
@@ -279,6 +296,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def check_port_free(host: str, port: int) -> None:
+    """``ConfigError`` unless ``host:port`` can be bound now (checked before anything says
+    "Listening on": the server would only fail once it had announced itself)."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} is not a TCP port: give 1-65535")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"--host {host!r} is not an address of this machine: {exc}") from None
+    with socket.socket(family, kind) as probe:
+        # the server sets SO_REUSEADDR too: a port left in TIME_WAIT is free for it, one in use is not
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve on {host}:{port}: {exc.strerror or exc}: choose another --port") from None
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
@@ -286,6 +323,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     config = _load(args)
     read_study(config, source=args.config)  # ConfigError when there is no such study
+    check_port_free(args.host, args.port)
     storage = open_storage(parse_storage(config.study.storage_url))
     print(f"optuna-dashboard for study {config.name} at http://{args.host}:{args.port}/dashboard (Ctrl-C stops)",
           flush=True)
@@ -293,9 +331,19 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         optuna_dashboard.run_server(storage, host=args.host, port=args.port)
     except KeyboardInterrupt:
         pass
-    except OSError as exc:
+    except OSError as exc:  # taken between the check and the server's bind
         raise ConfigError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}: choose another --port") from None
     return 0
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout went away (``status ... | head``): the way Python's docs
+    recommend, point stdout at /dev/null so the interpreter's final flush cannot raise
+    again, and exit quietly with what a process killed by SIGPIPE reports (128 + 13)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,7 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     args._log_path = None
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe fails here, inside the handler, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _stdout_gone()
     except ConfigError as exc:
         message = str(exc)
         config = getattr(args, "config", None)

@@ -4,7 +4,10 @@ For every feasible Pareto trial, ``<out>/trial-<n>/`` holds
 
 * ``policy.json``  — the policy (remaining ratio per group, method, recovery);
 * ``metrics.json`` — the metrics recorded in the study, the same model re-measured here,
-  and (with ``finetune_steps`` > 0) the metrics after the export fine-tune;
+  (with ``finetune_steps`` > 0) the metrics after the export fine-tune, the unpruned base
+  model's metrics (``base``, the study's user attr; see ``search.baseline``) and the exported
+  model against it (``drop``: ``accuracy_drop`` = base - exported, ``flops_ratio``,
+  ``params_ratio``);
 * ``weights.pt``   — the state_dict, loadable with ``torch.load(..., weights_only=True)``;
   the module is rebuilt from the base architecture + policy (``load_exported``), never
   unpickled;
@@ -13,7 +16,7 @@ For every feasible Pareto trial, ``<out>/trial-<n>/`` holds
 * ``model.onnx``   — only with ``"onnx"`` in formats, which needs the ``onnx`` package;
 
 and ``<out>/pareto.png`` plots accuracy vs FLOPs of every trial, coloured by searcher,
-with the front highlighted. ``<out>`` defaults to ``[export] dir / <study name>``; an
+with the front highlighted and the unpruned base model as a marked point at FLOPs ratio 1. ``<out>`` defaults to ``[export] dir / <study name>``; an
 existing ``<out>`` is only overwritten when a previous prunesearch export made it (marker
 file ``.prunesearch-export.json``).
 """
@@ -54,6 +57,7 @@ class ExportSummary:
     directories: list[Path]
     plot: Path
     metrics: dict[int, dict[str, Any]]
+    base: dict[str, Any] | None = None
 
 
 def check_formats(formats: Sequence[str]) -> None:
@@ -114,14 +118,18 @@ def load_exported(directory: str | Path, task: Any, groups: Sequence[Any] | None
 
 # -- writing -------------------------------------------------------------------------------
 def export_trial(record: TrialRecord, task: Any, space: Any, settings: Any, directory: Path, *,
-                 finetune_steps: int = 0, formats: Sequence[str] = ("pt2",)) -> dict[str, Any]:
+                 finetune_steps: int = 0, formats: Sequence[str] = ("pt2",),
+                 base_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     from evaluators.build import build_pruned, calibration_batches, seeded
+    from search.baseline import drop
     from evaluators.evaluate import evaluate_model
     from evaluators.recover import recover
 
     policy = record.policy
     base = task.base_model()
-    model = build_pruned(policy, task, settings, groups=space.groups, round_to=space.round_to, base=base)
+    # a promoted trial's metrics come from its rung's fine-tune: rebuild it that way
+    built = settings.replace(**record.eval_overrides) if record.eval_overrides else settings
+    model = build_pruned(policy, task, built, groups=space.groups, round_to=space.round_to, base=base)
     remeasured = evaluate_model(model, task, settings)
     exported = remeasured
     if finetune_steps > 0:
@@ -144,6 +152,8 @@ def export_trial(record: TrialRecord, task: Any, space: Any, settings: Any, dire
         "remeasured": remeasured.to_dict(),
         "export_finetune_steps": finetune_steps,
         "exported": exported.to_dict(),
+        "base": base_metrics,
+        "drop": drop(exported.to_dict(), base_metrics),
         "settings": settings.to_dict(),
         "files": ["policy.json", "metrics.json", "weights.pt"],
     }
@@ -161,8 +171,9 @@ def export_trial(record: TrialRecord, task: Any, space: Any, settings: Any, dire
 
 
 def plot_pareto(records: Sequence[TrialRecord], front: Sequence[TrialRecord], path: Path, *,
-                max_flops_ratio: float | None = None, title: str = "") -> Path:
-    """Accuracy vs FLOPs ratio of every COMPLETE trial, by searcher; the front highlighted."""
+                max_flops_ratio: float | None = None, title: str = "", base: dict[str, Any] | None = None) -> Path:
+    """Accuracy vs FLOPs ratio of every COMPLETE trial, by searcher; the front highlighted;
+    ``base`` (the unpruned model's metrics) a marked point at FLOPs ratio 1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,6 +200,9 @@ def plot_pareto(records: Sequence[TrialRecord], front: Sequence[TrialRecord], pa
         order = sorted(range(len(xs)), key=lambda i: xs[i])
         ax.plot([xs[i] for i in order], [ys[i] for i in order], "-", color="black", lw=1, drawstyle="steps-post")
         ax.scatter(xs, ys, s=70, facecolors="none", edgecolors="red", linewidths=1.5, label="Pareto front", zorder=5)
+    if base is not None and base.get("accuracy") is not None:
+        ax.scatter([1.0], [base["accuracy"]], s=120, marker="*", color="gold", edgecolors="black", zorder=6,
+                   label=f"unpruned base ({base['accuracy']:.4f})")
     if max_flops_ratio is not None:
         ax.axvline(max_flops_ratio, color="grey", ls="--", lw=1, label=f"max FLOPs ratio {max_flops_ratio}")
     ax.set_xlabel("FLOPs ratio (pruned / base)")
@@ -205,7 +219,9 @@ def plot_pareto(records: Sequence[TrialRecord], front: Sequence[TrialRecord], pa
 def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune_steps: int | None = None,
                  formats: Sequence[str] | None = None, task_and_space: tuple[Any, Any] | None = None) -> ExportSummary:
     """Export every feasible Pareto trial of ``config``'s study (storage is only read)."""
+    from search.baseline import measure_base, stored_base
     from search.setup import build_watermark, fingerprint_of, load_task_and_space
+    from search.study_change import check_constraints
 
     formats = tuple(formats if formats is not None else config.export.formats)
     steps = config.export.finetune_steps if finetune_steps is None else finetune_steps
@@ -224,6 +240,9 @@ def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune
     task, space = task_and_space if task_and_space is not None else load_task_and_space(config)
     check_compatible(summary, fingerprint=fingerprint_of(config, space, task), objectives=config.study.objectives,
                      evaluation=config.evaluation.to_dict(), where=config.study.storage_url)
+    check_constraints(config, command="export")  # a front judged with other bounds is refused
+    # a study set up before base metrics were stored: measured here (export only reads storage)
+    base = stored_base(summary.user_attrs) or measure_base(config, task)
     prepare_out_dir(out, config.name)
     settings = config.evaluation.replace(threads=config.study.threads_per_worker)
     if config.uses_latency:  # search used the lookup table; the exported models are timed for real
@@ -233,7 +252,7 @@ def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune
     for record in front:
         directory = out / f"trial-{record.number}"
         metrics[record.number] = export_trial(record, task, space, settings, directory,
-                                              finetune_steps=steps, formats=formats)
+                                              finetune_steps=steps, formats=formats, base_metrics=base)
         if watermark is not None:  # bit count, carriers, message hash: never the key
             from spaces.watermark import write_manifest
 
@@ -241,9 +260,10 @@ def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune
         dirs.append(directory)
         log.info("exported trial %d to %s", record.number, directory)
     plot = plot_pareto(records, front, out / "pareto.png", max_flops_ratio=config.constraints.max_flops_ratio,
-                       title=f"{config.name}: {len(records)} trials, {len(front)} on the front")
+                       title=f"{config.name}: {len(records)} trials, {len(front)} on the front", base=base)
     with contextlib.suppress(OSError):
         marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
         marker["trials"] = [r.number for r in front]
         (out / MARKER).write_text(json.dumps(marker), encoding="utf-8")
-    return ExportSummary(out=out, trials=[r.number for r in front], directories=dirs, plot=plot, metrics=metrics)
+    return ExportSummary(out=out, trials=[r.number for r in front], directories=dirs, plot=plot, metrics=metrics,
+                         base=base)

@@ -33,7 +33,8 @@ from search.records import TrialRecord, pareto_front, read_trials
 from search.resume import own_seeds, resume
 from search import setup
 from search.setup import PoolFactory, Prepared, default_pool, open_study, prepare
-from search.storage import close_storage
+from search.storage import STUDY_ATTR_BASE, STUDY_ATTR_N_TRIALS, close_storage
+from search.study_change import rejudge
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class RunSummary:
     records: list[TrialRecord]
     elapsed_s: float
     driver_s: dict[str, float] = field(default_factory=dict)
+    base: dict | None = None   # the unpruned model's metrics (study user attr ``base``; search.baseline)
+    rejudged: int | None = None  # trials whose feasibility changed under new [constraints] (None: no re-judging)
 
     @property
     def driver_ms_per_trial(self) -> dict[str, float]:
@@ -112,6 +115,7 @@ def _summary(config: StudyConfig, study: optuna.Study, driver: Driver, run: _Sta
         evaluations=driver.evaluations, cached=driver.cached, stale_failed=run.stale,
         resubmitted=len(run.resubmit), front=pareto_front(records, config.study.directions), records=records,
         elapsed_s=time.monotonic() - start, driver_s=dict(driver.timers),
+        base=study.user_attrs.get(STUDY_ATTR_BASE),
     )
 
 
@@ -124,7 +128,11 @@ def run_study(config: StudyConfig, *, pool_factory: PoolFactory | None = None, r
     factory = pool_factory or default_pool
     if factory is setup.default_pool:  # the Ray pool: start Ray or check the cluster before the first write
         setup.start_ray(prepared, ray_address)
+    # re-judging rewrites the study (search.study_change), so it comes before the study is opened
+    rejudged = rejudge(config) if prepared.rejudge else None
     storage, study = open_study(prepared)
+    if config.study.n_trials is not None:  # `status` reports the budget the latest run was given
+        study.set_user_attr(STUDY_ATTR_N_TRIALS, config.study.n_trials)
     pool = bar = None
     try:
         run = _start(prepared, storage, study)
@@ -139,6 +147,7 @@ def run_study(config: StudyConfig, *, pool_factory: PoolFactory | None = None, r
         if left is not None and left > 0 and (deadline is None or time.monotonic() < deadline):
             log.warning("every searcher finished before the budget: %d trial(s) of %d left", left, n_trials)
         summary = _summary(config, study, driver, run, start)
+        summary.rejudged = rejudged
     finally:
         if bar is not None:
             bar.close()

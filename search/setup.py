@@ -23,6 +23,8 @@ from search.base import Searcher, SearcherContext, make_searcher
 from search.config import ConfigError, StudyConfig
 from search.pool import Pool
 from search.storage import (
+    STUDY_ATTR_BASE,
+    STUDY_ATTR_CONSTRAINTS,
     STUDY_ATTR_EVALUATION,
     STUDY_ATTR_FINGERPRINT,
     STUDY_ATTR_OBJECTIVES,
@@ -48,6 +50,7 @@ class Prepared:
     existing: bool
     watermark: Any = None   # spaces.watermark.Watermark: every evaluated policy is projected onto it
     latency_table: Any = None  # spaces.latency.LatencyTable: latency_ms of every trial during search
+    rejudge: bool = False  # constraints changed and the run allows it: search.study_change.rejudge before the run
 
 
 PoolFactory = Callable[[Prepared, str | None], Pool]
@@ -159,14 +162,21 @@ def check_existing_study(config: StudyConfig, spec: StorageSpec, space: Any, tas
         return True
 
 
-def prepare(config: StudyConfig, *, task_and_space: tuple[Any, Any] | None = None) -> Prepared:
-    """Validate everything that can be wrong with the input; write nothing to storage."""
+def prepare(config: StudyConfig, *, task_and_space: tuple[Any, Any] | None = None,
+            allow_changed_constraints: bool = False) -> Prepared:
+    """Validate everything that can be wrong with the input; write nothing to storage.
+
+    An existing study judged with other ``[constraints]`` is refused unless
+    ``allow_changed_constraints`` (then ``Prepared.rejudge``: see ``search.study_change``)."""
+    from search.study_change import check_constraints
+
     spec = parse_storage(config.study.storage_url)
     task, space = task_and_space if task_and_space is not None else load_task_and_space(config)
     check_constraints_reachable(config, space)
     watermark = build_watermark(config, space)
     searchers = make_searchers(config, space, task)
     existing = check_existing_study(config, spec, space, task)
+    rejudge = existing and check_constraints(config, allow=allow_changed_constraints)
     latency_table = None
     if config.uses_latency and config.latency.table:
         from evaluators.latency_table import build_latency_table
@@ -174,7 +184,7 @@ def prepare(config: StudyConfig, *, task_and_space: tuple[Any, Any] | None = Non
         latency_table = build_latency_table(task.base_model(), task.example_inputs, space,
                                             config.latency, cache_dir=config.task.cache_dir)
     return Prepared(config=config, task=task, space=space, spec=spec, searchers=searchers, existing=existing,
-                    watermark=watermark, latency_table=latency_table)
+                    watermark=watermark, latency_table=latency_table, rejudge=rejudge)
 
 
 def ray_cpus(config: StudyConfig, searchers: Mapping[str, Searcher]) -> int:
@@ -247,4 +257,19 @@ def open_study(prepared: Prepared) -> tuple[optuna.storages.BaseStorage, optuna.
         study.set_user_attr(STUDY_ATTR_OBJECTIVES, list(config.study.objectives))
         study.set_user_attr(STUDY_ATTR_EVALUATION, config.evaluation.to_dict())
         study.set_user_attr(STUDY_ATTR_TASK, {"name": config.task.name, "options": dict(config.task.options)})
+    _record_reference(study, prepared)
     return storage, study
+
+
+def _record_reference(study: optuna.Study, prepared: Prepared) -> None:
+    """The constraint bounds trials are judged with and the unpruned model's metrics, once
+    per study (also for a study set up before they were recorded)."""
+    from search.baseline import measure_base
+    from search.study_change import bounds_of
+
+    if STUDY_ATTR_CONSTRAINTS not in study.user_attrs:
+        study.set_user_attr(STUDY_ATTR_CONSTRAINTS, bounds_of(prepared.config))
+    if STUDY_ATTR_BASE not in study.user_attrs:
+        base = measure_base(prepared.config, prepared.task)
+        if base is not None:
+            study.set_user_attr(STUDY_ATTR_BASE, base)

@@ -34,6 +34,9 @@ STUDY_ATTR_FINGERPRINT = "space_fingerprint"
 STUDY_ATTR_OBJECTIVES = "objectives"
 STUDY_ATTR_EVALUATION = "evaluation"
 STUDY_ATTR_TASK = "task"
+STUDY_ATTR_CONSTRAINTS = "constraint_bounds"  # name -> bound the trials were judged with (search.study_change)
+STUDY_ATTR_BASE = "base"                # the unpruned model's metrics (search.baseline)
+STUDY_ATTR_N_TRIALS = "n_trials"        # the trial budget the latest run was given
 # Evaluation settings that may change between runs of one study (they do not change results).
 _VOLATILE_SETTINGS = ("threads",)
 

@@ -61,6 +61,8 @@ BAD = [
     ("different-objectives", "seed = 0", 'seed = 0\nobjectives = ["accuracy", "params"]', []),
     ("different-evaluation", "calibration_samples = 32", "calibration_samples = 16", []),
     ("different-seed-flag", "", "", ["--seed", "3"]),
+    ("different-constraint", "max_flops_ratio = 0.7", "max_flops_ratio = 0.9", []),
+    ("added-constraint", "max_flops_ratio = 0.7", "max_flops_ratio = 0.7\nmax_params_ratio = 0.9", []),
 ]
 
 
@@ -139,6 +141,7 @@ def test_run_prints_the_pareto_table_and_status_reports(tmp_path, capsys, monkey
     assert "16/16 trials finished (2 new" in capsys.readouterr().out
     assert main(["status", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "16 finished of n_trials 14" in out
+    # the budget the latest run was given, and the config's: not "16 finished of n_trials 14"
+    assert "16 finished of n_trials 16 (the latest run's --n-trials; [study] n_trials is 14)" in out
     for name in ("random", "genetic", "COMPLETE", "fid:cheap", "fid:full", "Pareto front"):
         assert name in out

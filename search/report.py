@@ -1,0 +1,72 @@
+"""What ``prunesearch run`` and ``status`` print: the budget line, trials by state, the
+Pareto table with the unpruned base model as its first row and each trial's accuracy drop."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from search.baseline import format_base
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    return lines + ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+
+
+def _num(value: Any, fmt: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value / scale, fmt)
+
+
+def format_front(front: Sequence[Any], objectives: Sequence[str], base: Mapping[str, Any] | None = None) -> str:
+    """The Pareto table: the unpruned base model (when known), then one row per trial on the
+    feasible full-fidelity front with its accuracy drop against the base."""
+    if not front:
+        empty = "Pareto front: empty (no feasible full-fidelity trial yet)"
+        return empty if base is None else f"{empty}; unpruned base: {format_base(base)}"
+    latency = "latency_ms" in objectives
+    head = ["trial", "searcher", "gen", "accuracy", "acc_drop", "flops_ratio", "params_ratio", "MFLOPs"]
+    head += ["latency_ms"] if latency else []
+    rows = []
+    if base is not None:
+        rows.append(["base", "(unpruned)", "-", _num(base.get("accuracy"), ".4f"), "-", "1.0000", "1.0000",
+                     _num(base.get("flops"), ".3f", 1e6)] + ([_num(base.get("latency_ms"), ".3f")] if latency else []))
+    for r in front:
+        m = r.metrics
+        drop = base["accuracy"] - m.accuracy if base is not None and m.accuracy is not None else None
+        row = [str(r.number), r.searcher, str(r.generation), _num(m.accuracy, ".4f"), _num(drop, "+.4f"),
+               _num(m.flops_ratio, ".4f"), _num(m.params_ratio, ".4f"), _num(m.flops, ".3f", 1e6)]
+        rows.append(row + ([_num(m.latency_ms, ".3f")] if latency else []))
+    title = f"Pareto front ({len(front)} trial{'s' if len(front) != 1 else ''}, feasible, full fidelity"
+    title += "; acc_drop = base accuracy - trial accuracy):" if base is not None else "):"
+    return "\n".join([title, *_table(head, rows)])
+
+
+def format_states(records: Sequence[Any]) -> str:
+    """Trials by searcher (rows) and state/fidelity (columns)."""
+    counts = Counter((r.searcher, r.state.name) for r in records)
+    fidelity = Counter((r.searcher, r.fidelity) for r in records)
+    states = sorted({s for _, s in counts})
+    searchers = sorted({n for n, _ in counts})
+    fids = sorted({f for _, f in fidelity})
+    head = ["searcher", *states, *(f"fid:{f}" for f in fids), "total"]
+    rows = [[n, *(str(counts[(n, s)]) for s in states), *(str(fidelity[(n, f)]) for f in fids),
+             str(sum(counts[(n, s)] for s in states))] for n in searchers]
+    rows.append(["all", *(str(sum(counts[(n, s)] for n in searchers)) for s in states),
+                 *(str(sum(fidelity[(n, f)] for n in searchers)) for f in fids), str(len(records))])
+    return "\n".join(_table(head, rows))
+
+
+def format_budget(finished: int, configured: int | None, asked: int | None) -> str:
+    """``"40 finished of n_trials 40 (...)"``: the budget the latest run was given, and the
+    config's when a run's ``--n-trials`` changed it."""
+    budget = asked if asked is not None else configured
+    if budget is None:
+        return f"{finished} finished (no trial budget: timeout_s only)"
+    text = f"{finished} finished of n_trials {budget}"
+    if configured != budget:
+        text += (f" (the latest run's --n-trials; [study] n_trials is {configured})" if configured is not None
+                 else " (the latest run's --n-trials; [study] sets no n_trials)")
+    return text
