@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from spaces.units import BlockCount, block_counts, counts_match, set_counts, unit_channels, unit_of
+from spaces.units import HEAD_ATTR, BlockCount, block_counts, counts_match, set_counts, unit_channels, unit_of
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,17 @@ def kept_as_asked(modules: dict[str, nn.Module], group: ChannelGroup, kept_units
     """Whether ``group``'s root and counting attributes show ``kept_units`` units."""
     width = kept_units * group.unit
     return out_channels(modules[group.name]) == width and counts_match(group.counts, modules, width)
+
+
+def check_keeps_a_head(groups: Iterable[ChannelGroup], ratio: float, name: str = "ratio") -> None:
+    """``ValueError`` when remaining ``ratio`` would keep no unit of a group of attention
+    heads (kept units are ``round(ratio * units)``, as ``spaces.space.kept_channels`` rounds):
+    an attention layer cannot lose its last head. Channel and GroupNorm groups are clamped to
+    one unit instead, as they always were."""
+    for g in groups:
+        if any(c.attr == HEAD_ATTR for c in g.counts) and round(ratio * g.channels) < 1:
+            raise ValueError(f"{name} {ratio:g} keeps no head of group {g.name!r} ({g.channels} units of whole heads): "
+                             f"{name} must be > {0.5 / g.channels:g}")
 
 
 def _candidate(graph: tp.DependencyGraph, group, names: dict[nn.Module, str],

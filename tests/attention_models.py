@@ -8,6 +8,8 @@ group sizes, one on a residual add.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -96,3 +98,23 @@ class GroupNormNet(nn.Module):
         x = torch.relu(self.gn2(self.conv2(x)))
         x = x + torch.relu(self.gn3(self.conv3(x)))
         return self.fc(x.mean(dim=(2, 3)))
+
+
+def tiny_attention_task(seed: int = 0, samples: int = 32, heads: int = 2):
+    """A task plugin over an untrained ``MHAViT`` (``heads`` heads of ``32 // heads``) on
+    random tokens (``[task] name = "tests.attention_models:tiny_attention_task"``). With two
+    heads, the tiny study's ``ratio_min = 0.2`` would keep no head."""
+    from evaluators.tasks import Task
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    build = functools.partial(MHAViT, heads=heads)
+    model = build()
+    x = torch.randn(3 * samples, TOKENS, PATCH, generator=gen)
+    y = torch.randint(0, 10, (3 * samples,), generator=gen)
+    return Task(
+        name="tiny-attention", build_model=build,
+        train=(x[:samples], y[:samples]), calibration=(x[samples:2 * samples], y[samples:2 * samples]),
+        validation=(x[2 * samples:], y[2 * samples:]), example_inputs=x[:1].clone(), num_classes=10,
+        base_state={k: v.clone() for k, v in model.state_dict().items()}, config={"seed": seed, "samples": samples, "heads": heads},
+    )
