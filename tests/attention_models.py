@@ -118,3 +118,19 @@ def tiny_attention_task(seed: int = 0, samples: int = 32, heads: int = 2):
         validation=(x[2 * samples:], y[2 * samples:]), example_inputs=x[:1].clone(), num_classes=10,
         base_state={k: v.clone() for k, v in model.state_dict().items()}, config={"seed": seed, "samples": samples, "heads": heads},
     )
+
+
+class CrossAttention(nn.Module):
+    """``nn.MultiheadAttention`` attending from one projection of the input to another
+    (``kdim``/``vdim`` different from ``embed_dim`` with ``kv_dim``), then an MLP."""
+
+    def __init__(self, bias: bool = True, add_bias_kv: bool = False, kv_dim: int | None = None):
+        super().__init__()
+        self.query, self.memory = nn.Linear(PATCH, 32), nn.Linear(PATCH, kv_dim or 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True, bias=bias, add_bias_kv=add_bias_kv,
+                                          kdim=kv_dim, vdim=kv_dim)
+        self.mid, self.head = nn.Linear(32, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.memory(x)
+        return self.head(torch.relu(self.mid(self.attn(self.query(x), m, m, need_weights=False)[0])).mean(dim=1))

@@ -5,6 +5,8 @@ asked heads and widths, and cost what the space predicts (FLOPs and params, exac
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from spaces.cost import count_cost
 from spaces.groups import out_channels
 from spaces.policy import Policy
 from spaces.space import SearchSpace
-from tests.attention_models import MHAViT, QKVViT, tokens_input
+from tests.attention_models import CrossAttention, MHAViT, QKVViT, tokens_input
 
 MODELS = {
     "mha": lambda: MHAViT(),
@@ -133,3 +135,26 @@ def test_a_policy_rebuilds_for_export_and_reloads_its_weights(name):
     rebuilt.load_state_dict(pruned.state_dict())
     assert heads_of(rebuilt) == heads_of(pruned)
     assert torch.allclose(rebuilt.eval()(example), pruned(example))
+
+
+@pytest.mark.parametrize("options", [{"bias": False}, {"add_bias_kv": True}], ids=["no-bias", "bias-kv"])
+def test_multihead_attention_options_are_costed_exactly(options):
+    model, example = CrossAttention(**options).eval(), tokens_input()
+    space = SearchSpace.from_model(model, example, ratio_min=0.25)
+    heads = [g for g in space.groups if g.counts]
+    assert len(heads) == 1 and {"query", "memory", "attn"} <= set(heads[0].members)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        policy = space.sample(rng)
+        pruned = apply_policy(model, policy, example, groups=space.groups)
+        assert pruned.attn.num_heads == space.kept(policy)[heads[0].name]
+        assert space.predict_cost(policy) == count_cost(pruned, example)
+
+
+def test_multihead_attention_with_its_own_key_width_is_left_out_with_a_reason(caplog):
+    model = CrossAttention(kv_dim=24).eval()
+    with caplog.at_level(logging.INFO, logger="spaces.groups"):
+        space = SearchSpace.from_model(model, tokens_input())
+    assert not any(g.counts for g in space.groups)  # torch_pruning cannot prune a kdim != embed_dim layer
+    assert "channel group 'memory' excluded: pruning it raised" in caplog.text
+    assert space.base_cost == count_cost(model, tokens_input())
