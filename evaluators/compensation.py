@@ -29,6 +29,7 @@ accuracy against adaptive BN are measured by ``benchmarks/methods.py``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -234,7 +235,7 @@ def _base_targets(base, calibration, layers, config):
         def hook(mod, inputs, output, name=name, rows=rows):
             positions = max(1, output[0].numel() // output.shape[1 if isinstance(mod, nn.Conv2d) else -1])
             take = min(len(output), math.ceil(per_batch / positions))
-            idx = torch.randperm(len(output), generator=gen)[:take].sort().values
+            idx = torch.randperm(len(output), generator=gen)[:take].sort().values.to(output.device)
             picks[name].append(idx)
             targets[name].append(_output_rows(mod, output[idx])[:, rows].float())
         handles.append(ref.register_forward_hook(hook))
@@ -263,12 +264,12 @@ def _collect(pruned, calibration, layers, targets, picks, replay, record):
             b = batch[0]
             x = _input_rows(mod, inputs[0][picks[name][b]])
             if mod.bias is not None:
-                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
             y = targets[name][b]
             acc = normals.get(name)
             if acc is None:
-                acc = normals[name] = _Normal(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64),
-                                              torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64))
+                zeros = functools.partial(torch.zeros, dtype=torch.float64, device=x.device)
+                acc = normals[name] = _Normal(zeros(x.shape[1], x.shape[1]), zeros(x.shape[1], y.shape[1]))
             # float32 products (fast), float64 sums (the normal equations are then solved in float64)
             acc.xtx += (x.T @ x).double()
             acc.xty += (x.T @ y).double()
@@ -319,7 +320,7 @@ def _fit(layer, normal: _Normal | None, entry: LayerReport, config: CaPConfig) -
     d = module.weight[0].numel()
     diag = torch.diagonal(normal.xtx)[:d]
     lam = config.ridge * float(diag.mean()) if float(diag.mean()) > 0 else config.ridge
-    penalty = torch.zeros(normal.xtx.shape[0], dtype=normal.xtx.dtype)
+    penalty = torch.zeros(normal.xtx.shape[0], dtype=normal.xtx.dtype, device=normal.xtx.device)
     penalty[:d] = max(lam, 1e-12)  # a tiny floor keeps dead (all-zero) inputs solvable
     try:
         w = torch.linalg.solve(normal.xtx + torch.diag(penalty), normal.xty)

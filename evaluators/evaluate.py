@@ -1,4 +1,10 @@
-"""evaluate: one policy -> Metrics, in this process (``build_pruned`` -> measure)."""
+"""evaluate: one policy -> Metrics, in this process (``build_pruned`` -> measure).
+
+Everything runs on ``settings.device`` (``evaluators.devices``): the base model is moved
+there once (a copy when the caller's lives elsewhere), the pruned model is built, measured
+and timed there. FLOPs/params are counted by ``spaces.cost.count_cost`` on the model where
+it is (the counter works on any device; the counts do not depend on it).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import torch.nn as nn
 
 from evaluators import timing
 from evaluators.build import build_pruned
+from evaluators.devices import model_device, on_device, placed, resolve_device, to_device
 from evaluators.measure import model_cost, top1_accuracy
 from evaluators.metrics import Metrics
 from evaluators.settings import EvalSettings
@@ -34,7 +41,8 @@ def _measure(
     timings: dict[str, float],
 ) -> dict[str, float | None]:
     start = time.perf_counter()
-    accuracy = top1_accuracy(model, validation_batches(task, settings))
+    device = model_device(model)
+    accuracy = top1_accuracy(model, validation_batches(task, settings))  # batches moved to the model's device
     timings["accuracy"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -44,7 +52,7 @@ def _measure(
     latency = ratio = None
     if settings.measure_latency:
         start = time.perf_counter()
-        inputs = timing.latency_inputs(task.example_inputs, settings.latency.batch)
+        inputs = to_device(timing.latency_inputs(task.example_inputs, settings.latency.batch), device)
         # timed alternately with the unpruned model: the ratio is free of the machine's drifts
         latency, base_ms = timing.measure_paired_ms(model, base, inputs, rounds=settings.latency.runs,
                                                     warmup=settings.latency.warmup, threads=settings.threads)
@@ -75,17 +83,20 @@ def evaluate(
 
     Never raises for a bad or failing policy: returns ``Metrics.failure``. ``groups``,
     ``base_model`` (unpruned, never modified) and ``base_cost`` are computed when not
-    given; pass them when evaluating many policies. Deterministic given ``settings.seed``
-    (torch threads are fixed to ``settings.threads`` for the call; see ``build_pruned``).
+    given; pass them when evaluating many policies (``base_model`` already on
+    ``settings.device`` saves a copy per call). Deterministic given ``settings.seed`` on
+    the CPU (torch threads are fixed to ``settings.threads`` for the call; see
+    ``build_pruned``); CUDA kernels need not be bit-for-bit deterministic.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
     try:
+        device = resolve_device(settings.device)
         # fork_rng: building the base model must not change the caller's random stream.
         with timing.torch_threads(settings.threads), torch.random.fork_rng(devices=[]):
-            base = base_model if base_model is not None else task.base_model()
+            base = placed(base_model, device) if base_model is not None else task.base_model().to(device)
             if groups is None:
-                groups = discover_groups(base, task.example_inputs)
+                groups = discover_groups(base, to_device(task.example_inputs, device))
             if base_cost is None:
                 base_cost = model_cost(base, task.example_inputs)
             pruned = build_pruned(policy, task, settings, groups=groups, round_to=round_to, base=base, timings=timings)
@@ -101,12 +112,14 @@ def evaluate(
 def evaluate_model(model: nn.Module, task: Task, settings: EvalSettings = _DEFAULT_SETTINGS) -> Metrics:
     """Measure an already pruned (and recovered) ``model`` as ``evaluate`` would.
 
-    Raises on failure (the caller holds a concrete model, e.g. during export).
+    Raises on failure (the caller holds a concrete model, e.g. during export). ``model`` is
+    measured on ``settings.device`` and handed back on the device it was given on.
     """
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    with timing.torch_threads(settings.threads):
-        base = task.base_model()
+    device = resolve_device(settings.device)
+    with timing.torch_threads(settings.threads), on_device(model, device):  # ``model`` comes back where it was
+        base = task.base_model().to(device)
         base_cost = model_cost(base, task.example_inputs)
         values = _measure(model, task, settings, base, base_cost, timings)
     return Metrics(**values, eval_seconds=time.perf_counter() - start, fidelity=settings.fidelity, timings=timings)

@@ -233,15 +233,15 @@ class _TaylorBase(Importance):
             pairs = [(int(m), int(r)) for m, r in zip(idxs, group[i].root_idxs) if r is not None]
             if not pairs:
                 continue
-            member, root = (torch.tensor(t) for t in zip(*pairs))
-            if z is None:
-                z = torch.zeros(values.shape[0], n, dtype=torch.float64)
+            member, root = (torch.tensor(t, device=values.device) for t in zip(*pairs))
+            if z is None:  # on the statistics' device (the model's)
+                z = torch.zeros(values.shape[0], n, dtype=torch.float64, device=values.device)
             z.index_add_(1, root, values[:, member])
         return z
 
     @staticmethod
     def _reduce(z: torch.Tensor) -> torch.Tensor:
-        return z.pow(2).mean(0).float()
+        return z.pow(2).mean(0).float().cpu()
 
 
 @register_importance("taylor", needs_calibration=True)

@@ -14,6 +14,10 @@ between two of them, and watches three failure modes without ever raising:
   The clock of an evaluation starts when the driver sees it become the one its actor
   runs (never before the actor is up), and is checked while ``results()`` waits.
 
+GPUs: with ``gpus_per_worker`` > 0 each actor asks Ray for that many GPUs (``num_gpus``;
+0.5 puts two actors on one GPU), Ray makes exactly those visible to it, and the actor keeps
+its base model on ``settings.device`` (``"auto"``/``"cuda"``: the GPU Ray gave it).
+
 Works on a local ``ray.init`` and on an existing cluster (``ray_address`` / ``RAY_ADDRESS``);
 on a cluster the ``spaces``/``evaluators`` packages must be importable by the workers
 (installed, or shipped with ``ray job submit --working-dir``).
@@ -31,6 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evaluators.metrics import Metrics
+from evaluators.ray_cluster import (  # noqa: F401 (check_cluster_cpus, ensure_ray: public here too)
+    check_cluster_cpus,
+    check_cluster_gpus,
+    check_gpus_per_worker,
+    ensure_ray,
+)
 from evaluators.settings import EvalSettings
 from evaluators.tasks import Task
 from evaluators.timing import keep_freed_memory
@@ -52,54 +62,18 @@ def _check_timeout(timeout_s: Any) -> None:
             raise ValueError(f"timeout_s must be None or a number > 0, got {timeout_s!r}") from None
 
 
-def ensure_ray(address: str | None, num_cpus: int | None) -> None:
-    """``ray.init`` unless Ray is already initialised in this process.
-
-    ``address`` (or the ``RAY_ADDRESS`` environment variable) joins an existing cluster;
-    otherwise a local instance with ``num_cpus`` CPUs is started.
-    """
-    if num_cpus is not None:
-        check_int("num_cpus", num_cpus, 1)
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, configure_logging=False)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(configure_logging=False)  # Ray reads RAY_ADDRESS itself (e.g. under `ray job submit`)
-    else:
-        # Ray starts worker processes at nice 15 by default (to keep its own daemons
-        # responsive); the evaluations *are* this job's work, and on a shared machine
-        # niced workers starve behind any other process. Run them at normal priority.
-        ray.init(
-            num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
-            _system_config={"worker_niceness": 0},
+def _warn_short(resources: dict, workers: int, threads_per_worker: int, gpus_per_worker: float) -> None:
+    """Log when some actors will wait for CPUs or GPUs; ``ValueError`` when none could ever get
+    its GPUs (``check_cluster_gpus``)."""
+    available = resources.get("CPU", 0)
+    if workers * threads_per_worker > available:
+        log.warning(
+            "pool asks for %d CPUs (%d workers x %d threads) but the Ray cluster has %g; "
+            "some workers will wait for resources", workers * threads_per_worker, workers, threads_per_worker, available,
         )
-
-
-def check_cluster_cpus(total: float, workers: int, threads_per_worker: int,
-                       tasks: dict[str, tuple[int, int]]) -> str | None:
-    """Whether ``total`` Ray CPUs can run the pool's actors and other Ray tasks of the run.
-
-    ``tasks`` maps who runs them (e.g. ``"searcher 'masking'"``) to ``(tasks at once, CPUs
-    each)``. The actors that fit hold their CPUs for the pool's lifetime, so a task needing
-    more CPUs than they leave free could never be scheduled: ``ValueError``. When the CPUs
-    cover each task but not everything at once, a warning line is returned (work then
-    queues); ``None`` when they cover it all. CPUs are counted over the whole cluster.
-    """
-    held = min(workers, int(total // threads_per_worker)) * threads_per_worker
-    free = total - held
-    for who, (count, cpus) in tasks.items():
-        if count > 0 and cpus > free:
-            raise ValueError(
-                f"{who} runs Ray tasks of {cpus} CPU(s), but the evaluation workers ({workers} x "
-                f"{threads_per_worker} thread(s)) hold {held:g} of the Ray cluster's {total:g} CPUs: lower "
-                f"[study] workers or threads_per_worker, or give the cluster more CPUs"
-            )
-    need = workers * threads_per_worker + sum(count * cpus for count, cpus in tasks.values())
-    return (f"the run asks for {need} Ray CPUs (evaluation workers and searchers' tasks) but the Ray "
-            f"cluster has {total:g}; some of that work will queue") if need > total else None
+    short = check_cluster_gpus(float(resources.get("GPU", 0)), workers, gpus_per_worker)
+    if short:
+        log.warning(short)
 
 
 class EvalWorker:
@@ -124,9 +98,20 @@ class EvalWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def gpu_ids(self) -> list:
+        """The GPU ids Ray gave this actor (empty without ``num_gpus``)."""
+        import ray
+
+        return list(ray.get_gpu_ids())
+
     def evaluate(self, policy: Policy, settings: EvalSettings) -> Metrics:
+        from evaluators.devices import resolve_device
         from evaluators.evaluate import evaluate
 
+        try:  # the base model moves to the evaluation's device once, not per evaluation
+            self.base.to(resolve_device(settings.device))
+        except ValueError:  # no such device here: evaluate() reports it as this policy's failure
+            pass
         return evaluate(
             policy, self.task, settings, groups=self.groups, round_to=self.round_to,
             base_model=self.base, base_cost=self.base_cost,
@@ -162,7 +147,8 @@ class _Slot:
 class EvaluatorPool:
     """Ray actors evaluating policies; ``submit`` then collect with ``results``. A local Ray it
     starts gets ``ray_cpus`` CPUs (default ``workers * threads_per_worker``; more leaves room
-    for the run's other Ray tasks, e.g. a searcher's training runs)."""
+    for the run's other Ray tasks, e.g. a searcher's training runs) and ``ray_gpus`` GPUs
+    when given. Each actor asks for ``gpus_per_worker`` GPUs (default 0)."""
 
     def __init__(
         self,
@@ -178,6 +164,8 @@ class EvaluatorPool:
         window: int = 2,
         ray_address: str | None = None,
         ray_cpus: int | None = None,
+        gpus_per_worker: float = 0.0,
+        ray_gpus: int | None = None,
     ):
         if not isinstance(task, Task):
             raise ValueError(f"task must be an evaluators.tasks.Task, got {type(task).__name__}")
@@ -190,6 +178,7 @@ class EvaluatorPool:
         check_int("window", window, 1)
         check_int("max_retries", max_retries, 0)
         _check_timeout(timeout_s)
+        self.gpus_per_worker = check_gpus_per_worker("gpus_per_worker", gpus_per_worker)
         if not isinstance(settings, EvalSettings):
             raise ValueError(f"settings must be EvalSettings, got {type(settings).__name__}")
 
@@ -197,7 +186,7 @@ class EvaluatorPool:
 
         from evaluators.measure import model_cost
 
-        ensure_ray(ray_address, ray_cpus if ray_cpus is not None else workers * threads_per_worker)
+        ensure_ray(ray_address, ray_cpus if ray_cpus is not None else workers * threads_per_worker, ray_gpus)
         self._ray = ray
         self.workers = workers
         self.threads_per_worker = threads_per_worker
@@ -206,12 +195,7 @@ class EvaluatorPool:
         self.max_retries = max_retries
         self.settings = settings
         self.restarts = 0
-        available = ray.cluster_resources().get("CPU", 0)
-        if workers * threads_per_worker > available:
-            log.warning(
-                "pool asks for %d CPUs (%d workers x %d threads) but the Ray cluster has %g; "
-                "some workers will wait for resources", workers * threads_per_worker, workers, threads_per_worker, available,
-            )
+        _warn_short(ray.cluster_resources(), workers, threads_per_worker, self.gpus_per_worker)
         # Data and weights go into the object store once; every (re)started actor reads them there.
         self._task_ref = ray.put(task)
         self._groups_ref = ray.put(groups)
@@ -226,7 +210,7 @@ class EvaluatorPool:
     # -- actors ---------------------------------------------------------------------------
     def _new_slot(self, index: int) -> _Slot:
         actor = _remote_worker_class().options(
-            num_cpus=self.threads_per_worker, max_restarts=0, max_concurrency=1
+            num_cpus=self.threads_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0, max_concurrency=1
         ).remote(self._task_ref, self._groups_ref, self._round_to, self.threads_per_worker, self._base_cost)
         # Asked first, so it is answered as soon as the actor is up (ahead of evaluations).
         return _Slot(index=index, actor=actor, pid_ref=actor.pid.remote())
@@ -250,6 +234,11 @@ class EvaluatorPool:
         """Process ids of the current actors (waits until they have started)."""
         self._check_open()
         return [int(pid) for pid in self._ray.get([s.pid_ref for s in self._slots])]
+
+    def worker_gpu_ids(self) -> list[list]:
+        """The GPU ids Ray gave each current actor, in worker order (waits until they started)."""
+        self._check_open()
+        return [list(ids) for ids in self._ray.get([s.actor.gpu_ids.remote() for s in self._slots])]
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until every actor has started (useful before timing); ``TimeoutError`` after ``timeout`` s."""

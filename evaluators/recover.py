@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evaluators.batch import Batch
+from evaluators.devices import model_device, placed, resolve_device, to_device
 from evaluators.losses import kd_loss
 from spaces.registry import Registry
 
@@ -63,12 +64,19 @@ def recover(
     settings: "EvalSettings",
     calibration: Sequence[Batch],
 ) -> nn.Module:
-    """Apply recovery ``name`` to ``pruned`` (may modify it in place) and return it in eval mode."""
+    """Apply recovery ``name`` to ``pruned`` (may modify it in place) and return it in eval mode.
+
+    The recovery runs on ``settings.device``: ``pruned``, a copy of ``base`` (when it lives
+    elsewhere) and the calibration batches are moved there; the result comes back on
+    ``pruned``'s device."""
     fn = RECOVERIES.get(name)
-    model = fn(pruned, base=base, task=task, settings=settings, calibration=list(calibration))
+    device = resolve_device(settings.device)
+    home = model_device(pruned)
+    model = fn(pruned.to(device), base=placed(base, device), task=task, settings=settings,
+               calibration=to_device(list(calibration), device))
     if not isinstance(model, nn.Module):
         raise ValueError(f"recovery {name!r} returned {type(model).__name__}, not an nn.Module")
-    return model.eval()
+    return model.to(home).eval()
 
 
 # -- built-ins ------------------------------------------------------------------------------
@@ -103,9 +111,10 @@ def recalibrate_bn(model: nn.Module, batches: Sequence[Batch]) -> nn.Module:
         bn.momentum = None
         bn.train()
     try:
+        device = model_device(model)
         with torch.no_grad():
             for x, _ in batches:
-                model(x)
+                model(to_device(x, device))
     finally:
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
@@ -131,11 +140,12 @@ def finetune(pruned, *, base, task, settings, calibration) -> nn.Module:
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     generator = torch.Generator().manual_seed(settings.seed)
     x_all, y_all = task.train
+    device = model_device(model)  # recover() put it on settings.device
     model.train()
     with torch.enable_grad():
         for _ in range(steps):
             idx = torch.randint(len(y_all), (min(settings.batch_size, len(y_all)),), generator=generator)
-            x, y = x_all[idx], y_all[idx]
+            x, y = x_all[idx].to(device), y_all[idx].to(device)
             out = model(x)
             loss = F.cross_entropy(out, y)
             if teacher is not None:

@@ -1,4 +1,4 @@
-"""EvalSettings: how one policy is evaluated (recovery, data budget, latency, threads, seed)."""
+"""EvalSettings: how one policy is evaluated (recovery, data budget, latency, threads, device, seed)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from evaluators.devices import check_device
 from evaluators.latency_table import MOVED_KEYS, LatencyConfig
 from spaces.checks import check_bool, check_int, check_number, check_str
 
@@ -20,6 +21,10 @@ class EvalSettings:
     and compensation receive the same batches. With ``measure_latency`` every evaluation
     times the pruned model against the unpruned one with ``latency``'s batch, runs and
     warmup (the study's ``[latency]`` table).
+
+    ``device`` (``evaluators.devices``): where pruning, recovery, measurement and timing
+    run; ``"auto"`` is CUDA when the evaluating process sees a GPU. Only the name is
+    checked here; whether the device exists is checked where the work runs.
     """
 
     recovery: str = "adaptive_bn"      # a name in the recovery registry
@@ -34,6 +39,7 @@ class EvalSettings:
     measure_latency: bool = False
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     threads: int = 1
+    device: str = "auto"               # "auto" | "cpu" | "cuda" | "cuda:N"
     seed: int = 0
     fidelity: str = "full"             # copied into Metrics.fidelity (e.g. "cheap" for GA step 1)
 
@@ -59,6 +65,7 @@ class EvalSettings:
         if not isinstance(self.latency, LatencyConfig):
             raise ValueError(f"latency must be a LatencyConfig, got {self.latency!r}")
         check_int("threads", self.threads, 1)
+        check_device("device", self.device)
         check_int("seed", self.seed, 0)
         check_str("fidelity", self.fidelity)
 

@@ -127,8 +127,8 @@ class ChannelMask:
         def hook(module, inputs, output):
             if not isinstance(output, torch.Tensor):
                 return output
-            full = torch.ones(output.shape[producer.dim], dtype=output.dtype)
-            full[producer.member_idxs] = self.mask[producer.root_idxs].to(output.dtype)
+            full = torch.ones(output.shape[producer.dim], dtype=output.dtype, device=output.device)
+            full[producer.member_idxs.to(output.device)] = self.mask[producer.root_idxs].to(output.device, output.dtype)
             shape = [1] * output.dim()
             shape[producer.dim] = -1
             return output * full.view(shape)

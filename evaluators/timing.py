@@ -1,8 +1,13 @@
-"""CPU timing of models: fixed intra-op threads, a steady allocator, plain and paired timing.
+"""Timing of models: fixed intra-op threads, a steady allocator, plain and paired timing.
 
 FLOPs do not predict speed well (memory-bound layers, kernel choices, odd channel counts),
 so latency is measured. Paired timing (``measure_paired_ms``) times two models alternately
 so both see the same state of the machine; their ratio is steadier than either latency.
+
+A model is timed where it is: on the CPU with ``time.perf_counter`` around each forward
+pass; on a GPU with a pair of ``torch.cuda.Event`` recorded around it after a
+``torch.cuda.synchronize`` (kernels run asynchronously, so wall time around the call
+would measure only their launch). ``inputs`` must be on the model's device.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from evaluators.devices import model_device, synchronize
 from spaces.checks import check_int
 from spaces.groups import forward
 
@@ -65,6 +71,21 @@ def torch_threads(threads: int) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
+def forward_ms(model: nn.Module, inputs: Any, device: torch.device) -> float:
+    """Milliseconds of one forward pass of ``model`` on ``device`` (CUDA: event timing)."""
+    if device.type == "cuda":
+        synchronize(device)  # nothing queued before the pass is counted in it
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        forward(model, inputs)
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+    start_s = time.perf_counter()
+    forward(model, inputs)
+    return (time.perf_counter() - start_s) * 1000.0
+
+
 def measure_latency_ms(model: nn.Module, inputs: Any, *, runs: int = 20, warmup: int = 3, threads: int = 1,
                        statistic: str = "median") -> float:
     """Median (or ``statistic="min"``) wall time (ms) of ``runs`` forward passes after ``warmup`` untimed ones."""
@@ -73,14 +94,11 @@ def measure_latency_ms(model: nn.Module, inputs: Any, *, runs: int = 20, warmup:
     keep_freed_memory()
     was_training = model.training
     model.eval()
-    times = []
+    device = model_device(model)
     with torch_threads(threads), torch.inference_mode():
         for _ in range(warmup):
             forward(model, inputs)
-        for _ in range(runs):
-            start = time.perf_counter()
-            forward(model, inputs)
-            times.append((time.perf_counter() - start) * 1000.0)
+        times = [forward_ms(model, inputs, device) for _ in range(runs)]
     model.train(was_training)
     return min(times) if statistic == "min" else statistics.median(times)
 
@@ -99,6 +117,9 @@ def measure_paired_ms(model: nn.Module, reference: nn.Module, inputs: Any, *, ro
     check_int("latency rounds", rounds, 1)
     keep_freed_memory()
     models = (model.eval(), reference.eval())
+    device = model_device(model)
+    if model_device(reference) != device:
+        raise ValueError(f"paired timing needs both models on one device, got {device} and {model_device(reference)}")
     ratios, reference_ms = [], math.inf
     with torch_threads(threads), torch.inference_mode():
         for m in models:
@@ -107,15 +128,13 @@ def measure_paired_ms(model: nn.Module, reference: nn.Module, inputs: Any, *, ro
         for r in range(rounds):
             pair = [0.0, 0.0]
             for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-                start = time.perf_counter()
-                forward(models[i], inputs)
-                pair[i] = (time.perf_counter() - start) * 1000.0
+                pair[i] = forward_ms(models[i], inputs, device)
             ratios.append(pair[0] / pair[1])
             reference_ms = min(reference_ms, pair[1])
     return statistics.median(ratios) * reference_ms, reference_ms
 
 
 def latency_inputs(example_inputs: torch.Tensor, batch: int) -> torch.Tensor:
-    """A batch of ``batch`` copies of the one-sample ``example_inputs``."""
+    """A batch of ``batch`` copies of the one-sample ``example_inputs`` (on its device)."""
     check_int("latency batch", batch, 1)
     return example_inputs.expand(batch, *example_inputs.shape[1:]).contiguous()

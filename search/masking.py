@@ -100,6 +100,7 @@ class MaskingSearcher(Searcher):
     """Dynamic channel masking (Li et al. 2020): learnable ratios under a FLOPs-aware loss."""
 
     Options = MaskingOptions
+    gpus_per_task = 0.0  # Ray num_gpus of each masking run's task
 
     def __init__(self, context: SearcherContext, options: MaskingOptions | None = None) -> None:
         super().__init__(context, options)
@@ -130,7 +131,8 @@ class MaskingSearcher(Searcher):
             return
         if self._task_ref is None:
             self._task_ref = ray.put(self.task)
-        remote = ray.remote(num_cpus=self.options.threads, max_retries=2)(_run_streamed)
+        # num_gpus: 0 by default, since masking_core trains on the CPU (a GPU share would sit idle)
+        remote = ray.remote(num_cpus=self.options.threads, num_gpus=self.gpus_per_task, max_retries=2)(_run_streamed)
         self._launched[index] = _Launched(config, stream=remote.remote(self._task_ref, self.space, *args),
                                           launched_at=time.monotonic())
 
