@@ -6,12 +6,15 @@ space/objectives/evaluation against the config and builds the latency table; the
 ``Prepared``, is what ``search.runner``, ``search.export`` and the CLI work from.
 ``start_ray`` starts (or joins and checks) Ray with CPUs for the evaluation workers and
 every searcher's own Ray tasks, before anything is written; ``open_study`` is the first write
-of a run; ``default_pool`` starts the Ray workers.
+of a run; ``default_pool`` starts the Ray workers. ``check_device`` refuses an ``[evaluation]
+device`` naming CUDA that the run cannot have (``prepare`` on this machine; ``start_ray`` on
+the cluster, where workers with ``[study] gpus_per_worker`` get their GPUs from Ray).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -171,6 +174,7 @@ def prepare(config: StudyConfig, *, task_and_space: tuple[Any, Any] | None = Non
     from search.study_change import check_constraints
 
     spec = parse_storage(config.study.storage_url)
+    check_device(config)
     task, space = task_and_space if task_and_space is not None else load_task_and_space(config)
     check_constraints_reachable(config, space)
     watermark = build_watermark(config, space)
@@ -194,6 +198,39 @@ def ray_cpus(config: StudyConfig, searchers: Mapping[str, Searcher]) -> int:
     return s.workers * s.threads_per_worker + sum(x.ray_resources().cpus for x in searchers.values())
 
 
+def ray_gpus(config: StudyConfig) -> float:
+    """The Ray GPUs the evaluation workers hold at once (``workers * gpus_per_worker``)."""
+    return config.study.workers * config.study.gpus_per_worker
+
+
+def local_gpus(config: StudyConfig) -> int | None:
+    """GPUs a local Ray started for the run declares: ``None`` (Ray counts the machine's own)
+    unless the workers ask for GPUs on a machine without CUDA; then the whole number they
+    ask for, so their actors are scheduled (they run on the CPU: ``check_device`` refuses a
+    device naming CUDA there)."""
+    import torch
+
+    need = ray_gpus(config)
+    return math.ceil(need) if need > 0 and not torch.cuda.is_available() else None
+
+
+def check_device(config: StudyConfig, on_cluster: bool | None = None) -> None:
+    """``ConfigError`` when ``[evaluation] device`` names CUDA (or a GPU index) this machine
+    lacks. Skipped when the workers get GPUs from Ray (``gpus_per_worker`` > 0) on a cluster
+    or where it is not yet known whether the run joins one (``on_cluster`` None): the
+    cluster's GPUs are checked by ``start_ray``."""
+    from evaluators.devices import resolve_device
+
+    if config.evaluation.device in ("auto", "cpu"):
+        return
+    if config.study.gpus_per_worker > 0 and on_cluster is not False:
+        return
+    try:
+        resolve_device(config.evaluation.device)
+    except ValueError as exc:
+        raise ConfigError(f"[evaluation] {exc}") from None
+
+
 def start_ray(prepared: Prepared, ray_address: str | None = None) -> None:
     """Start local Ray with ``ray_cpus`` CPUs, or join the cluster (``ray_address``,
     ``RAY_ADDRESS``, or a Ray already initialised in this process) and check its CPUs.
@@ -202,22 +239,29 @@ def start_ray(prepared: Prepared, ray_address: str | None = None) -> None:
     evaluation workers (``evaluators.pool.check_cluster_cpus``); a warning when the cluster
     covers each task but not everything at once.
     """
+    import os
+
     import ray
 
     from evaluators.pool import check_cluster_cpus, ensure_ray
+    from evaluators.ray_cluster import check_cluster_gpus
 
     config = prepared.config
-    ensure_ray(ray_address, ray_cpus(config, prepared.searchers))
+    joined = bool(ray_address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+    check_device(config, on_cluster=joined)
+    ensure_ray(ray_address, ray_cpus(config, prepared.searchers), None if joined else local_gpus(config))
     tasks = {}
     for name, searcher in prepared.searchers.items():
         need = searcher.ray_resources()
         tasks[f"searcher {name!r}"] = (need.tasks, need.cpus_per_task)
     total = float(ray.cluster_resources().get("CPU", 0))
     try:
-        warning = check_cluster_cpus(total, config.study.workers, config.study.threads_per_worker, tasks)
+        warnings = [check_cluster_cpus(total, config.study.workers, config.study.threads_per_worker, tasks),
+                    check_cluster_gpus(float(ray.cluster_resources().get("GPU", 0)), config.study.workers,
+                                       config.study.gpus_per_worker)]
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if warning:
+    for warning in filter(None, warnings):
         log.warning(warning)
 
 
@@ -238,6 +282,8 @@ def default_pool(prepared: Prepared, ray_address: str | None = None) -> Pool:
         window=s.window,
         ray_address=ray_address,
         ray_cpus=ray_cpus(prepared.config, prepared.searchers),
+        gpus_per_worker=s.gpus_per_worker,
+        ray_gpus=local_gpus(prepared.config),
     )
 
 

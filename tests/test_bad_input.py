@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from search.cli import main
 from search.config import load_config
@@ -122,6 +123,20 @@ CASES = [
          old='kind = "random"', new='kind = "genetic"\n[searchers.options]\nheuristic_start = ["global_lamp"]'),
     Case("masking-all-targets-not-a-bool", "all_targets must be true or false, got 'yes'",
          old='kind = "random"', new='kind = "masking"\n[searchers.options]\nall_targets = "yes"'),
+    # -- devices and GPUs -----------------------------------------------------------------
+    Case("device-unknown-name", "device must be one of 'auto', 'cpu', 'cuda', 'cuda:N', got 'gpu'",
+         old="[evaluation]\n", new='[evaluation]\ndevice = "gpu"\n'),
+    Case("device-bad-index", "device must be one of 'auto', 'cpu', 'cuda', 'cuda:N', got 'cuda:-1'",
+         old="[evaluation]\n", new='[evaluation]\ndevice = "cuda:-1"\n'),
+    Case("device-index-not-here", "device 'cuda:9999'", old="[evaluation]\n", new='[evaluation]\ndevice = "cuda:9999"\n'),
+    *([Case("device-cuda-without-cuda", "device 'cuda' asks for CUDA, but CUDA is not available here",
+            old="[evaluation]\n", new='[evaluation]\ndevice = "cuda"\n')] if not torch.cuda.is_available() else []),
+    Case("gpus-per-worker-negative", "[study] gpus_per_worker must be >= 0.0, got -1", old="n_trials = 6",
+         new="n_trials = 6\ngpus_per_worker = -1"),
+    Case("gpus-per-worker-fraction-above-one", "gpus_per_worker must be a fraction below 1 or a whole number, got 1.5",
+         old="n_trials = 6", new="n_trials = 6\ngpus_per_worker = 1.5"),
+    Case("gpus-per-worker-not-a-number", "gpus_per_worker must be a finite number, got 'half'", old="n_trials = 6",
+         new='n_trials = 6\ngpus_per_worker = "half"'),
     Case("verify-missing-export-dir", "not found", ("verify", "{config}", "{tmp}/no-such-export")),
     Case("verify-not-an-export", "{tmp}/empty-dir", ("verify", "{config}", "{tmp}/empty-dir"), files={"empty-dir": None}),
 ]
