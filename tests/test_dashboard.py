@@ -64,6 +64,11 @@ def test_dashboard_serves_trials_with_user_attrs(tmp_path):
         assert len(match) == 1
         detail = get_json(f"http://127.0.0.1:{port}/api/studies/{match[0]['study_id']}", deadline, proc)
         trials = detail["trials"]
+        # the unpruned base model's metrics are on the study, for the dashboard's users too
+        study_attrs = {a["key"]: a["value"] for a in detail["user_attrs"]}
+        base = study_attrs["base"]
+        base = json.loads(base) if isinstance(base, str) else base
+        assert base["accuracy"] is not None and base["flops"] > 0
         assert len(trials) == 10
         searchers_seen = set()
         for t in trials:

@@ -145,9 +145,18 @@ def test_export_finetune_pt2_and_reexport(tiny, capsys):
     dirs = sorted(out.glob("trial-*"))
     assert dirs
     task, space = load_task_and_space(config)
+    base = evaluate_model(task.base_model(), task, config.evaluation)  # the unpruned model, measured here
+    printed = capsys.readouterr().out
+    assert f"unpruned base model: accuracy {base.accuracy:.4f}" in printed
     for d in dirs:
         info = json.loads((d / "metrics.json").read_text())
         assert info["export_finetune_steps"] == 2
+        assert info["base"]["accuracy"] == base.accuracy and info["base"]["flops"] == base.flops
+        exported = info["exported"]
+        assert info["drop"]["accuracy_drop"] == pytest.approx(base.accuracy - exported["accuracy"], abs=1e-12)
+        assert info["drop"]["flops_ratio"] == pytest.approx(exported["flops"] / base.flops)
+        assert info["drop"]["params_ratio"] == pytest.approx(exported["params"] / base.params)
+        assert f"trial-{info['trial']}: " in printed and f"drop vs base {info['drop']['accuracy_drop']:+.4f}" in printed
         assert info["remeasured"]["accuracy"] == info["recorded"]["accuracy"]
         model = load_exported(d, task, groups=space.groups)
         measured = evaluate_model(model, task, config.evaluation)

@@ -5,6 +5,9 @@ never holds a trial another feasible trial dominates."""
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
+import time
 from pathlib import Path
 
 import optuna
@@ -15,9 +18,10 @@ import search.runner
 from search.base import FULL
 from search.cli import main
 from search.config import load_config
+from search.launchers import Launcher, write_heartbeat
 from search.records import dominates, pareto_front
 from search.runner import run_study
-from search.storage import STUDY_ATTR_CONSTRAINTS, load_records, open_storage, parse_storage
+from search.storage import STUDY_ATTR_CONSTRAINTS, close_storage, load_records, open_storage, parse_storage
 from search.study_change import check_constraints
 from tests.fakes import FakePool, tiny_config
 
@@ -137,3 +141,19 @@ def test_a_study_without_stored_bounds_has_them_inferred_from_its_trials(tmp_pat
     _edit(path, "max_flops_ratio = 0.5", "max_flops_ratio = 0.6")
     assert main(["run", str(path), "--no-progress"]) == 2
     assert "max_flops_ratio 0.5 -> 0.6" in _one_error_line(capsys.readouterr().err)
+
+
+def test_rejudging_is_refused_while_another_launcher_runs_the_study(tmp_path, capsys):
+    """Re-judging rewrites the study; under a live launcher it would pull trials from under it."""
+    path = _study(tmp_path, journal=False)
+    config = load_config(path)
+    storage = open_storage(parse_storage(config.study.storage_url))
+    alive = Launcher(run_id="other", host=socket.gethostname(), pid=os.getppid(), heartbeat=time.time())
+    write_heartbeat(storage, storage.get_study_id_from_name("tiny"), alive)
+    close_storage(storage)
+    before = _digests(tmp_path)
+    _edit(path, "max_flops_ratio = 0.5", "max_flops_ratio = 0.8")
+    assert main(["run", str(path), "--no-progress", "--allow-changed-constraints"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "another launcher is running it" in line and "stop that launcher first" in line
+    assert _digests(tmp_path) == before
