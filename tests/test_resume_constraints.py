@@ -157,3 +157,26 @@ def test_rejudging_is_refused_while_another_launcher_runs_the_study(tmp_path, ca
     line = _one_error_line(capsys.readouterr().err)
     assert "another launcher is running it" in line and "stop that launcher first" in line
     assert _digests(tmp_path) == before
+
+
+CHANGES = [
+    # (what changed, config edit old -> new, extra argv, what the one line must name)
+    ("space", "ratio_min = 0.2", "ratio_min = 0.3", [], "different search space (ratio differ)"),
+    ("objectives", "seed = 0", 'seed = 0\nobjectives = ["accuracy", "params"]', [],
+     "optimises ['accuracy', 'flops'] not ['accuracy', 'params']"),
+    ("evaluation", "calibration_samples = 32", "calibration_samples = 16", [],
+     "other [evaluation] settings (calibration_samples differ)"),
+    ("seed", "", "", ["--seed", "3"], "other [evaluation] settings (seed differ)"),
+]
+
+
+@pytest.mark.parametrize("what, old, new, argv, fragment", CHANGES, ids=[c[0] for c in CHANGES])
+def test_every_other_change_is_refused_naming_it_and_how_to_go_on(tmp_path, capsys, what, old, new, argv, fragment):
+    path = _study(tmp_path, journal=True, n_trials=4)
+    before = _digests(tmp_path)
+    if old:
+        _edit(path, old, new)
+    assert main(["run", str(path), "--no-progress", *argv]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert fragment in line and "choose a new [study] name" in line
+    assert _digests(tmp_path) == before
