@@ -92,6 +92,12 @@ def in_batches(data: Batch, batch_size: int = EVAL_BATCH) -> list[Batch]:
     return list(zip(x.split(batch_size), y.split(batch_size)))
 
 
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True),
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
+}
+
+
 def train_classifier(
     model: nn.Module,
     data: Batch,
@@ -103,8 +109,10 @@ def train_classifier(
     threads: int = 1,
     augment: Augment | None = None,
     desc: str = "training",
+    optimizer: str = "sgd",
 ) -> dict[str, Tensor]:
-    """Deterministic SGD (one-cycle cosine) training; returns the state_dict."""
+    """Deterministic one-cycle training with ``optimizer`` (a name in ``OPTIMIZERS``: SGD
+    with Nesterov momentum for the CNNs, AdamW for transformers); returns the state_dict."""
     from tqdm.auto import tqdm
 
     previous = torch.get_num_threads()
@@ -114,7 +122,7 @@ def train_classifier(
         gen = torch.Generator().manual_seed(seed)
         x_all, y_all = data
         steps_per_epoch = math.ceil(len(y_all) / batch_size)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+        optimizer = OPTIMIZERS[optimizer](model.parameters(), lr)
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2
         )
@@ -191,6 +199,7 @@ def trained_task(
         model = build()
         trained = train_classifier(
             model, train, epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
+            optimizer=opts.get("optimizer", "sgd"),
             seed=opts["seed"], augment=augment, desc=f"training {name} base model",
         )
         log.info("%s base model: validation accuracy %.4f", name, top1_accuracy(model, in_batches(validation)))
