@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 
+from evaluators.prune import unit_scores
 from spaces.checks import check_int
 from spaces.groups import build_graph, root_pruning_group
 from spaces.policy import Policy
@@ -99,11 +100,12 @@ def group_scores(space: SearchSpace, model: Any, example_inputs: Any, importance
     scores = {}
     with torch.no_grad():
         for g in space.groups:
-            imp = importance(root_pruning_group(graph, modules[g.name], range(g.channels)))
+            imp = importance(root_pruning_group(graph, modules[g.name], range(g.width)))
             if imp is None:
                 raise ValueError(f"Torch-Pruning gave no importance for group {g.name!r}")
-            imp = imp.detach().float().cpu().reshape(-1, g.channels).mean(dim=0)  # channel groups averaged
-            scores[g.name] = imp.numpy().astype(np.float64)
+            imp = imp.detach().float().cpu().reshape(-1, g.width).mean(dim=0)  # channel groups averaged
+            # one score per unit (a whole head or normalisation group), on the channels' scale
+            scores[g.name] = (unit_scores(imp, g) / g.unit).numpy().astype(np.float64)
     return scores
 
 

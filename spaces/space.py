@@ -18,7 +18,7 @@ import numpy as np
 
 from spaces.checks import check_bool, check_int, check_number, check_str_list, from_mapping
 from spaces.cost import Cost, CostModel
-from spaces.groups import ChannelGroup, discover_groups
+from spaces.groups import ChannelGroup, check_keeps_a_head, discover_groups
 from spaces.policy import Policy
 
 METHOD_PARAM = "method"
@@ -111,6 +111,7 @@ class SearchSpace:
         if options:
             config = dataclasses.replace(config, **options)
         groups = discover_groups(model, example_inputs, ignored=config.ignored)
+        check_keeps_a_head(groups, config.ratio_min, "ratio_min")
         space = cls(groups=tuple(groups), config=config)
         return space.with_cost_model(CostModel.build(model, example_inputs, groups))
 
@@ -342,5 +343,6 @@ class SearchSpace:
         lines = [f"{len(self.groups)} channel groups, ratios {self.ratio_min}..{self.ratio_max} step {self.ratio_step}"]
         width = max(len(g.name) for g in self.groups)
         for g in self.groups:
-            lines.append(f"  {g.name:<{width}}  {g.channels:>5} ch  ({len(g.members)} layers)")
+            unit = f" x {g.unit}" if g.unit > 1 else ""   # heads / normalisation groups of g.unit channels
+            lines.append(f"  {g.name:<{width}}  {g.channels:>5}{unit} ch  ({len(g.members)} layers)")
         return "\n".join(lines)

@@ -83,8 +83,7 @@ CASES = [
     Case("plugin-import-raises", "cannot import module 'broken_plugin_for_tests'", old="tests.fakes:tiny_task",
          new="broken_plugin_for_tests:make", files={"plugins/broken_plugin_for_tests.py": "raise RuntimeError('boom')\n"}),
     Case("space-head-ratio-keeps-no-head", "ratio_min 0.2 keeps no head of group 'blocks.1.fc2'",
-         old="tests.fakes:tiny_task", new="tests.attention_models:tiny_attention_task",
-         xfail="spaces/space.py does not call spaces.groups.check_keeps_a_head(groups, ratio_min) yet"),
+         old="tests.fakes:tiny_task", new="tests.attention_models:tiny_attention_task"),
     # -- storage URLs -------------------------------------------------------------------------
     Case("storage-unknown-dialect", "unknown database dialect 'nosuchdb'", ("run", "{config}", "--storage", "nosuchdb://u@h/db")),
     Case("storage-missing-driver", "needs the database driver", ("run", "{config}", "--storage", "mysql://u@localhost/db")),

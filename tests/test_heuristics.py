@@ -218,3 +218,39 @@ def test_the_genetic_searcher_seeds_its_first_generation(space, task):
     assert len(starts) == 3
     assert [p.policy for p in done[:3]] == starts and all(p.generation == 0 for p in done)
     assert done[3].policy not in starts
+
+
+@pytest.mark.parametrize("name", ["global_magnitude", "global_lamp"])
+def test_global_pruning_ranks_whole_heads_of_attention_models(name):
+    """Head groups are scored per head (its channels' mean): the policies prune real models
+    whose head counts are what the space predicts."""
+    from evaluators.prune import apply_policy
+    from spaces.cost import count_cost
+    from tests.attention_models import QKVViT, tokens_input
+
+    torch.manual_seed(0)
+    model, x = QKVViT().eval(), tokens_input()
+    space = SearchSpace.from_model(model, x, ratio_min=0.25)
+    heads = [g for g in space.groups if g.unit > 1]
+    assert heads
+    for policy in heuristic_policies(name, space, [0.4, 0.7], model=model, example_inputs=x):
+        pruned = apply_policy(model, policy, x, groups=space.groups)
+        assert count_cost(pruned, x).flops == space.predict_cost(policy).flops
+
+
+def test_a_head_without_weights_scores_lowest_of_its_layer():
+    from evaluators.heuristics import group_scores
+    from tests.attention_models import QKVViT, tokens_input
+
+    torch.manual_seed(0)
+    model, x = QKVViT().eval(), tokens_input()
+    attn = model.blocks[0].attn
+    with torch.no_grad():   # head 2 of the first layer: no q/k/v weights
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            proj.weight[2 * attn.head_dim:3 * attn.head_dim] = 0
+            proj.bias[2 * attn.head_dim:3 * attn.head_dim] = 0
+        attn.out_proj.weight[:, 2 * attn.head_dim:3 * attn.head_dim] = 0
+    space = SearchSpace.from_model(model, x, ratio_min=0.25)
+    group = next(g for g in space.groups if g.unit > 1 and g.name.startswith("blocks.0."))
+    scores = group_scores(space, model, x, tp.importance.GroupMagnitudeImportance(p=2))[group.name]
+    assert len(scores) == group.channels == 4 and int(scores.argmin()) == 2 and scores[2] == 0
