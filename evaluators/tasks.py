@@ -6,10 +6,10 @@ Built-ins (``available_tasks()``), each in its own module and registered with
 
 Any other spec of the form ``"package.module:callable"`` is a plugin: ``callable(**options)``
 must return a :class:`Task`. A plugin that declares a ``cache_dir`` parameter also gets the
-study's ``[task] cache_dir`` (a ``Path``) there, as the built-ins do. Plugin modules are
-imported from ``sys.path`` and then from the working directory, so ``mymod.py`` beside the
-study needs no ``PYTHONPATH=.`` (Ray workers get the driver's working directory on their
-path as well).
+study's ``[task] cache_dir`` (a ``Path``) there, as the built-ins do, unless its options
+already name one. Plugin modules are imported from ``sys.path`` and then from the working
+directory, so ``mymod.py`` beside the study needs no ``PYTHONPATH=.`` (Ray workers get the
+driver's working directory on their path as well).
 """
 
 from __future__ import annotations
@@ -173,10 +173,8 @@ def load_task(spec: str, options: Mapping | None = None, cache_dir: str | Path =
         )
     _working_directory_importable()
     factory = import_object(spec, "task plugin")
-    if "cache_dir" in options:
-        raise ValueError(f"task plugin {spec!r}: cache_dir is not a [task.options] key; set [task] cache_dir")
-    if _takes_cache_dir(factory):
-        options["cache_dir"] = Path(cache_dir)
+    if _takes_cache_dir(factory):  # an explicit [task.options] cache_dir (older configs) wins
+        options.setdefault("cache_dir", Path(cache_dir))
     check_options(factory, spec, options, "task plugin")
     task = factory(**options)
     if not isinstance(task, Task):

@@ -1,10 +1,11 @@
 """``prunesearch`` command line: run | status | describe | export | verify | dashboard.
 
 Exit codes: 0 success; 2 bad input (config, command line, plugin, storage URL, export
-directory) — one line ``prunesearch: error: <what, where, what to do>`` on stderr and
-nothing written to the study storage; 1 a runtime failure — the same one-line form plus
-the path of the log file holding the traceback; 130 interrupted; 141 (like a process killed by SIGPIPE)
-when the reader of stdout went away (``prunesearch status ... | head``): no traceback.
+directory, a dashboard port in use, a resume with changed settings) — one line
+``prunesearch: error: <what, where, what to do>`` on stderr and nothing written to the
+study storage; 1 a runtime failure — the same one-line form plus the path of the log file
+holding the traceback; 130 interrupted; 141 (what a process killed by SIGPIPE reports)
+when the reader of stdout went away (``prunesearch status ... | head``), with no traceback.
 """
 
 from __future__ import annotations

@@ -76,8 +76,6 @@ CASES = [
     Case("plugin-not-callable", "'DIRECTIONS' is a tuple, not a callable", old="tests.fakes:tiny_task",
          new="tests.fakes:DIRECTIONS"),
     Case("plugin-bad-options", "does not accept options ['colour']", old="[space]", new='[task.options]\ncolour = "red"\n[space]'),
-    Case("plugin-cache-dir-as-option", "cache_dir is not a [task.options] key; set [task] cache_dir", old="[space]",
-         new='[task.options]\ncache_dir = "elsewhere"\n[space]'),
     Case("plugin-not-a-task", "returned SearchSpace, not an evaluators.tasks.Task", old="tests.fakes:tiny_task",
          new="tests.fakes:tiny_space"),
     Case("plugin-import-raises", "cannot import module 'broken_plugin_for_tests'", old="tests.fakes:tiny_task",

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import search.cli as cli
+from evaluators.tasks import load_task
 from search.cli import build_parser, main
 from search.config import load_config
 from search.runner import run_study
@@ -114,6 +115,9 @@ def test_a_plugin_beside_the_study_imports_and_gets_the_cache_dir(tmp_path, monk
 
     assert mymod_beside.SEEN == [tmp_path / "cache"]
     assert sys.path[-1] == str(tmp_path)  # appended: it never shadows an installed module
+    # an explicit [task.options] cache_dir (how older configs handed one over) wins
+    load_task("mymod_beside:make", {"cache_dir": tmp_path / "own"}, cache_dir=tmp_path / "cache")
+    assert mymod_beside.SEEN[-1] == tmp_path / "own"
 
 
 def test_ray_token_notice_is_quieted_only_for_a_local_ray(monkeypatch):
