@@ -2,7 +2,8 @@
 
 Built-ins (``available_tasks()``), each in its own module and registered with
 ``@register_task``: ``digits`` (:mod:`evaluators.digits`), ``image-folder``
-(:mod:`evaluators.image_folder`) and ``shapes`` (:mod:`evaluators.synthetic`).
+(:mod:`evaluators.image_folder`), ``shapes`` (:mod:`evaluators.synthetic`) and ``tokens``
+(:mod:`evaluators.tokens`, a small transformer).
 
 Any other spec of the form ``"package.module:callable"`` is a plugin: ``callable(**options)``
 must return a :class:`Task`. A plugin that declares a ``cache_dir`` parameter also gets the
@@ -110,7 +111,7 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 TaskBuilder = Callable[[dict, Path], Task]
 # The built-in tasks register themselves on import: plugins, loaded on the first lookup.
 TASKS: Registry[TaskBuilder] = Registry(
-    "task", plugins=("evaluators.digits", "evaluators.image_folder", "evaluators.synthetic")
+    "task", plugins=("evaluators.digits", "evaluators.image_folder", "evaluators.synthetic", "evaluators.tokens")
 )
 
 
