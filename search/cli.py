@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from search.config import ConfigError, StudyConfig, load_config
-from search.report import format_budget, format_front, format_states
+from search.report import accuracy_note, format_budget, format_front, format_states
 
 __all__ = ["build_parser", "format_front", "format_states", "main"]
 
@@ -210,7 +210,8 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"({summary.new_trials} new: {summary.evaluations} evaluated, {summary.cached} cached; "
           f"{summary.stale_failed} stale failed) in {summary.elapsed_s:.1f} s; storage {summary.storage_url}")
     print(f"unpruned base model: {format_base(summary.base)}")
-    print(format_front(summary.front, config.study.objectives, summary.base))
+    print(format_front(summary.front, config.study.objectives, summary.base,
+                       accuracy_note(config.evaluation, summary.base)))
     return 0
 
 
@@ -236,7 +237,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     base = stored_base(attrs)
     print(f"unpruned base model: {format_base(base)}")
     print(format_states(records))
-    print(format_front(pareto_front(records, config.study.directions), config.study.objectives, base))
+    print(format_front(pareto_front(records, config.study.directions), config.study.objectives, base,
+                       accuracy_note(config.evaluation, base)))
     return 0
 
 
@@ -255,11 +257,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         summary = export_study(config, out=args.out, finetune_steps=args.finetune_steps, formats=formats)
     print(f"exported {len(summary.trials)} Pareto trial(s) of {config.name} to {summary.out}")
     print(f"  unpruned base model: {format_base(summary.base)}")
+    print(f"  ({accuracy_note(config.evaluation, summary.base)})")
     for n in summary.trials:
         m = summary.metrics[n]
         drop = m["drop"]["accuracy_drop"]
-        print(f"  trial-{n}: accuracy {m['remeasured']['accuracy']:.4f} (recorded {m['recorded']['accuracy']:.4f}), "
-              f"after export {m['exported']['accuracy']:.4f}"
+        print(f"  trial-{n}: proxy accuracy {m['remeasured']['accuracy']:.4f} (recorded {m['recorded']['accuracy']:.4f}), "
+              f"exported {m['exported']['accuracy']:.4f} {m['exported_fidelity']}"
               + (f" (drop vs base {drop:+.4f})" if drop is not None else "")
               + f", flops_ratio {m['exported']['flops_ratio']:.4f}")
     print(f"  plot: {summary.plot}")

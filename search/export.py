@@ -4,7 +4,8 @@ For every feasible Pareto trial, ``<out>/trial-<n>/`` holds
 
 * ``policy.json``  — the policy (remaining ratio per group, method, recovery);
 * ``metrics.json`` — the metrics recorded in the study, the same model re-measured here,
-  (with ``finetune_steps`` > 0) the metrics after the export fine-tune, the unpruned base
+  (with ``finetune_steps`` > 0) the metrics after the export fine-tune (``exported``, and
+  ``exported_fidelity`` saying which of the two it is), the unpruned base
   model's metrics (``base``, the study's user attr; see ``search.baseline``) and the exported
   model against it (``drop``: ``accuracy_drop`` = base - exported, ``flops_ratio``,
   ``params_ratio``);
@@ -117,6 +118,13 @@ def load_exported(directory: str | Path, task: Any, groups: Sequence[Any] | None
 
 
 # -- writing -------------------------------------------------------------------------------
+def exported_fidelity(finetune_steps: int) -> str:
+    """What the exported model's accuracy is: the search's proxy, or after the export's fine-tune."""
+    if finetune_steps > 0:
+        return f"after {finetune_steps} export fine-tune steps"
+    return "= the search proxy (no export fine-tune; [export] finetune_steps / --finetune-steps adds one)"
+
+
 def export_trial(record: TrialRecord, task: Any, space: Any, settings: Any, directory: Path, *,
                  finetune_steps: int = 0, formats: Sequence[str] = ("pt2",),
                  base_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -151,6 +159,7 @@ def export_trial(record: TrialRecord, task: Any, space: Any, settings: Any, dire
         "recorded": record.metrics.to_dict() if record.metrics else None,
         "remeasured": remeasured.to_dict(),
         "export_finetune_steps": finetune_steps,
+        "exported_fidelity": exported_fidelity(finetune_steps),
         "exported": exported.to_dict(),
         "base": base_metrics,
         "drop": drop(exported.to_dict(), base_metrics),

@@ -20,9 +20,24 @@ def _num(value: Any, fmt: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value / scale, fmt)
 
 
-def format_front(front: Sequence[Any], objectives: Sequence[str], base: Mapping[str, Any] | None = None) -> str:
+def accuracy_note(settings: Any, base: Mapping[str, Any] | None = None) -> str:
+    """Which accuracy a trial's is: the search's proxy, after the study's recovery, on how
+    many validation samples (the base model is scored on the very same samples)."""
+    recovery = settings.recovery
+    if recovery == "finetune":
+        recovery += f" ({settings.finetune_steps} steps)"
+    elif settings.calibration_samples:
+        recovery += f" ({settings.calibration_samples} calibration samples)"
+    samples = (base or {}).get("eval_samples") or settings.eval_samples
+    return (f"accuracy: search proxy after recovery {recovery}, on "
+            f"{samples if samples is not None else 'all'} validation samples")
+
+
+def format_front(front: Sequence[Any], objectives: Sequence[str], base: Mapping[str, Any] | None = None,
+                 note: str | None = None) -> str:
     """The Pareto table: the unpruned base model (when known), then one row per trial on the
-    feasible full-fidelity front with its accuracy drop against the base."""
+    feasible full-fidelity front with its accuracy drop against the base; ``note`` (e.g.
+    ``accuracy_note``) says which accuracy the column holds."""
     if not front:
         empty = "Pareto front: empty (no feasible full-fidelity trial yet)"
         return empty if base is None else f"{empty}; unpruned base: {format_base(base)}"
@@ -41,7 +56,7 @@ def format_front(front: Sequence[Any], objectives: Sequence[str], base: Mapping[
         rows.append(row + ([_num(m.latency_ms, ".3f")] if latency else []))
     title = f"Pareto front ({len(front)} trial{'s' if len(front) != 1 else ''}, feasible, full fidelity"
     title += "; acc_drop = base accuracy - trial accuracy):" if base is not None else "):"
-    return "\n".join([title, *_table(head, rows)])
+    return "\n".join([title, *([f"({note})"] if note else []), *_table(head, rows)])
 
 
 def format_states(records: Sequence[Any]) -> str:

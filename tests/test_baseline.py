@@ -68,6 +68,9 @@ def test_status_shows_the_base_and_each_front_trials_drop_without_measuring(stud
     out = capsys.readouterr().out
     assert f"unpruned base model: accuracy {base['accuracy']:.4f} on {base['eval_samples']} validation samples" in out
     assert f"{base['flops'] / 1e6:.3f} MFLOPs" in out
+    # which accuracy the table holds: the proxy, its recovery, on the base's very samples
+    recovery = f"{config.evaluation.recovery} ({config.evaluation.calibration_samples} calibration samples)"
+    assert f"(accuracy: search proxy after recovery {recovery}, on {base['eval_samples']} validation samples)" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
     assert rows["base"][1:8] == ["(unpruned)", "-", f"{base['accuracy']:.4f}", "-", "1.0000", "1.0000",
                                  f"{base['flops'] / 1e6:.3f}"]

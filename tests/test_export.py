@@ -157,6 +157,8 @@ def test_export_finetune_pt2_and_reexport(tiny, capsys):
         assert info["drop"]["flops_ratio"] == pytest.approx(exported["flops"] / base.flops)
         assert info["drop"]["params_ratio"] == pytest.approx(exported["params"] / base.params)
         assert f"trial-{info['trial']}: " in printed and f"drop vs base {info['drop']['accuracy_drop']:+.4f}" in printed
+        assert info["exported_fidelity"] == "after 2 export fine-tune steps"
+        assert f"exported {exported['accuracy']:.4f} after 2 export fine-tune steps" in printed
         assert info["remeasured"]["accuracy"] == info["recorded"]["accuracy"]
         model = load_exported(d, task, groups=space.groups)
         measured = evaluate_model(model, task, config.evaluation)
@@ -170,7 +172,11 @@ def test_export_finetune_pt2_and_reexport(tiny, capsys):
     (dirs[0] / "stale.txt").write_text("old")
     assert main(["export", config.source, "--finetune-steps", "0"]) == 0
     assert not (dirs[0] / "stale.txt").exists()
-    assert json.loads((dirs[0] / "metrics.json").read_text())["export_finetune_steps"] == 0
+    again = json.loads((dirs[0] / "metrics.json").read_text())
+    assert again["export_finetune_steps"] == 0
+    assert again["exported_fidelity"].startswith("= the search proxy (no export fine-tune")
+    assert again["exported"]["accuracy"] == again["remeasured"]["accuracy"]
+    assert "= the search proxy (no export fine-tune" in capsys.readouterr().out
 
 
 def test_export_refuses_a_foreign_directory(tiny, capsys):
