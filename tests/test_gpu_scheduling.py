@@ -41,7 +41,8 @@ from evaluators.settings import EvalSettings
 from tests.fakes import tiny_space, tiny_task
 
 torch.set_num_threads(1)
-ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False,
+         configure_logging=False)
 task, space = tiny_task(), tiny_space()
 settings = EvalSettings(calibration_samples=32, bn_batches=2, batch_size=32)
 out = {}
