@@ -5,21 +5,23 @@ For every feasible Pareto trial, ``<out>/trial-<n>/`` holds
 * ``policy.json``  — the policy (remaining ratio per group, method, recovery);
 * ``metrics.json`` — the metrics recorded in the study, the same model re-measured here,
   (with ``finetune_steps`` > 0) the metrics after the export fine-tune (``exported``, and
-  ``exported_fidelity`` saying which of the two it is), the unpruned base
-  model's metrics (``base``, the study's user attr; see ``search.baseline``) and the exported
-  model against it (``drop``: ``accuracy_drop`` = base - exported, ``flops_ratio``,
-  ``params_ratio``);
+  ``exported_fidelity`` saying which of the two it is), the unpruned base model's metrics
+  (``base``, the study's user attr; see ``search.baseline``) and the exported model against
+  it (``drop``: ``accuracy_drop`` = base - exported, ``flops_ratio``, ``params_ratio``),
+  its CPU latency against the base at batch 1 and ``[latency] batch`` (``latency``), what
+  ``load_pruned`` needs (``architecture``) and every file of the directory (``files``);
 * ``weights.pt``   — the state_dict, loadable with ``torch.load(..., weights_only=True)``;
-  the module is rebuilt from the base architecture + policy (``load_exported``), never
-  unpickled;
+  the module is rebuilt, never unpickled: ``load_pruned(dir, build_model)`` from the model
+  factory alone (for deployment), ``load_exported(dir, task)`` from the study's task;
 * ``model.pt2``    — ``torch.export`` program with a dynamic batch dimension (with ``"pt2"``
   in formats; load with ``torch.export.load(path).module()``);
 * ``model.onnx``   — only with ``"onnx"`` in formats, which needs the ``onnx`` package;
 
 and ``<out>/pareto.png`` plots accuracy vs FLOPs of every trial, coloured by searcher,
-with the front highlighted and the unpruned base model as a marked point at FLOPs ratio 1. ``<out>`` defaults to ``[export] dir / <study name>``; an
-existing ``<out>`` is only overwritten when a previous prunesearch export made it (marker
-file ``.prunesearch-export.json``).
+with the front highlighted and the unpruned base model as a marked point at FLOPs ratio 1.
+``<out>`` defaults to ``[export] dir / <study name>``; an existing ``<out>`` is only
+overwritten when a previous prunesearch export made it (marker file
+``.prunesearch-export.json``).
 """
 
 from __future__ import annotations
@@ -106,6 +108,32 @@ def rebuild_structure(task: Any, policy: Policy, groups: Sequence[Any] | None = 
     return apply_policy(task.base_model(), shape_only, task.example_inputs, groups=groups, round_to=round_to)
 
 
+def load_pruned(directory: str | Path, build_model: Any, example_inputs: Any = None) -> nn.Module:
+    """An exported model from its own directory and the model factory alone (no task, no
+    data, no study): ``build_model()``'s unpruned architecture, its channel groups found
+    again (leaving out the study's ``[space] ignored`` layers, recorded in ``metrics.json``),
+    pruned to ``policy.json``'s kept channels, then ``weights.pt``. ``example_inputs``
+    defaults to zeros of the recorded input shape and dtype (exports made before these were
+    recorded, or with non-tensor inputs, need it given)."""
+    from evaluators.prune import apply_policy
+    from spaces.groups import discover_groups
+
+    directory = Path(directory)
+    policy = Policy.from_json((directory / "policy.json").read_text(encoding="utf-8"))
+    info = json.loads((directory / "metrics.json").read_text(encoding="utf-8"))
+    arch = info.get("architecture") or {}
+    if example_inputs is None:
+        if "example_input_shape" not in arch:
+            raise ValueError(f"{directory}/metrics.json records no input shape: pass example_inputs")
+        example_inputs = torch.zeros(arch["example_input_shape"], dtype=getattr(torch, arch["example_input_dtype"]))
+    model = build_model().eval()
+    groups = discover_groups(model, example_inputs, ignored=arch.get("ignored", ()))
+    shape_only = Policy(ratios=dict(policy.ratios), method="l1")  # weights.pt replaces every weight
+    pruned = apply_policy(model, shape_only, example_inputs, groups=groups, round_to=int(info.get("round_to", 1)))
+    pruned.load_state_dict(torch.load(directory / "weights.pt", weights_only=True))
+    return pruned.eval()
+
+
 def load_exported(directory: str | Path, task: Any, groups: Sequence[Any] | None = None) -> nn.Module:
     """Rebuild an exported trial's model from base architecture + policy + weights.pt."""
     directory = Path(directory)
@@ -118,6 +146,55 @@ def load_exported(directory: str | Path, task: Any, groups: Sequence[Any] | None
 
 
 # -- writing -------------------------------------------------------------------------------
+def architecture_of(task: Any, space: Any) -> dict[str, Any]:
+    """What ``load_pruned`` needs besides the model factory: the example input's shape and
+    dtype (a tensor input) and the layers the space never pruned (``[space] ignored``)."""
+    x = task.example_inputs
+    arch: dict[str, Any] = {"ignored": list(space.config.ignored)}
+    if isinstance(x, torch.Tensor):
+        arch.update(example_input_shape=list(x.shape), example_input_dtype=str(x.dtype).removeprefix("torch."))
+    return arch
+
+
+def export_latency(model: nn.Module, base: nn.Module, task: Any, latency: Any) -> list[dict[str, Any]]:
+    """The exported model's CPU latency against the unpruned one, timed alternately
+    (``evaluators.timing.measure_paired_ms``) at batch 1 and at ``[latency] batch``, with
+    ``[latency]`` threads, runs and warmup; [] for inputs that are not one tensor."""
+    import copy
+
+    from evaluators import timing
+
+    if not isinstance(task.example_inputs, torch.Tensor):
+        return []
+    pruned, reference = copy.deepcopy(model).cpu().eval(), copy.deepcopy(base).cpu().eval()
+    rows = []
+    for batch in sorted({1, int(latency.batch)}):
+        inputs = timing.latency_inputs(task.example_inputs.cpu(), batch)
+        ms, base_ms = timing.measure_paired_ms(pruned, reference, inputs, rounds=latency.runs,
+                                               warmup=latency.warmup, threads=latency.threads)
+        rows.append({"batch": batch, "device": "cpu", "threads": latency.threads, "latency_ms": ms,
+                     "base_latency_ms": base_ms, "latency_ratio": ms / base_ms})
+    return rows
+
+
+def write_formats(model: nn.Module, task: Any, directory: Path, formats: Sequence[str]) -> None:
+    if "pt2" in formats:
+        # Batch dimension dynamic (an example of 2: a batch of 1 would be specialised to 1).
+        example = task.example_inputs.expand(2, *task.example_inputs.shape[1:]).clone()
+        program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+        torch.export.save(program, str(directory / "model.pt2"))
+    if "onnx" in formats:
+        torch.onnx.export(model.eval(), (task.example_inputs,), str(directory / "model.onnx"))
+
+
+def write_info(directory: Path, info: dict[str, Any]) -> None:
+    """``metrics.json``, its ``files`` listing every file of the directory (ONNX's external
+    ``model.onnx.data`` and the watermark manifest too: call again after adding one)."""
+    names = {p.name for p in directory.iterdir() if p.is_file()} | {"metrics.json"}
+    info["files"] = sorted(names)
+    (directory / "metrics.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def exported_fidelity(finetune_steps: int) -> str:
     """What the exported model's accuracy is: the search's proxy, or after the export's fine-tune."""
     if finetune_steps > 0:
@@ -164,18 +241,11 @@ def export_trial(record: TrialRecord, task: Any, space: Any, settings: Any, dire
         "base": base_metrics,
         "drop": drop(exported.to_dict(), base_metrics),
         "settings": settings.to_dict(),
-        "files": ["policy.json", "metrics.json", "weights.pt"],
+        "architecture": architecture_of(task, space),
+        "latency": export_latency(model, base, task, settings.latency),
     }
-    if "pt2" in formats:
-        # Batch dimension dynamic (an example of 2: a batch of 1 would be specialised to 1).
-        example = task.example_inputs.expand(2, *task.example_inputs.shape[1:]).clone()
-        program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
-        torch.export.save(program, str(directory / "model.pt2"))
-        info["files"].append("model.pt2")
-    if "onnx" in formats:
-        torch.onnx.export(model.eval(), (task.example_inputs,), str(directory / "model.onnx"))
-        info["files"].append("model.onnx")
-    (directory / "metrics.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_formats(model, task, directory, formats)
+    write_info(directory, info)
     return info
 
 
@@ -266,6 +336,7 @@ def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune
             from spaces.watermark import write_manifest
 
             write_manifest(directory, watermark)
+            write_info(directory, metrics[record.number])  # lists the manifest too
         dirs.append(directory)
         log.info("exported trial %d to %s", record.number, directory)
     plot = plot_pareto(records, front, out / "pareto.png", max_flops_ratio=config.constraints.max_flops_ratio,

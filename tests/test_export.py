@@ -14,12 +14,12 @@ import torch
 from evaluators.evaluate import evaluate_model
 from search.cli import main
 from search.config import load_config
-from search.export import MARKER, load_exported
+from search.export import MARKER, load_exported, load_pruned
 from search.runner import run_study
 from search.setup import load_task_and_space
 from search.records import pareto_front, read_trials
 from search.storage import inspect_storage, parse_storage
-from tests.fakes import local_pool, tiny_config
+from tests.fakes import FakePool, local_pool, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "studies" / "cache"  # the digits base model is trained once and shared
@@ -163,6 +163,15 @@ def test_export_finetune_pt2_and_reexport(tiny, capsys):
         model = load_exported(d, task, groups=space.groups)
         measured = evaluate_model(model, task, config.evaluation)
         assert measured.accuracy == pytest.approx(info["exported"]["accuracy"], abs=1e-12)
+        # a deployer's load: the directory and the model factory alone, no task or data
+        alone = load_pruned(d, task.build_model)
+        assert evaluate_model(alone, task, config.evaluation).accuracy == measured.accuracy
+        with torch.no_grad():
+            assert torch.equal(alone(task.validation[0][:16]), model(task.validation[0][:16]))
+        assert [row["batch"] for row in info["latency"]] == sorted({1, config.latency.batch})
+        for row in info["latency"]:
+            assert row["latency_ms"] > 0 and row["latency_ratio"] == pytest.approx(row["latency_ms"] / row["base_latency_ms"])
+        assert info["files"] == sorted(p.name for p in d.iterdir())  # every file, listed
         program = torch.export.load(str(d / "model.pt2"))  # batch dimension is dynamic
         for batch in (1, 5):
             x = task.validation[0][:batch]
@@ -198,3 +207,19 @@ def test_export_onnx_without_onnx_is_a_clear_error(tiny, capsys):
     err = capsys.readouterr().err.strip()
     assert "onnx" in err and "pip install" in err
     assert not (tmp / "onnx").exists()
+
+
+def test_load_pruned_keeps_the_space_s_ignored_layers(tmp_path, capsys):
+    """A space that never prunes some layer: the factory's model is pruned the same way."""
+    path = tiny_config(tmp_path, n_trials=4, space='ignored = ["features.1.0"]')
+    config = load_config(path)
+    run_study(config, pool_factory=lambda p, a: FakePool(p.space), progress=False)
+    assert main(["export", str(path)]) == 0
+    task, space = load_task_and_space(config)
+    assert "features.1.0" not in {g.name for g in space.groups}
+    dirs = sorted((tmp_path / "exports" / "tiny").glob("trial-*"))
+    assert dirs
+    for d in dirs:
+        x = task.validation[0][:8]
+        with torch.no_grad():
+            assert torch.equal(load_pruned(d, task.build_model)(x), load_exported(d, task, groups=space.groups)(x))
