@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from evaluators.batch import Batch
 from evaluators.importance import make_importance
 from evaluators.losses import kd_loss
+from evaluators.prune import unit_scores
 from spaces.checks import check_bool, check_int, check_number, check_str
 from spaces.groups import build_graph, root_pruning_group
 from spaces.policy import Policy
@@ -97,11 +98,17 @@ class MaskingConfig(MaskingSchedule):
 
 
 class _GroupMask:
-    """Soft mask of one group, applied by forward hooks on the layers carrying its channels."""
+    """Soft mask of one group, applied by forward hooks on the layers carrying its channels.
 
-    def __init__(self, channels: int, targets: list[tuple[nn.Module, list[int], list[int]]]):
+    The mask has one entry per unit of the group (a channel, or a whole attention head or
+    normalisation group of ``unit`` channels, ``spaces.units``): a unit is kept or removed
+    as one, as pruning does.
+    """
+
+    def __init__(self, channels: int, unit: int, targets: list[tuple[nn.Module, list[int], list[int]]]):
         self.channels = channels
-        self.targets = targets          # (module, target channel idxs, matching root idxs)
+        self.unit = unit
+        self.targets = targets          # (module, target channel idxs, matching root channel idxs)
         self.rank = torch.arange(channels, dtype=torch.float32)
         self.mask = torch.ones(channels)
 
@@ -112,25 +119,31 @@ class _GroupMask:
         index = torch.tensor(idxs)
         source = torch.tensor(root_idxs)
 
-        def apply(module, inputs, output):
+        def masked(output: torch.Tensor) -> torch.Tensor:
             size = output.shape[-1] if last_dim else output.shape[1]
+            per_channel = self.mask.repeat_interleave(self.unit) if self.unit > 1 else self.mask
             full = torch.ones(size, dtype=output.dtype)
-            full = full.index_put((index,), self.mask[source].to(output.dtype))
+            full = full.index_put((index,), per_channel[source].to(output.dtype))
             shape = [1] * output.dim()
             shape[-1 if last_dim else 1] = size
             return output * full.view(shape)
 
+        def apply(module, inputs, output):
+            if isinstance(output, tuple):   # nn.MultiheadAttention: (output, weights)
+                return (masked(output[0]), *output[1:])
+            return masked(output)
+
         return apply
 
 
-def _mask_targets(graph, model: nn.Module, group_name: str, channels: int):
+def _mask_targets(graph, model: nn.Module, group_name: str, width: int):
     """Layers whose outputs carry the group's channels, with their channel index maps.
 
     A conv/linear feeding a norm layer of the same group is skipped: the norm's output is
     masked instead (after its bias), so a masked channel is really zero downstream.
     """
     root = dict(model.named_modules())[group_name]
-    full = root_pruning_group(graph, root, range(channels))
+    full = root_pruning_group(graph, root, range(width))
     items = [item for item in full if graph.is_out_channel_pruning_fn(item.dep.handler)]
     in_group = {id(item.dep.target) for item in items}
     targets = []
@@ -165,10 +178,11 @@ class _MaskedStudent:
         self.student = copy.deepcopy(model).train()
         self.graph = build_graph(self.student, example_inputs)
         self.student.train()  # build_graph traces in eval mode and leaves the model there
-        self.masks = [_GroupMask(g.channels, _mask_targets(self.graph, self.student, g.name, g.channels))
+        self.masks = [_GroupMask(g.channels, g.unit, _mask_targets(self.graph, self.student, g.name, g.width))
                       for g in self.groups]
+        last_dim = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, nn.Embedding)   # channels on the last axis
         self.handles = [
-            module.register_forward_hook(gm.hook(idxs, root_idxs, last_dim=isinstance(module, (nn.Linear, nn.LayerNorm))))
+            module.register_forward_hook(gm.hook(idxs, root_idxs, last_dim=isinstance(module, last_dim)))
             for gm in self.masks for module, idxs, root_idxs in gm.targets
         ]
         self.criterion = make_importance(config.method)
@@ -200,7 +214,8 @@ class _MaskedStudent:
         """Rank each group's channels by the criterion on the current weights."""
         modules = dict(self.student.named_modules())
         for g, gm in zip(self.groups, self.masks):
-            scores = self.criterion.score(root_pruning_group(self.graph, modules[g.name], range(g.channels)))
+            scores = self.criterion.score(root_pruning_group(self.graph, modules[g.name], range(g.width)))
+            scores = unit_scores(scores.detach().float(), g) if g.unit > 1 else scores
             order = torch.argsort(scores.double(), descending=True, stable=True)
             rank = torch.empty(g.channels)
             rank[order] = torch.arange(g.channels, dtype=torch.float32)

@@ -70,3 +70,30 @@ def test_all_targets_proposes_one_rescaled_policy_per_target_from_each_run():
         assert abs(space.flops_ratio(p.policy) - p.meta["masking_target"]) <= 0.06
     assert [p.meta["masking_target"] for p in done[:3]] == [0.3, 0.5, 0.7]
     assert all("masking_learned_at" in p.meta for p in done[1:3]) and "masking_learned_at" not in done[0].meta
+
+
+@pytest.mark.parametrize("model_name", ["tokens", "mha"])
+def test_masking_learns_whole_heads_of_attention_models(model_name):
+    """Head groups are masked a head at a time (hand-written attention, and
+    nn.MultiheadAttention whose tuple output is masked too); the policy meets its target."""
+    import torch
+
+    from evaluators.tokens import TokenTransformer, generate_tokens
+    from spaces.space import SearchSpace
+    from tests.attention_models import MHAViT, tokens_input
+
+    torch.manual_seed(0)
+    if model_name == "tokens":
+        model = TokenTransformer(dim=32, heads=4, head_dim=8, hidden=48, depth=2).eval()
+        x, y = generate_tokens(96, seed=0)
+    else:
+        model = MHAViT().eval()
+        x, y = torch.cat([tokens_input() for _ in range(96)]), torch.randint(0, 10, (96,))
+    space = SearchSpace.from_model(model, x[:1], ratio_min=0.25)
+    assert any(g.unit > 1 for g in space.groups)
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)]
+    policy, info = learn_ratios(model, space, batches[:2], batches[2:], x[:1],
+                                MaskingConfig(target=0.5, steps=6, rerank_every=3, seed=0))
+    pruned = apply_policy(model, policy, x[:1], groups=space.groups)
+    assert pruned(x[:4]).shape[0] == 4
+    assert abs(count_cost(pruned, x[:1]).flops / space.base_cost.flops - 0.5) <= 0.1
