@@ -4,8 +4,11 @@ Modules, one job each: ``base`` (the Searcher contract and registry), ``setup`` 
 config and build what a run needs), ``runner`` (``run_study``), ``driver`` (the loop),
 ``budget`` / ``launchers`` (the shared trial budget, launcher liveness), ``cache`` (shared
 evaluations), ``recorder`` (the one writer of trials), ``records`` (trials read back, the
-Pareto front), ``storage`` (URLs, opening, read-only study access), ``resume``, ``pool``
-(the evaluator-pool protocol), ``export``, ``cli``.
+Pareto front), ``storage`` (URLs, opening, read-only study access), ``resume``,
+``study_change`` (a resume with changed constraints: refused or re-judged), ``baseline``
+(the unpruned model's metrics, stored once per study), ``pool`` (the evaluator-pool
+protocol), ``export``, ``cli`` with ``report`` (its tables) and ``describe`` (the space
+before any trial).
 
 Import cost matters for Ray workers and the CLI, so the heavy pieces (runner, export,
 cli) are imported from their modules, not here.
