@@ -4,7 +4,9 @@ For every group and a few ratio levels the model is pruned in that group alone a
 plus ``calibration`` random whole-model policies; every model is timed alternately with the
 unpruned one (``evaluators.timing.measure_paired_ms``) so slow drifts of the machine cancel.
 The table (``spaces.latency.LatencyTable``) is specific to (architecture, groups, batch,
-threads, machine) and cached on disk under that key.
+threads, machine, device) and cached on disk under that key. It is measured on the device
+it is given (``[evaluation] device``, resolved where the table is built: the driver), a GPU
+named by its model in the key.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from evaluators.prune import apply_policy
 from evaluators import timing
+from evaluators.devices import placed, resolve_device, to_device
+from evaluators.prune import apply_policy
 from spaces.checks import check_bool, check_int, check_number_list, from_mapping
 from spaces.latency import LatencyTable, fit_latency_model
 from spaces.policy import Policy
@@ -109,19 +112,29 @@ def table_key(model: nn.Module, space: Any, config: LatencyConfig, device: str =
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def device_key(device: torch.device) -> str:
+    """How a device enters the cache key: ``"cpu"``, or ``"cuda:<GPU model>"``."""
+    return "cpu" if device.type == "cpu" else f"{device.type}:{torch.cuda.get_device_name(device)}"
+
+
 def build_latency_table(model: nn.Module, example_inputs: torch.Tensor, space: Any,
-                        config: LatencyConfig = LatencyConfig(), cache_dir: str | Path | None = None) -> LatencyTable:
+                        config: LatencyConfig = LatencyConfig(), cache_dir: str | Path | None = None,
+                        device: str = "cpu") -> LatencyTable:
     """Measure (or load from ``cache_dir``) the latency table of ``model`` over ``space``.
 
-    ``example_inputs`` is one sample; it is repeated to ``config.batch``.
+    ``example_inputs`` is one sample; it is repeated to ``config.batch``. ``device`` is an
+    ``[evaluation] device`` name (``ValueError`` when it names CUDA this process lacks);
+    ``model`` is not moved (a copy is, when it lives elsewhere).
     """
-    key = table_key(model, space, config)
+    target = resolve_device(device)
+    key = table_key(model, space, config, device_key(target))
     path = Path(cache_dir) / f"latency-{key}.json" if cache_dir is not None else None
     cached = _load_cached(path, key)
     if cached is not None:
         return cached
     start = time.perf_counter()
-    base = model.eval()
+    base = placed(model, target).eval()
+    example_inputs = to_device(example_inputs, target)
     batch = timing.latency_inputs(example_inputs, config.batch)
     base_times: list[float] = []
 

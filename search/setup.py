@@ -181,14 +181,22 @@ def prepare(config: StudyConfig, *, task_and_space: tuple[Any, Any] | None = Non
     searchers = make_searchers(config, space, task)
     existing = check_existing_study(config, spec, space, task)
     rejudge = existing and check_constraints(config, allow=allow_changed_constraints)
-    latency_table = None
-    if config.uses_latency and config.latency.table:
-        from evaluators.latency_table import build_latency_table
-
-        latency_table = build_latency_table(task.base_model(), task.example_inputs, space,
-                                            config.latency, cache_dir=config.task.cache_dir)
+    latency_table = latency_table_of(config, task, space) if config.uses_latency and config.latency.table else None
     return Prepared(config=config, task=task, space=space, spec=spec, searchers=searchers, existing=existing,
                     watermark=watermark, latency_table=latency_table, rejudge=rejudge)
+
+
+def latency_table_of(config: StudyConfig, task: Any, space: Any) -> Any:
+    """The study's latency table, measured here on ``[evaluation] device`` (or read from the cache)."""
+    from evaluators.devices import resolve_device
+    from evaluators.latency_table import build_latency_table
+
+    try:
+        resolve_device(config.evaluation.device)
+    except ValueError as exc:  # a device this machine lacks: the table is measured here, on the driver
+        raise ConfigError(f"[latency] table: {exc}") from None
+    return build_latency_table(task.base_model(), task.example_inputs, space, config.latency,
+                               cache_dir=config.task.cache_dir, device=config.evaluation.device)
 
 
 def ray_cpus(config: StudyConfig, searchers: Mapping[str, Searcher]) -> int:

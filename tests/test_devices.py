@@ -133,3 +133,34 @@ def test_local_ray_declares_the_gpus_the_workers_ask_for(tmp_path):
     assert local_gpus(_study(tmp_path)) is None  # none asked: Ray counts the machine's own
     assert local_gpus(_study(tmp_path, study="workers = 3\ngpus_per_worker = 0.5")) == 2
     assert local_gpus(_study(tmp_path, study="workers = 2\ngpus_per_worker = 1")) == 2
+
+
+@NO_CUDA
+def test_latency_table_is_measured_on_the_device_and_refuses_cuda_here(tmp_path):
+    from evaluators.latency_table import LatencyConfig, build_latency_table
+    from search.setup import latency_table_of
+
+    task, space = tiny_task(), tiny_space()
+    config = LatencyConfig(runs=2, warmup=1, levels=(0.5,), calibration=2)
+    table = build_latency_table(task.base_model(), task.example_inputs, space, config, cache_dir=tmp_path)
+    # "cpu" and "auto" (the CPU here) share the key a table built before devices existed had
+    again = build_latency_table(task.base_model(), task.example_inputs, space, config, cache_dir=tmp_path,
+                                device="auto")
+    assert again.key == table.key and len(list(tmp_path.glob("latency-*.json"))) == 1
+    with pytest.raises(ValueError, match="asks for CUDA"):
+        build_latency_table(task.base_model(), task.example_inputs, space, config, device="cuda")
+    # workers on a cluster's GPUs skip the driver's check, but the table is measured on the driver
+    study = _study(tmp_path, study="gpus_per_worker = 0.5", evaluation='device = "cuda"')
+    with pytest.raises(ConfigError, match=r"^\[latency\] table: device 'cuda' asks for CUDA"):
+        latency_table_of(study, task, space)
+
+
+def test_resuming_with_another_device_is_refused(tmp_path):
+    from search.runner import run_study
+    from search.setup import prepare
+    from tests.fakes import FakePool
+
+    first = _study(tmp_path, evaluation='device = "cpu"').with_overrides(n_trials=2)
+    run_study(first, pool_factory=lambda p, a: FakePool(p.space), progress=False)
+    with pytest.raises(ConfigError, match=r"other \[evaluation\] settings \(device differ\)"):
+        prepare(_study(tmp_path, evaluation='device = "auto"'))
