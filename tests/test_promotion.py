@@ -74,7 +74,8 @@ def test_first_trials_of_a_level_go_on_only_as_its_best_so_far():
     ladder = _ladder()
     assert ladder.promote(0, _m(0.5, 0.2))          # first at level 0
     assert not ladder.promote(0, _m(0.4, 0.3))      # worse, fewer than eta trials: not promoted
-    assert ladder.promote(0, _m(0.6, 0.1))          # new best
+    assert not ladder.promote(0, _m(0.6, 0.1))      # a new best, but 3 trials allow 1 promotion
+    assert ladder.promote(0, _m(0.7, 0.1))          # 4 trials: a second one
     assert ladder.promote(0, _m(0.45, 0.8))         # level 1 is ranked on its own
 
 
@@ -211,3 +212,16 @@ def test_a_real_study_records_the_fine_tuned_rung_exactly(tmp_path):
     proxy = record.promotion["rungs"][0]["score"]
     assert proxy == pytest.approx(evaluate(record.policy, task, config.evaluation, groups=space.groups).accuracy)
     assert all(r.rung_steps == 4 for r in summary.front)
+
+    # the export rebuilds a promoted trial with its rung's fine-tune: it measures what was recorded
+    from search.export import export_study
+
+    exported = export_study(config, formats=())
+    for number, info in exported.metrics.items():
+        assert info["remeasured"]["accuracy"] == pytest.approx(info["recorded"]["accuracy"])
+
+
+def test_an_improving_searcher_gets_at_most_a_third_promoted_per_level():
+    ladder = _ladder(PromotionConfig(steps=(20,), eta=3, levels=1))
+    promoted = [ladder.promote(0, _m(0.1 + 0.01 * i, 0.2)) for i in range(30)]   # every trial a new best
+    assert sum(promoted) == 10
