@@ -7,8 +7,6 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from search.baseline import format_base
-
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
@@ -38,9 +36,8 @@ def format_front(front: Sequence[Any], objectives: Sequence[str], base: Mapping[
     """The Pareto table: the unpruned base model (when known), then one row per trial on the
     feasible full-fidelity front with its accuracy drop against the base; ``note`` (e.g.
     ``accuracy_note``) says which accuracy the column holds."""
-    if not front:
-        empty = "Pareto front: empty (no feasible full-fidelity trial yet)"
-        return empty if base is None else f"{empty}; unpruned base: {format_base(base)}"
+    if not front:  # the base has its own line above the table in run and status
+        return "Pareto front: empty (no feasible full-fidelity trial yet)"
     latency = "latency_ms" in objectives
     head = ["trial", "searcher", "gen", "accuracy", "acc_drop", "flops_ratio", "params_ratio", "MFLOPs"]
     head += ["latency_ms"] if latency else []
