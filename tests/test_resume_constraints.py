@@ -180,3 +180,33 @@ def test_every_other_change_is_refused_naming_it_and_how_to_go_on(tmp_path, caps
     line = _one_error_line(capsys.readouterr().err)
     assert fragment in line and "choose a new [study] name" in line
     assert _digests(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_rejudging_on_postgresql(tmp_path, capsys, monkeypatch):
+    """The rewrite uses only Optuna's storage API: a server database re-judges the same way."""
+    from tests.postgres import postgres_server
+
+    try:
+        server = postgres_server()
+        url = server.__enter__()
+    except FileNotFoundError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+    try:
+        monkeypatch.setattr(search.runner, "default_pool", _fake)
+        path = tiny_config(tmp_path, n_trials=12, constraints="max_flops_ratio = 0.5")
+        path.write_text(path.read_text().replace(f'storage = "sqlite:///{tmp_path}/tiny.db"', f'storage = "{url}"'))
+        run_study(load_config(path), pool_factory=_fake, progress=False)
+        _edit(path, "max_flops_ratio = 0.5", "max_flops_ratio = 0.8")
+        assert main(["run", str(path), "--no-progress"]) == 2
+        capsys.readouterr()
+        assert main(["run", str(path), "--no-progress", "--allow-changed-constraints"]) == 0
+        assert "every trial re-judged" in capsys.readouterr().out
+        config = load_config(path)
+        records = load_records(config)
+        assert len(records) == 12
+        _check_front(records, config)
+    finally:
+        server.__exit__(None, None, None)
