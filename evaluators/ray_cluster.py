@@ -7,7 +7,9 @@ cluster can ever schedule the pool's actors and the run's other Ray tasks.
 GPUs: an actor asks Ray for ``num_gpus`` (``gpus_per_worker``); Ray then sets the actor's
 ``CUDA_VISIBLE_DEVICES`` to the GPU(s) it was given, so ``device = "cuda"`` inside it is
 that GPU. A fraction below 1 lets several actors share one GPU (0.5: two per GPU); Ray
-accepts fractions only below 1, whole numbers above.
+accepts fractions only below 1, whole numbers above. An actor with no GPUs keeps the
+``CUDA_VISIBLE_DEVICES`` it inherited (Ray 2.60 overrides it only for actors given GPUs,
+unless ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO`` is set): it sees every GPU of its machine.
 """
 
 from __future__ import annotations
