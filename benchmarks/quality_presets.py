@@ -236,12 +236,14 @@ class BenchConfig:
     methods: tuple[str, ...] = field(default_factory=available_methods)
     cache_dir: str = str(ROOT / "studies" / "cache")
     quick: bool = False
+    finetune_seeds: int = 1   # fine-tunes per chosen model (seeds study seed + 1000 k), averaged
 
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise ValueError(f"seeds must be distinct integers >= 0, got {self.seeds!r}")
         check_int("n_trials", self.n_trials, minimum=2)
         check_int("workers", self.workers, minimum=1)
+        check_int("finetune_seeds", self.finetune_seeds, minimum=1)
         for method in self.methods:
             if method not in BASELINES:
                 METHODS.get(method)
@@ -287,7 +289,8 @@ class BenchConfig:
             **method_tables(method, self.preset, self.quick),
         })
 
-    def finetune_settings(self, seed: int) -> dict[str, Any]:
+    def finetune_settings(self, seed: int, k: int = 0) -> dict[str, Any]:
+        """The identical final fine-tune of a study seed's models (its ``k``-th fine-tune seed)."""
         p = self.preset
         return {**self.evaluation(seed), "recovery": "finetune", "finetune_steps": p.finetune_steps,
-                "finetune_lr": p.finetune_lr, "kd": True, "eval_samples": None}
+                "finetune_lr": p.finetune_lr, "kd": True, "eval_samples": None, "seed": seed + 1000 * k}

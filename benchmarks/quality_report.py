@@ -180,7 +180,7 @@ def _task_markdown(task: str, res: Mapping[str, Any]) -> list[str]:
              f"Base model {100 * res['base_accuracy']:.1f}% ({res['validation_samples']} validation samples), "
              f"{res['base_mflops']:.1f} MFLOPs, {res['groups']} channel groups; constraint FLOPs ratio <= "
              f"{res['max_flops_ratio']}; proxy recovery `{res.get('proxy_recovery', '?')}`; fine-tune "
-             f"{res['finetune_steps']} steps at FLOPs levels {', '.join(f'{int(100 * lv)}%' for lv in res.get('finetune_levels', levels))}. "
+             f"{res['finetune_steps']} steps x {res.get('finetune_seeds', 1)} fine-tune seed(s) at FLOPs levels {', '.join(f'{int(100 * lv)}%' for lv in res.get('finetune_levels', levels))}. "
              f"Wall time {res['wall_s'] / 60:.1f} min.",
              ""]
     head = "| method | HV | HV vs random | " + " | ".join(

@@ -264,32 +264,44 @@ def _run_studies(cfg: BenchConfig, shared: SharedPool, task_and_space: tuple[Any
 
 
 def finetune(cfg: BenchConfig, shared: SharedPool, per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Fine-tune every method's chosen model per seed and level identically (adds ``finetuned``); timing."""
+    """Fine-tune every method's chosen model per seed and level identically, with
+    ``cfg.finetune_seeds`` fine-tune seeds (adds ``finetuned``: their mean, and each); timing."""
     from evaluators.settings import EvalSettings
     from spaces.policy import Policy
 
     jobs, wanted = [], {}
     for method, seeds in per_seed.items():
         for seed, res in seeds.items():
-            settings = EvalSettings(**cfg.finetune_settings(int(seed)))
             res["finetuned"] = {}
             for level, best in res["best_proxy"].items():
                 if best is None or float(level) not in cfg.preset.tuned_levels:
                     continue
                 policy = Policy.from_dict(best["policy"])
-                key = (seed, policy.key())  # the same model chosen twice is fine-tuned once
-                if key not in wanted:
-                    wanted[key] = len(jobs)
-                    jobs.append((len(jobs), policy, settings))
-                res["finetuned"][level] = wanted[key]
-    log.info("%s: fine-tuning %d distinct models (%d steps each)", cfg.task, len(jobs), cfg.preset.finetune_steps)
+                indices = []
+                for k in range(cfg.finetune_seeds):
+                    key = (seed, k, policy.key())  # the same model chosen twice is fine-tuned once
+                    if key not in wanted:
+                        wanted[key] = len(jobs)
+                        jobs.append((len(jobs), policy, EvalSettings(**cfg.finetune_settings(int(seed), k))))
+                    indices.append(wanted[key])
+                res["finetuned"][level] = indices
+    log.info("%s: %d fine-tunes (%d steps each, %d seed(s) per model)", cfg.task, len(jobs),
+             cfg.preset.finetune_steps, cfg.finetune_seeds)
     t = time.perf_counter()
     got = evaluate_all(shared, jobs, f"{cfg.task} fine-tune")
     elapsed = time.perf_counter() - t
     for method, seeds in per_seed.items():
         for seed, res in seeds.items():
-            for level, index in list(res["finetuned"].items()):
-                m = got[index]
-                res["finetuned"][level] = ({"accuracy": m.accuracy, "flops_ratio": m.flops_ratio,
-                                            "eval_seconds": m.eval_seconds} if m.ok else {"error": m.error})
-    return {"models": len(jobs), "steps": cfg.preset.finetune_steps, "wall_s": elapsed}
+            for level, indices in list(res["finetuned"].items()):
+                res["finetuned"][level] = _finetuned([got[i] for i in indices])
+    return {"models": len(jobs), "steps": cfg.preset.finetune_steps, "seeds": cfg.finetune_seeds, "wall_s": elapsed}
+
+
+def _finetuned(runs: Sequence[Any]) -> dict[str, Any]:
+    """One chosen model's fine-tunes: the mean accuracy over its fine-tune seeds, and each."""
+    failed = [m for m in runs if not m.ok]
+    if failed:
+        return {"error": failed[0].error}
+    accuracies = [float(m.accuracy) for m in runs]
+    return {"accuracy": sum(accuracies) / len(accuracies), "accuracies": accuracies,
+            "flops_ratio": runs[0].flops_ratio, "eval_seconds": sum(m.eval_seconds for m in runs)}

@@ -79,13 +79,13 @@ def resolve_task(name: str) -> str | None:
 
 def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_trials: int | None, workers: int,
         methods: Sequence[str] | None, task_options: Mapping[str, Any], cache_dir: str,
-        out_dir: Path, requested: bool, checkpoint: Checkpoint | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        out_dir: Path, requested: bool, checkpoint: Checkpoint | None = None, finetune_seeds: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every task's benchmark: ``(results, config)`` as the JSON file holds them."""
     results: dict[str, Any] = {"tasks": {}, "targets": []}
     budget = QUICK if quick else FULL
     config: dict[str, Any] = {"quick": quick, "workers": workers, "reference_point": list(REFERENCE_POINT),
                               "n_trials": n_trials or budget["n_trials"], "seeds": list(seeds or budget["seeds"]),
-                              "targets": TARGETS, "tasks": {}}
+                              "targets": TARGETS, "tasks": {}, "finetune_seeds": finetune_seeds}
     for name in tasks:
         why = resolve_task(name)
         if why is not None:
@@ -100,6 +100,7 @@ def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_tri
         if quick:
             preset = replace(preset, finetune_steps=QUICK["finetune_steps"])
         cfg = BenchConfig(task=name, preset=preset, seeds=tuple(config["seeds"]), n_trials=config["n_trials"],
+                          finetune_seeds=finetune_seeds,
                           workers=workers, methods=tuple(methods or available_methods()), cache_dir=cache_dir,
                           quick=quick)
         res = bench_task(cfg, out_dir, checkpoint)
@@ -118,6 +119,7 @@ def bench_task(cfg: BenchConfig, out_dir: Path, checkpoint: Checkpoint | None) -
     res = run_task(cfg, checkpoint)
     res.update({"levels": list(preset.levels), "max_flops_ratio": preset.max_flops_ratio,
                 "finetune_steps": preset.finetune_steps, "finetune_levels": list(preset.tuned_levels),
+                "finetune_seeds": cfg.finetune_seeds,
                 "proxy_recovery": cfg.evaluation(0)["recovery"]})
     res["summary"] = summarize(res, preset.levels)
     res["masking_per_target"] = masking_per_target(res)
@@ -162,6 +164,8 @@ def _parser() -> Any:
     parser.add_argument("--trials", type=int, default=None, help="trials per study (default 64, quick 8)")
     parser.add_argument("--workers", type=int, default=2, help="evaluation workers (default %(default)s)")
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(available_methods())}")
+    parser.add_argument("--finetune-seeds", type=int, default=1,
+                        help="fine-tunes per chosen model, averaged (default %(default)s)")
     parser.add_argument("--cache-dir", default=str(ROOT / "studies" / "cache"), help="task model cache")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the studies an interrupted run saved in <out>/<name>.partial.json")
@@ -184,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("not an object")
     except ValueError as exc:
         parser.error(f"--task-options must be a JSON object: {exc}")
+    if args.finetune_seeds < 1:
+        parser.error(f"--finetune-seeds must be >= 1, got {args.finetune_seeds}")
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     results, config = run(tasks, quick=args.quick, seeds=range(args.seeds) if args.seeds else None,
                           n_trials=args.trials, workers=args.workers, methods=methods, task_options=task_options,
                           cache_dir=args.cache_dir, out_dir=out, requested=args.task is not None,
-                          checkpoint=checkpoint)
+                          checkpoint=checkpoint, finetune_seeds=args.finetune_seeds)
     config["wall_seconds"] = round(sum(r.get("wall_s", 0.0) for r in results["tasks"].values()), 1)
     if args.merge:
         merge_previous(out / f"{name}.json", results, config)

@@ -281,3 +281,15 @@ def test_the_promoted_method_sets_a_promotion_ladder_in_its_studies(tmp_path):
     assert promoted.promotion.steps == (PRESETS["shapes"].finetune_steps,)
     assert not cfg.study_config("tpe", 0, tmp_path).promotion.enabled
     assert [s.kind for s in promoted.searchers] == ["tpe"]
+
+
+def test_several_fine_tune_seeds_are_averaged_and_kept():
+    from benchmarks.quality_run import _finetuned
+    from evaluators.metrics import Metrics
+
+    runs = [Metrics(accuracy=a, flops_ratio=0.2, eval_seconds=1.0) for a in (0.7, 0.8, 0.9)]
+    out = _finetuned(runs)
+    assert out["accuracy"] == pytest.approx(0.8) and out["accuracies"] == [0.7, 0.8, 0.9]
+    assert _finetuned([runs[0], Metrics.failure("boom")]) == {"error": "boom"}
+    cfg = BenchConfig(task="digits", preset=TaskPreset(levels=(0.3,), max_flops_ratio=0.5), finetune_seeds=3)
+    assert [cfg.finetune_settings(2, k)["seed"] for k in range(3)] == [2, 1002, 2002]
