@@ -224,14 +224,21 @@ def local_gpus(config: StudyConfig) -> int | None:
 
 def check_device(config: StudyConfig, on_cluster: bool | None = None) -> None:
     """``ConfigError`` when ``[evaluation] device`` names CUDA (or a GPU index) this machine
-    lacks. Skipped when the workers get GPUs from Ray (``gpus_per_worker`` > 0) on a cluster
-    or where it is not yet known whether the run joins one (``on_cluster`` None): the
-    cluster's GPUs are checked by ``start_ray``."""
+    lacks, or a GPU index a worker given ``gpus_per_worker`` GPUs by Ray cannot see. The
+    machine check is skipped when the workers get GPUs from Ray (``gpus_per_worker`` > 0) on
+    a cluster or where it is not yet known whether the run joins one (``on_cluster`` None):
+    the cluster's GPUs are checked by ``start_ray``."""
     from evaluators.devices import resolve_device
 
-    if config.evaluation.device in ("auto", "cpu"):
+    device, gpus = config.evaluation.device, config.study.gpus_per_worker
+    if device in ("auto", "cpu"):
         return
-    if config.study.gpus_per_worker > 0 and on_cluster is not False:
+    visible = max(1, int(gpus))  # what Ray makes visible to a worker given GPUs: cuda:0 .. cuda:visible-1
+    if gpus > 0 and device.startswith("cuda:") and int(device.split(":")[1]) >= visible:
+        raise ConfigError(f"[evaluation] device {device!r}: with [study] gpus_per_worker = {gpus:g} each "
+                          f"worker sees only the {visible} GPU(s) Ray gives it (cuda:0..cuda:{visible - 1}): "
+                          "use device = \"cuda\"")
+    if gpus > 0 and on_cluster is not False:
         return
     try:
         resolve_device(config.evaluation.device)

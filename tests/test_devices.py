@@ -164,3 +164,12 @@ def test_resuming_with_another_device_is_refused(tmp_path):
     run_study(first, pool_factory=lambda p, a: FakePool(p.space), progress=False)
     with pytest.raises(ConfigError, match=r"other \[evaluation\] settings \(device differ\)"):
         prepare(_study(tmp_path, evaluation='device = "auto"'))
+
+
+def test_a_gpu_index_beyond_what_ray_gives_a_worker_is_refused(tmp_path):
+    config = _study(tmp_path, study="gpus_per_worker = 0.5", evaluation='device = "cuda:1"')
+    for on_cluster in (None, True, False):
+        with pytest.raises(ConfigError, match=r"gpus_per_worker = 0.5 each worker sees only the 1 GPU\(s\)"):
+            check_study_device(config, on_cluster)
+    two = _study(tmp_path, study="gpus_per_worker = 2", evaluation='device = "cuda:1"')
+    check_study_device(two, on_cluster=True)  # a worker given 2 GPUs sees cuda:0 and cuda:1
