@@ -211,8 +211,10 @@ def _promotion(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     # One rung at the preset's own fine-tune length: the trials promoted are ranked by what
     # the benchmark's identical final fine-tune then measures (proxy_correlation: a 200-step
     # fine-tune is the only proxy that orders similar-size policies well).
+    # FLOPs levels 0.05 wide: every reported level's bound is a level edge, so trials just
+    # under a reported level do not compete with larger ones for promotion.
     return {"promotion": {"steps": [QUICK["finetune_steps"] if quick else preset.finetune_steps],
-                          "eta": 3, "levels": len(preset.levels) + 1}}
+                          "eta": 3, "levels": max(1, round(preset.max_flops_ratio / 0.05))}}
 
 
 @register_method("tpe_promoted")
