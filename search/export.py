@@ -15,7 +15,8 @@ For every feasible Pareto trial, ``<out>/trial-<n>/`` holds
   factory alone (for deployment), ``load_exported(dir, task)`` from the study's task;
 * ``model.pt2``    — ``torch.export`` program with a dynamic batch dimension (with ``"pt2"``
   in formats; load with ``torch.export.load(path).module()``);
-* ``model.onnx``   — only with ``"onnx"`` in formats, which needs the ``onnx`` package;
+* ``model.onnx``   — only with ``"onnx"`` in formats (the ``prunesearch[onnx]`` extra): a
+  dynamic batch axis, checked in onnxruntime against PyTorch (``search.export_formats``);
 
 and ``<out>/pareto.png`` plots accuracy vs FLOPs of every trial, coloured by searcher,
 with the front highlighted and the unpruned base model as a marked point at FLOPs ratio 1.
@@ -43,6 +44,7 @@ import torch.nn as nn
 
 from search.base import FULL
 from search.config import ConfigError, StudyConfig
+from search.export_formats import write_formats
 from search.records import TrialRecord, pareto_front
 from search.storage import check_compatible, read_study
 from spaces.checks import check_choice, check_int
@@ -177,16 +179,6 @@ def export_latency(model: nn.Module, base: nn.Module, task: Any, latency: Any) -
     return rows
 
 
-def write_formats(model: nn.Module, task: Any, directory: Path, formats: Sequence[str]) -> None:
-    if "pt2" in formats:
-        # Batch dimension dynamic (an example of 2: a batch of 1 would be specialised to 1).
-        example = task.example_inputs.expand(2, *task.example_inputs.shape[1:]).clone()
-        program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
-        torch.export.save(program, str(directory / "model.pt2"))
-    if "onnx" in formats:
-        torch.onnx.export(model.eval(), (task.example_inputs,), str(directory / "model.onnx"))
-
-
 def write_info(directory: Path, info: dict[str, Any]) -> None:
     """``metrics.json``, its ``files`` listing every file of the directory (ONNX's external
     ``model.onnx.data`` and the watermark manifest too: call again after adding one)."""
@@ -244,7 +236,7 @@ def export_trial(record: TrialRecord, task: Any, space: Any, settings: Any, dire
         "architecture": architecture_of(task, space),
         "latency": export_latency(model, base, task, settings.latency),
     }
-    write_formats(model, task, directory, formats)
+    info.update(write_formats(model, task, directory, formats))
     write_info(directory, info)
     return info
 
