@@ -113,6 +113,8 @@ def _add_reports(sub: Any) -> None:
     verify.add_argument("--capacity", action="store_true", help="print the watermark capacity of the space and exit")
     verify.set_defaults(func=cmd_verify)
 
+    from search.dashboard import cmd_dashboard
+
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard on the study storage")
     dash.add_argument("config", help=_CONFIG_HELP)
     dash.add_argument("--port", type=_int, default=8080, help="TCP port to serve on (default: 8080)")
@@ -298,46 +300,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for problem in mark.manifest_mismatches(wmk.read_manifest(export_dir)):
             print(f"  watermark.json: {problem}")
     return 0 if result.passed else 1
-
-
-def check_port_free(host: str, port: int) -> None:
-    """``ConfigError`` unless ``host:port`` can be bound now (checked before anything says
-    "Listening on": the server would only fail once it had announced itself)."""
-    import socket
-
-    if not 0 < port < 65536:
-        raise ConfigError(f"--port {port} is not a TCP port: give 1-65535")
-    try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ConfigError(f"--host {host!r} is not an address of this machine: {exc}") from None
-    with socket.socket(family, kind) as probe:
-        # the server sets SO_REUSEADDR too: a port left in TIME_WAIT is free for it, one in use is not
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise ConfigError(f"cannot serve on {host}:{port}: {exc.strerror or exc}: choose another --port") from None
-
-
-def cmd_dashboard(args: argparse.Namespace) -> int:
-    import optuna_dashboard
-
-    from search.storage import open_storage, parse_storage, read_study
-
-    config = _load(args)
-    read_study(config, source=args.config)  # ConfigError when there is no such study
-    check_port_free(args.host, args.port)
-    storage = open_storage(parse_storage(config.study.storage_url))
-    print(f"optuna-dashboard for study {config.name} at http://{args.host}:{args.port}/dashboard (Ctrl-C stops)",
-          flush=True)
-    try:
-        optuna_dashboard.run_server(storage, host=args.host, port=args.port)
-    except KeyboardInterrupt:
-        pass
-    except OSError as exc:  # taken between the check and the server's bind
-        raise ConfigError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}: choose another --port") from None
-    return 0
 
 
 def _stdout_gone() -> int:

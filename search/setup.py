@@ -323,11 +323,18 @@ def open_study(prepared: Prepared) -> tuple[optuna.storages.BaseStorage, optuna.
 
 
 def _record_reference(study: optuna.Study, prepared: Prepared) -> None:
-    """The constraint bounds trials are judged with and the unpruned model's metrics, once
-    per study (also for a study set up before they were recorded)."""
+    """The objectives' names (what optuna-dashboard labels them), the constraint bounds
+    trials are judged with and the unpruned model's metrics, once per study (also for a
+    study set up before they were recorded)."""
+    import warnings
+
     from search.baseline import measure_base
     from search.study_change import bounds_of
 
+    if study.metric_names is None:
+        with warnings.catch_warnings():  # set_metric_names is marked experimental since Optuna 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(prepared.config.study.objectives))
     if STUDY_ATTR_CONSTRAINTS not in study.user_attrs:
         study.set_user_attr(STUDY_ATTR_CONSTRAINTS, bounds_of(prepared.config))
     if STUDY_ATTR_BASE not in study.user_attrs:
