@@ -239,6 +239,7 @@ class BenchConfig:
     cache_dir: str = str(ROOT / "studies" / "cache")
     quick: bool = False
     finetune_seeds: int = 1   # fine-tunes per chosen model (seeds study seed + 1000 k), averaged
+    hv_points: int = 3        # models spread over the FLOPs range fine-tuned for the fine-tuned HV
 
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
@@ -246,11 +247,19 @@ class BenchConfig:
         check_int("n_trials", self.n_trials, minimum=2)
         check_int("workers", self.workers, minimum=1)
         check_int("finetune_seeds", self.finetune_seeds, minimum=1)
+        check_int("hv_points", self.hv_points, minimum=0)
         for method in self.methods:
             if method not in BASELINES:
                 METHODS.get(method)
         if UNIFORM not in self.methods:
             raise ValueError("the uniform baseline must be among the methods (everything is compared to it)")
+
+    @property
+    def hv_levels(self) -> tuple[float, ...]:
+        """FLOPs levels whose best models are fine-tuned for the fine-tuned hypervolume:
+        ``hv_points`` evenly spaced up to the constraint."""
+        top = self.preset.max_flops_ratio
+        return tuple(round(top * j / self.hv_points, 4) for j in range(1, self.hv_points + 1))
 
     @property
     def searchers(self) -> tuple[str, ...]:

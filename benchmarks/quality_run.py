@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from benchmarks.hypervolume import hypervolume
 from benchmarks.quality_presets import BASELINES, UNIFORM, BenchConfig
 from benchmarks.quality_scores import heuristic_result, study_result, uniform_result
 
@@ -171,7 +172,7 @@ def run_method(cfg: BenchConfig, method: str, seed: int, shared: SharedPool, tas
     prepared = prepare(config, task_and_space=task_and_space)
     summary = run_study(config, prepared=prepared, progress=False,
                         pool_factory=lambda p, _addr: shared.bind(p.config.evaluation))
-    return study_result(summary, levels)
+    return study_result(summary, levels, cfg.hv_levels)
 
 
 def run_baseline(cfg: BenchConfig, method: str, seed: int, shared: SharedPool,
@@ -187,13 +188,14 @@ def run_baseline(cfg: BenchConfig, method: str, seed: int, shared: SharedPool,
         policies = uniform_policies(space, levels)
         got = evaluate_all(shared, [(("u", seed, i), p, settings) for i, p in enumerate(policies)],
                            f"uniform seed {seed}")
-        res = uniform_result([(p, got[("u", seed, i)]) for i, p in enumerate(policies)], levels, max_flops)
+        res = uniform_result([(p, got[("u", seed, i)]) for i, p in enumerate(policies)], levels, max_flops,
+                             cfg.hv_levels)
     else:
-        targets = global_policies(method, task, space, levels)
+        targets = global_policies(method, task, space, sorted({*levels, *cfg.hv_levels}))
         got = evaluate_all(shared, [((method, seed, i), p, settings) for i, (_, p) in enumerate(targets)],
                            f"{method} seed {seed}")
         res = heuristic_result([(t, p, got[(method, seed, i)]) for i, (t, p) in enumerate(targets)], levels,
-                               max_flops)
+                               max_flops, cfg.hv_levels)
     res["wall_s"] = time.perf_counter() - start
     return res
 
@@ -264,27 +266,31 @@ def _run_studies(cfg: BenchConfig, shared: SharedPool, task_and_space: tuple[Any
 
 
 def finetune(cfg: BenchConfig, shared: SharedPool, per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Fine-tune every method's chosen model per seed and level identically, with
-    ``cfg.finetune_seeds`` fine-tune seeds (adds ``finetuned``: their mean, and each); timing."""
+    """Fine-tune every method's chosen models identically, with ``cfg.finetune_seeds``
+    fine-tune seeds: the best per reported level (adds ``finetuned``: their mean, and each)
+    and the models spread over the FLOPs range (adds ``finetuned_hv``, the hypervolume of
+    every fine-tuned model of the study); timing."""
     from evaluators.settings import EvalSettings
     from spaces.policy import Policy
 
     jobs, wanted = [], {}
+
+    def indices(seed: str, best: dict[str, Any]) -> list[int]:
+        policy = Policy.from_dict(best["policy"])
+        out = []
+        for k in range(cfg.finetune_seeds):
+            key = (seed, k, policy.key())  # the same model chosen twice is fine-tuned once
+            if key not in wanted:
+                wanted[key] = len(jobs)
+                jobs.append((len(jobs), policy, EvalSettings(**cfg.finetune_settings(int(seed), k))))
+            out.append(wanted[key])
+        return out
+
     for method, seeds in per_seed.items():
         for seed, res in seeds.items():
-            res["finetuned"] = {}
-            for level, best in res["best_proxy"].items():
-                if best is None or float(level) not in cfg.preset.tuned_levels:
-                    continue
-                policy = Policy.from_dict(best["policy"])
-                indices = []
-                for k in range(cfg.finetune_seeds):
-                    key = (seed, k, policy.key())  # the same model chosen twice is fine-tuned once
-                    if key not in wanted:
-                        wanted[key] = len(jobs)
-                        jobs.append((len(jobs), policy, EvalSettings(**cfg.finetune_settings(int(seed), k))))
-                    indices.append(wanted[key])
-                res["finetuned"][level] = indices
+            res["finetuned"] = {level: indices(seed, best) for level, best in res["best_proxy"].items()
+                                if best is not None and float(level) in cfg.preset.tuned_levels}
+            res["hv_finetuned"] = [indices(seed, best) for best in res.get("hv_models", {}).values() if best]
     log.info("%s: %d fine-tunes (%d steps each, %d seed(s) per model)", cfg.task, len(jobs),
              cfg.preset.finetune_steps, cfg.finetune_seeds)
     t = time.perf_counter()
@@ -292,8 +298,11 @@ def finetune(cfg: BenchConfig, shared: SharedPool, per_seed: dict[str, dict[str,
     elapsed = time.perf_counter() - t
     for method, seeds in per_seed.items():
         for seed, res in seeds.items():
-            for level, indices in list(res["finetuned"].items()):
-                res["finetuned"][level] = _finetuned([got[i] for i in indices])
+            res["finetuned"] = {level: _finetuned([got[i] for i in ix]) for level, ix in res["finetuned"].items()}
+            models = [_finetuned([got[i] for i in ix]) for ix in res.pop("hv_finetuned")]
+            models += list(res["finetuned"].values())
+            res["finetuned_hv"] = hypervolume([(m["accuracy"], m["flops_ratio"]) for m in models if "accuracy" in m
+                                               and m["flops_ratio"] <= cfg.preset.max_flops_ratio + 1e-12])
     return {"models": len(jobs), "steps": cfg.preset.finetune_steps, "seeds": cfg.finetune_seeds, "wall_s": elapsed}
 
 

@@ -52,8 +52,9 @@ def _compute_s(record: Any) -> float:
     return float(record.metrics.eval_seconds) if record.metrics is not None else 0.0
 
 
-def study_result(summary: Any, levels: Sequence[float]) -> dict[str, Any]:
-    """Per-trial points, hypervolume (final and per trial) and best feasible accuracy per level."""
+def study_result(summary: Any, levels: Sequence[float], hv_levels: Sequence[float] = ()) -> dict[str, Any]:
+    """Per-trial points, hypervolume (final and per trial), best feasible accuracy per level
+    and the models at ``hv_levels`` whose fine-tuned hypervolume is measured (``hv_models``)."""
     from optuna.trial import TrialState
 
     points, policies = [], {}
@@ -78,6 +79,7 @@ def study_result(summary: Any, levels: Sequence[float]) -> dict[str, Any]:
     curve = hypervolume_curve(counted)
     best = _best_per_level([p for p in points if p["ok"]], levels, policies)
     return {
+        "hv_models": _best_per_level([p for p in points if p["ok"]], hv_levels, policies),
         "trials": len(points),
         "full_fidelity_trials": sum(p["fidelity"] == "full" for p in points),
         "feasible_full_trials": sum(c is not None for c in counted),
@@ -95,7 +97,8 @@ def study_result(summary: Any, levels: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def uniform_result(evaluated: Sequence[tuple[Any, Any]], levels: Sequence[float], max_flops: float) -> dict[str, Any]:
+def uniform_result(evaluated: Sequence[tuple[Any, Any]], levels: Sequence[float], max_flops: float,
+                   hv_levels: Sequence[float] = ()) -> dict[str, Any]:
     """The uniform sweep as a method: ``evaluated`` = (policy, metrics) pairs."""
     points, policies = [], {}
     for i, (policy, m) in enumerate(sorted(evaluated, key=lambda pm: max(pm[0].ratios.values()))):
@@ -108,11 +111,11 @@ def uniform_result(evaluated: Sequence[tuple[Any, Any]], levels: Sequence[float]
     best = _best_per_level(ok, levels, policies)
     feasible = [(p["accuracy"], p["flops_ratio"]) for p in ok if p["feasible"]]
     return {"trials": len(points), "evaluations": len(points), "hypervolume": hypervolume(feasible),
-            "best_proxy": best, "points": points}
+            "best_proxy": best, "points": points, "hv_models": _best_per_level(ok, hv_levels, policies)}
 
 
 def heuristic_result(evaluated: Sequence[tuple[float, Any, Any]], levels: Sequence[float],
-                     max_flops: float) -> dict[str, Any]:
+                     max_flops: float, hv_levels: Sequence[float] = ()) -> dict[str, Any]:
     """A search-free heuristic as a method: ``evaluated`` = (FLOPs target, policy, metrics)."""
     points, policies = [], {}
     for i, (target, policy, m) in enumerate(sorted(evaluated, key=lambda tpm: tpm[0])):
@@ -124,4 +127,5 @@ def heuristic_result(evaluated: Sequence[tuple[float, Any, Any]], levels: Sequen
     ok = [p for p in points if p["ok"]]
     feasible = [(p["accuracy"], p["flops_ratio"]) for p in ok if p["feasible"]]
     return {"trials": len(points), "evaluations": len(points), "hypervolume": hypervolume(feasible),
-            "best_proxy": _best_per_level(ok, levels, policies), "points": points}
+            "best_proxy": _best_per_level(ok, levels, policies), "points": points,
+            "hv_models": _best_per_level(ok, hv_levels, policies)}

@@ -293,3 +293,14 @@ def test_several_fine_tune_seeds_are_averaged_and_kept():
     assert _finetuned([runs[0], Metrics.failure("boom")]) == {"error": "boom"}
     cfg = BenchConfig(task="digits", preset=TaskPreset(levels=(0.3,), max_flops_ratio=0.5), finetune_seeds=3)
     assert [cfg.finetune_settings(2, k)["seed"] for k in range(3)] == [2, 1002, 2002]
+
+
+def test_fine_tuned_hypervolume_models_are_spread_up_to_the_constraint():
+    from benchmarks.quality_scores import _best_per_level
+
+    cfg = BenchConfig(task="digits", preset=TaskPreset(levels=(0.3,), max_flops_ratio=0.6), hv_points=3)
+    assert cfg.hv_levels == (0.2, 0.4, 0.6)
+    points = [{"trial": i, "fidelity": "full", "feasible": True, "accuracy": a, "flops_ratio": f}
+              for i, (a, f) in enumerate([(0.5, 0.15), (0.7, 0.35), (0.9, 0.55), (0.6, 0.18)])]
+    chosen = _best_per_level(points, cfg.hv_levels, {i: {"trial": i} for i in range(4)})
+    assert [b["trial"] for b in chosen.values()] == [3, 1, 2]
