@@ -4,7 +4,8 @@ Each section is the frozen config of the layer that uses it; StudyConfig only co
 them and adds what needs the registries (objective, method and recovery names)::
 
     [study]        name, storage, seed, n_trials, timeout_s, objectives, workers,
-                   threads_per_worker, window, eval_timeout_s, max_retries, log_file
+                   threads_per_worker, gpus_per_worker, window, eval_timeout_s, max_retries,
+                   log_file
     [task]         name ("digits", "image-folder" or "package.module:callable"), cache_dir
     [task.options] passed to the task
     [space]        spaces.space.SpaceConfig: ratio_min, ratio_max, ratio_step, methods,
