@@ -291,7 +291,7 @@ def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune
                  formats: Sequence[str] | None = None, task_and_space: tuple[Any, Any] | None = None) -> ExportSummary:
     """Export every feasible Pareto trial of ``config``'s study (storage is only read)."""
     from search.baseline import measure_base, stored_base
-    from search.setup import build_watermark, fingerprint_of, load_task_and_space
+    from search.setup import build_watermark, check_device, fingerprint_of, load_task_and_space
     from search.study_change import check_constraints
 
     formats = tuple(formats if formats is not None else config.export.formats)
@@ -303,6 +303,7 @@ def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     check_formats(formats)
+    check_device(config, on_cluster=False)  # the rebuild runs here: refuse a device this machine lacks
     out = Path(out) if out is not None else Path(config.export.dir) / config.name
     summary, records = read_study(config)
     front = pareto_front(records, config.study.directions)
