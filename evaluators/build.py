@@ -66,7 +66,7 @@ def build_pruned(policy: Policy, task: Task, settings: EvalSettings, *, groups: 
         calibration = to_device(calibration_batches(task, settings), device)
         t = time.perf_counter()
         pruned = apply_policy(base, policy, to_device(task.example_inputs, device), calibration, groups=groups,
-                              round_to=round_to)
+                              round_to=round_to, loss_fn=task.loss)
         timings["prune"] = time.perf_counter() - t
         t = time.perf_counter()
         recovery = policy.recovery or settings.recovery

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evaluators.batch import Batch
+from evaluators.batch import Batch, call, take
 from evaluators.compensation_layers import conv_padding, in_width, kept_indices, unsupported
 from evaluators.recover import recover, register_recovery
 from spaces.checks import check_bool, check_int, check_number
@@ -120,7 +120,7 @@ def _output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
 
 def _forward(model: nn.Module, x: torch.Tensor) -> None:
     try:
-        model(x)
+        call(model, x)
     except _Stop:
         pass
 
@@ -197,8 +197,8 @@ def _consumer_layers(pruned: nn.Module, base: nn.Module, report: CompensationRep
 
 def _refit(pruned, base, calibration, layers: list[_Layer], report: CompensationReport, config: CaPConfig) -> None:
     """Fit every layer in execution order (models in eval mode); see the module docstring."""
-    x1 = calibration[0][0][:1]
-    schedule = ForwardSchedule(pruned, lambda: pruned(x1))
+    x1 = take(calibration[0][0], slice(0, 1))
+    schedule = ForwardSchedule(pruned, lambda: call(pruned, x1))
     entries = {r.name: r for r in report.layers}
     for layer in list(layers):
         if schedule.calls(layer[1]) > 1:
@@ -242,7 +242,7 @@ def _base_targets(base, calibration, layers, config):
     try:
         with torch.no_grad():
             for x, _ in calibration:
-                base(x)
+                call(base, x)
     finally:
         for h in handles:
             h.remove()

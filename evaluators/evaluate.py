@@ -18,7 +18,7 @@ import torch.nn as nn
 from evaluators import timing
 from evaluators.build import build_pruned
 from evaluators.devices import model_device, on_device, placed, resolve_device, to_device
-from evaluators.measure import model_cost, top1_accuracy
+from evaluators.measure import model_cost, task_values
 from evaluators.metrics import Metrics
 from evaluators.settings import EvalSettings
 from evaluators.tasks import Task
@@ -42,7 +42,7 @@ def _measure(
 ) -> dict[str, float | None]:
     start = time.perf_counter()
     device = model_device(model)
-    accuracy = top1_accuracy(model, validation_batches(task, settings))  # batches moved to the model's device
+    values = task_values(model, task, validation_batches(task, settings))  # batches moved to the model's device
     timings["accuracy"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -59,7 +59,8 @@ def _measure(
         ratio = latency / base_ms
         timings["latency"] = time.perf_counter() - start
     return {
-        "accuracy": accuracy,
+        "accuracy": values.get("accuracy"),
+        "values": values,
         "flops": cost.flops,
         "params": cost.params,
         "flops_ratio": cost.flops / base_cost.flops if base_cost.flops else None,

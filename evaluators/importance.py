@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
-from evaluators.batch import Batch
+from evaluators.batch import Batch, call
 from spaces.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def taylor_statistics(
         with torch.enable_grad():
             for x, y in calibration:
                 model.zero_grad(set_to_none=True)
-                loss_fn(model(x), y).backward()
+                loss_fn(call(model, x), y).backward()
                 for module in model.modules():
                     for kind, term in _first_order_terms(module).items():
                         rows.setdefault(module, {}).setdefault(kind, []).append(term)

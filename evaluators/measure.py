@@ -1,16 +1,21 @@
-"""Measurements of a (pruned) model: top-1 accuracy and FLOPs/params (timing: ``evaluators.timing``)."""
+"""Measurements of a (pruned) model: the task's metrics (top-1 accuracy by default) and
+FLOPs/params (timing: ``evaluators.timing``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-from evaluators.batch import Batch
+from evaluators.batch import Batch, call
 from evaluators.devices import model_device, to_device
 from spaces.cost import Cost, count_cost
+
+if TYPE_CHECKING:
+    from evaluators.tasks import Task
 
 
 def top1_accuracy(model: nn.Module, batches: Sequence[Batch]) -> float:
@@ -24,13 +29,37 @@ def top1_accuracy(model: nn.Module, batches: Sequence[Batch]) -> float:
     with torch.no_grad():
         for x, y in batches:
             x, y = to_device(x, device), to_device(y, device)
-            out = model(x)
+            out = call(model, x)
             if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(y):
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ValueError(f"model output {shape} is not (batch, classes) logits for a batch of {len(y)}")
             correct += int((out.argmax(1) == y).sum())
             total += len(y)
     return correct / total
+
+
+def task_values(model: nn.Module, task: "Task", batches: Sequence[Batch]) -> dict[str, float]:
+    """``task``'s metrics of ``model`` on ``batches`` (model in eval mode, batches moved to its
+    device): ``task.metrics`` when it gives one, else ``{"accuracy": top1_accuracy}``.
+    ``ValueError`` (one line) when they are not exactly the declared names with numbers."""
+    if task.metrics is None:
+        return {"accuracy": top1_accuracy(model, batches)}
+    if not batches:
+        raise ValueError("metrics need at least one batch; none were given")
+    model.eval()
+    moved = to_device(list(batches), model_device(model))
+    with torch.no_grad():
+        values = task.metrics(model, moved)
+    if not isinstance(values, Mapping) or set(values) != set(task.metric_directions):
+        got = sorted(values) if isinstance(values, Mapping) else type(values).__name__
+        raise ValueError(f"task {task.name!r} metrics returned {got}, not {sorted(task.metric_directions)}")
+    out = {}
+    for name, value in values.items():
+        value = float(value.item() if isinstance(value, torch.Tensor) else value)
+        if not math.isfinite(value):
+            raise ValueError(f"task {task.name!r} metric {name!r} is {value}")
+        out[name] = value
+    return out
 
 
 def model_cost(model: nn.Module, example_inputs: Any) -> Cost:

@@ -19,6 +19,9 @@ class Metrics:
     ``flops`` are multiply-accumulates per sample of the real pruned model, ``params`` its
     parameter count; ``flops_ratio``/``params_ratio`` are relative to the unpruned model.
     ``timings`` splits ``eval_seconds`` into phases (prune, recover, forward, ...).
+    ``values`` holds the task's own metrics (``Task.metrics``: name -> value, e.g.
+    ``{"perplexity": 3.2}``); a classification task's is ``{"accuracy": ...}``, and a task
+    metric named ``accuracy`` is also ``accuracy`` (which stays None for a task without one).
     """
 
     accuracy: float | None = None
@@ -32,10 +35,17 @@ class Metrics:
     error: str | None = None
     fidelity: str = "full"
     timings: dict[str, float] = field(default_factory=dict)
+    values: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.accuracy is not None and math.isfinite(self.accuracy)
+        """No error, and the quality measured: every task value finite (older records,
+        without ``values``: a finite accuracy)."""
+        if self.error is not None:
+            return False
+        if self.values:
+            return all(isinstance(v, (int, float)) and math.isfinite(v) for v in self.values.values())
+        return self.accuracy is not None and math.isfinite(self.accuracy)
 
     @classmethod
     def failure(cls, error: BaseException | str, eval_seconds: float = 0.0, fidelity: str = "full") -> "Metrics":
@@ -95,6 +105,33 @@ def register_objective(name: str, objective: Objective) -> Objective:
 def get_objective(name: str) -> Objective:
     """The objective registered as ``name``; ``ValueError`` naming the known ones."""
     return OBJECTIVES.get(name)
+
+
+@dataclass(frozen=True)
+class TaskValue:
+    """Reads a task's own metric ``name`` from ``Metrics.values`` (None when not measured);
+    a dataclass, so two registrations of one task metric compare equal."""
+
+    name: str
+
+    def __call__(self, metrics: Metrics) -> float | None:
+        value = metrics.values.get(self.name)
+        return float(value) if isinstance(value, (int, float)) else None
+
+
+def task_objective(name: str, direction: str) -> Objective:
+    """The objective of a task's own metric ``name``, registered on first use. A task metric
+    may reuse the name ``accuracy`` (the built-in quality, read from ``Metrics.accuracy``) or a
+    name another task registered, with the same direction; ``ValueError`` otherwise (a
+    metric named like a cost, e.g. ``flops``, would be read from the wrong place)."""
+    if name in OBJECTIVES:
+        known = OBJECTIVES.get(name)
+        if name != "accuracy" and not isinstance(known.read, TaskValue):
+            raise ValueError(f"task metric {name!r} has the name of a built-in cost objective: rename it")
+        if known.direction != direction:
+            raise ValueError(f"task metric {name!r} is to {direction}, but objective {name!r} is to {known.direction}")
+        return known
+    return register_objective(name, Objective(direction, read=TaskValue(name)))
 
 
 register_objective("accuracy", Objective(MAXIMIZE, "accuracy"))

@@ -3,8 +3,9 @@
 Built-ins: ``none``; ``adaptive_bn`` (EagleEye, Li et al. 2020: reset the BatchNorm
 running statistics and re-estimate them on calibration batches in train mode, without
 gradients); ``finetune`` (adaptive BN, then ``finetune_steps`` SGD steps on the train
-split, optionally distilled from the unpruned model at ``temperature``, then adaptive BN
-again for the final weights).
+split with the task's loss (``Task.loss``, default cross-entropy), optionally distilled
+from the unpruned model at ``temperature`` (``Task.distill``, default Hinton's KD), then
+adaptive BN again for the final weights).
 
 Register another one with::
 
@@ -22,11 +23,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from evaluators.batch import Batch
+from evaluators.batch import Batch, call, take
 from evaluators.devices import model_device, placed, resolve_device, to_device
-from evaluators.losses import kd_loss
+from evaluators.losses import task_distill, task_loss
 from spaces.registry import Registry
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ def recalibrate_bn(model: nn.Module, batches: Sequence[Batch]) -> nn.Module:
         device = model_device(model)
         with torch.no_grad():
             for x, _ in batches:
-                model(to_device(x, device))
+                call(model, to_device(x, device))
     finally:
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
@@ -141,17 +141,18 @@ def finetune(pruned, *, base, task, settings, calibration) -> nn.Module:
     generator = torch.Generator().manual_seed(settings.seed)
     x_all, y_all = task.train
     device = model_device(model)  # recover() put it on settings.device
+    loss_fn, distill = task_loss(task), task_distill(task)
     model.train()
     with torch.enable_grad():
         for _ in range(steps):
             idx = torch.randint(len(y_all), (min(settings.batch_size, len(y_all)),), generator=generator)
-            x, y = x_all[idx].to(device), y_all[idx].to(device)
-            out = model(x)
-            loss = F.cross_entropy(out, y)
+            x, y = to_device(take(x_all, idx), device), y_all[idx].to(device)
+            out = call(model, x)
+            loss = loss_fn(out, y)
             if teacher is not None:
                 with torch.no_grad():
-                    target = teacher(x)
-                loss = (1 - KD_ALPHA) * loss + KD_ALPHA * kd_loss(out, target, settings.temperature)
+                    target = call(teacher, x)
+                loss = (1 - KD_ALPHA) * loss + KD_ALPHA * distill(out, target, settings.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

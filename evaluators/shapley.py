@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from evaluators.batch import Batch
+from evaluators.batch import Batch, call, concat, sample_count, take
 from evaluators.importance import Importance, default_loss, register_importance
 from spaces.checks import check_bool, check_int, check_number
 
@@ -247,6 +247,15 @@ def _fingerprint(*tensors_or_named: Any) -> str:
     return h.hexdigest()
 
 
+def _flat(inputs: Any) -> list[Any]:
+    """``inputs``' tensors in a fixed order (a dict's keys with them), for ``_fingerprint``."""
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    if isinstance(inputs, dict):
+        return [item for key in sorted(inputs) for item in (key, inputs[key])]
+    return list(inputs)
+
+
 def _loss_key(loss_fn: Callable | None) -> str | None:
     """A stable identity for ``loss_fn``; None when it has none (closures): no caching then."""
     if loss_fn is None or loss_fn is default_loss:
@@ -292,11 +301,11 @@ class ShapleyImportance(Importance):
         for x, y in calibration:
             if taken >= self.config.max_samples:
                 break
-            k = min(len(x), self.config.max_samples - taken)
-            xs.append(x[:k])
+            k = min(sample_count(x), self.config.max_samples - taken)
+            xs.append(take(x, slice(0, k)))
             ys.append(y[:k])
             taken += k
-        self._x, self._y = torch.cat(xs), torch.cat(ys)
+        self._x, self._y = concat(xs), torch.cat(ys)
         self._model = model
         self._loss_fn = loss_fn or default_loss
         self._names = {m: n for n, m in model.named_modules()}
@@ -304,11 +313,11 @@ class ShapleyImportance(Importance):
         loss_key = _loss_key(loss_fn)
         if self.config.cache and loss_key is not None:
             state = [t for kv in sorted(model.state_dict().items()) for t in kv]
-            self._key = (_fingerprint(*state), _fingerprint(self._x, self._y), loss_key, astuple(self.config))
+            self._key = (_fingerprint(*state), _fingerprint(*_flat(self._x), self._y), loss_key, astuple(self.config))
 
     def _loss(self) -> float:
         self.forward_passes += 1
-        return float(self._loss_fn(self._model(self._x), self._y))
+        return float(self._loss_fn(call(self._model, self._x), self._y))
 
     def score(self, group: Any) -> torch.Tensor:
         if self._model is None:
@@ -328,8 +337,8 @@ class ShapleyImportance(Importance):
         self._model.eval()
         try:
             with torch.no_grad(), ChannelMask(group, n) as masker:
-                x1 = self._x[:1]
-                schedule = ForwardSchedule(self._model, lambda: self._model(x1))
+                x1 = take(self._x, slice(0, 1))
+                schedule = ForwardSchedule(self._model, lambda: call(self._model, x1))
                 skip = schedule.skippable(schedule.start([p.module for p in masker.producers]))
                 store: dict[nn.Module, list[torch.Tensor]] = {}
                 handles = record_outputs(skip, store)

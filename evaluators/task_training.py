@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
-from evaluators.batch import Batch
-from evaluators.measure import top1_accuracy
+from evaluators.batch import Batch, Inputs, call, take
+from evaluators.losses import cross_entropy
+from evaluators.measure import task_values
 from evaluators.tasks import Task
 from spaces.checks import check_int, check_number_list
 
@@ -81,15 +80,15 @@ def seeded_split(n: int, fractions: tuple[float, float, float], seed: int) -> tu
     return perm[:n_train], perm[n_train : n_train + n_cal], perm[n_train + n_cal :]
 
 
-def split_data(x: Tensor, y: Tensor, fractions: tuple[float, float, float], seed: int) -> tuple[Batch, Batch, Batch]:
+def split_data(x: Inputs, y: Tensor, fractions: tuple[float, float, float], seed: int) -> tuple[Batch, Batch, Batch]:
     """(train, calibration, validation) pairs of a seeded random split of ``(x, y)``."""
-    return tuple((x[idx], y[idx]) for idx in seeded_split(len(y), fractions, seed))  # type: ignore[return-value]
+    return tuple((take(x, idx), y[idx]) for idx in seeded_split(len(y), fractions, seed))  # type: ignore[return-value]
 
 
 def in_batches(data: Batch, batch_size: int = EVAL_BATCH) -> list[Batch]:
     """``data`` cut into consecutive batches of ``batch_size`` samples."""
     x, y = data
-    return list(zip(x.split(batch_size), y.split(batch_size)))
+    return [(take(x, slice(i, i + batch_size)), y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -110,9 +109,11 @@ def train_classifier(
     augment: Augment | None = None,
     desc: str = "training",
     optimizer: str = "sgd",
+    loss: Callable[[Any, Tensor], Tensor] = cross_entropy,
 ) -> dict[str, Tensor]:
     """Deterministic one-cycle training with ``optimizer`` (a name in ``OPTIMIZERS``: SGD
-    with Nesterov momentum for the CNNs, AdamW for transformers); returns the state_dict."""
+    with Nesterov momentum for the CNNs, AdamW for transformers) on ``loss`` (cross-entropy
+    unless the task has its own); returns the state_dict."""
     from tqdm.auto import tqdm
 
     previous = torch.get_num_threads()
@@ -131,12 +132,12 @@ def train_classifier(
             order = torch.randperm(len(y_all), generator=gen)
             for i in range(0, len(y_all), batch_size):
                 idx = order[i : i + batch_size]
-                x, y = x_all[idx], y_all[idx]
+                x, y = take(x_all, idx), y_all[idx]
                 if augment is not None:
                     x = augment(x, gen)
-                loss = F.cross_entropy(model(x), y)
+                value = loss(call(model, x), y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                value.backward()
                 optimizer.step()
                 schedule.step()
         model.eval()
@@ -186,11 +187,14 @@ def trained_task(
     cache_dir: Path,
     augment: Augment | None = None,
     state: Mapping[str, Tensor] | None = None,
+    **scoring: Any,
 ) -> Task:
     """A :class:`Task` over ``(x, y)`` split by ``opts["split"]`` and ``opts["seed"]``.
 
     Without ``state`` the base model is trained with ``opts`` (epochs, batch_size, lr,
     seed) on the train split once and cached under ``cache_dir``, named by ``config``.
+    ``scoring`` holds the task's own ``metrics``, ``metric_directions``, ``loss`` and
+    ``distill`` (Task fields); the base model trains on that ``loss``.
     """
     train, calibration, validation = split_data(x, y, tuple(opts["split"]), opts["seed"])
 
@@ -199,15 +203,17 @@ def trained_task(
         model = build()
         trained = train_classifier(
             model, train, epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
-            optimizer=opts.get("optimizer", "sgd"),
+            optimizer=opts.get("optimizer", "sgd"), loss=scoring.get("loss") or cross_entropy,
             seed=opts["seed"], augment=augment, desc=f"training {name} base model",
         )
-        log.info("%s base model: validation accuracy %.4f", name, top1_accuracy(model, in_batches(validation)))
+        log.info("%s base model: validation %s", name, task_values(model, probe, in_batches(validation)))
         return trained
 
+    # a copy of the first sample: a view would carry the whole of x's storage when pickled
+    example = take(x, torch.arange(1))
+    probe = Task(name=name, build_model=build, train=train, calibration=calibration, validation=validation,
+                 example_inputs=example, num_classes=num_classes, base_state={}, config=config, **scoring)
     if state is None:
         state = cached_weights(cache_dir / f"{name}-{config_hash(config)}.pt", fit)
-    return Task(
-        name=name, build_model=build, train=train, calibration=calibration, validation=validation,
-        example_inputs=x[:1].clone(), num_classes=num_classes, base_state=dict(state), config=config,
-    )
+    probe.base_state = dict(state)
+    return probe

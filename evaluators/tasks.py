@@ -5,6 +5,15 @@ Built-ins (``available_tasks()``), each in its own module and registered with
 (:mod:`evaluators.image_folder`), ``shapes`` (:mod:`evaluators.synthetic`) and ``tokens``
 (:mod:`evaluators.tokens`, a small transformer).
 
+A task scores a model by ``metrics(model, batches) -> {name: value}`` with a direction per
+name (``metric_directions``) and trains it (fine-tune, gradient-based criteria) with
+``loss(outputs, targets)`` and ``distill(student, teacher, temperature)``; the defaults are
+top-1 accuracy, cross-entropy and Hinton's KD over the last axis. Inputs may be a tensor, a
+tuple or a dict of tensors (``evaluators.batch``). The metric names are declared up front,
+without building the task, so a study's objectives and constraints can name them before it
+loads: ``@register_task(name, metrics={...})`` for a built-in, ``@declare_metrics(...)`` on a
+plugin's factory (``declared_metrics``).
+
 Any other spec of the form ``"package.module:callable"`` is a plugin: ``callable(**options)``
 must return a :class:`Task`. A plugin that declares a ``cache_dir`` parameter also gets the
 study's ``[task] cache_dir`` (a ``Path``) there, as the built-ins do, unless its options
@@ -18,8 +27,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +37,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from evaluators.batch import Batch
+from evaluators.batch import Batch, Inputs, check_inputs, sample_count, take
+from evaluators.metrics import MAXIMIZE, MINIMIZE
 from spaces.checks import check_int
 from spaces.registry import Registry
 
 Tensor = torch.Tensor
 SPLITS = ("train", "calibration", "validation")
+DEFAULT_METRICS: Mapping[str, str] = {"accuracy": MAXIMIZE}
+# a metric name is also a constraint key (max_<name> / min_<name>) and a table column
+_METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
 @dataclass
@@ -41,31 +55,50 @@ class Task:
 
     name: str
     build_model: Callable[[], nn.Module]      # the architecture, picklable (module-level fn / functools.partial)
-    train: tuple[Tensor, Tensor]              # (x, y) CPU tensors
-    calibration: tuple[Tensor, Tensor]        # small subset used by adaptive BN / importance / CaP
-    validation: tuple[Tensor, Tensor]         # proxy accuracy is measured here
-    example_inputs: Tensor                    # ONE sample (batch 1): costs are per sample
+    train: tuple[Inputs, Tensor]              # (x, y); x a tensor, tuple or dict of CPU tensors
+    calibration: tuple[Inputs, Tensor]        # small subset used by adaptive BN / importance / CaP
+    validation: tuple[Inputs, Tensor]         # the metrics are measured here
+    example_inputs: Inputs                    # ONE sample (batch 1): costs are per sample
     num_classes: int
     base_state: dict[str, Tensor]             # trained weights of build_model()
     config: dict = field(default_factory=dict)  # what the task was built from (hashing / display)
+    # the task's own quality metrics (None: top-1 accuracy), each name's direction, and the
+    # losses recovery and the gradient-based criteria train with (None: cross-entropy, KD);
+    # picklable (module-level functions): workers receive them with the task
+    metrics: Callable[[nn.Module, Sequence[Batch]], Mapping[str, float]] | None = None
+    metric_directions: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_METRICS))
+    loss: Callable[[Any, Tensor], Tensor] | None = None
+    distill: Callable[[Any, Any, float], Tensor] | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.build_model):
             raise ValueError(f"task {self.name!r}: build_model must be callable, got {type(self.build_model).__name__}")
         for split in SPLITS:
             pair = getattr(self, split)
-            if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(t, Tensor) for t in pair)):
-                raise ValueError(f"task {self.name!r}: {split} must be a tuple (x, y) of tensors")
-            x, y = pair
-            if len(x) != len(y):
-                raise ValueError(f"task {self.name!r}: {split} has {len(x)} inputs but {len(y)} labels")
-            if len(x) == 0:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], Tensor)):
+                raise ValueError(f"task {self.name!r}: {split} must be a tuple (x, y) of inputs and a target tensor")
+            n = check_inputs(f"task {self.name!r}: {split} inputs", pair[0])
+            if n != len(pair[1]):
+                raise ValueError(f"task {self.name!r}: {split} has {n} inputs but {len(pair[1])} labels")
+            if n == 0:
                 raise ValueError(f"task {self.name!r}: {split} split is empty")
-        if not isinstance(self.example_inputs, Tensor) or self.example_inputs.shape[:1] != (1,):
-            raise ValueError(f"task {self.name!r}: example_inputs must be a tensor holding one sample (batch 1)")
+        try:
+            one = check_inputs("example_inputs", self.example_inputs)
+        except ValueError:
+            one = None
+        if one != 1:
+            raise ValueError(f"task {self.name!r}: example_inputs must be a tensor holding one sample (batch 1), "
+                             "or a tuple or dict of such tensors")
         check_int(f"task {self.name!r}: num_classes", self.num_classes, 1)
         if not isinstance(self.base_state, Mapping):
             raise ValueError(f"task {self.name!r}: base_state must be a state_dict, got {type(self.base_state).__name__}")
+        self.metric_directions = check_metric_directions(f"task {self.name!r}: metric_directions",
+                                                         self.metric_directions)
+        for key in ("metrics", "loss", "distill"):
+            if getattr(self, key) is not None and not callable(getattr(self, key)):
+                raise ValueError(f"task {self.name!r}: {key} must be callable or None")
+        if self.metrics is None and self.metric_directions != DEFAULT_METRICS:
+            raise ValueError(f"task {self.name!r}: metric_directions {self.metric_directions} need a metrics function")
 
     def base_model(self) -> nn.Module:
         """A fresh ``build_model()`` loaded with ``base_state``, in eval mode."""
@@ -98,7 +131,37 @@ class Task:
             idx = torch.arange(n)
         else:
             idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
-        return [(x[idx[i : i + batch_size]], y[idx[i : i + batch_size]]) for i in range(0, n, batch_size)]
+        return [(take(x, idx[i : i + batch_size]), y[idx[i : i + batch_size]]) for i in range(0, n, batch_size)]
+
+    def sample_count(self, split: str) -> int:
+        """Samples in ``split``."""
+        return sample_count(self.split(split)[0])
+
+
+def check_metric_directions(name: str, value: Any) -> dict[str, str]:
+    """``value`` as ``{metric: direction}``: a non-empty mapping of lower-case names (letters,
+    digits, ``_``) to ``"maximize"``/``"minimize"``; ``ValueError`` (one line) otherwise."""
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"{name} must be a non-empty mapping of metric name -> 'maximize'/'minimize', got {value!r}")
+    for metric, direction in value.items():
+        if not isinstance(metric, str) or not _METRIC_NAME.match(metric):
+            raise ValueError(f"{name}: metric name {metric!r} must be lower-case letters, digits and '_' "
+                             "(it becomes a constraint key)")
+        if direction not in (MAXIMIZE, MINIMIZE):
+            raise ValueError(f"{name}: direction of {metric!r} must be 'maximize' or 'minimize', got {direction!r}")
+    return dict(value)
+
+
+def declare_metrics(**directions: str) -> Callable[[Callable], Callable]:
+    """Decorator for a task plugin's factory: the metric names (and directions) its Task
+    scores by, readable without building the task (``declared_metrics``)."""
+    checked = check_metric_directions("declare_metrics", directions)
+
+    def wrap(fn: Callable) -> Callable:
+        fn.metric_directions = checked
+        return fn
+
+    return wrap
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -115,9 +178,36 @@ TASKS: Registry[TaskBuilder] = Registry(
 )
 
 
-def register_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
-    """Decorator for a built-in task: ``fn(options: dict, cache_dir: Path) -> Task``."""
-    return TASKS.register(name)
+def register_task(name: str, metrics: Mapping[str, str] | None = None) -> Callable[[TaskBuilder], TaskBuilder]:
+    """Decorator for a built-in task: ``fn(options: dict, cache_dir: Path) -> Task``;
+    ``metrics`` declares its metric directions when they are not top-1 accuracy."""
+    def wrap(fn: TaskBuilder) -> TaskBuilder:
+        if metrics is not None:
+            declare_metrics(**metrics)(fn)
+        return TASKS.register(name)(fn)
+
+    return wrap
+
+
+def declared_metrics(spec: str) -> dict[str, str]:
+    """The metric directions task ``spec`` declares, read without building it (a plugin's
+    module is imported); top-1 accuracy when it declares none. ``ValueError`` (one line) for
+    an unknown or broken spec."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"task must be a registered name or 'package.module:callable', got {spec!r}")
+    if spec in TASKS:
+        factory = TASKS.get(spec)
+    elif ":" in spec:
+        _working_directory_importable()
+        factory = import_object(spec, "task plugin")
+    else:
+        raise ValueError(
+            f"unknown task {spec!r} (built-in: {', '.join(available_tasks())}; or a plugin 'package.module:callable')"
+        )
+    declared = getattr(factory, "metric_directions", None)
+    if declared is None:
+        return dict(DEFAULT_METRICS)
+    return check_metric_directions(f"task {spec!r}: metric_directions", declared)
 
 
 def available_tasks() -> tuple[str, ...]:
@@ -166,6 +256,15 @@ def load_task(spec: str, options: Mapping | None = None, cache_dir: str | Path =
     if options is not None and not isinstance(options, Mapping):
         raise ValueError(f"task options must be a mapping, got {type(options).__name__}")
     options = dict(options or {})
+    task = _build_task(spec, options, cache_dir)
+    declared = declared_metrics(spec)
+    if dict(task.metric_directions) != declared:
+        raise ValueError(f"task {spec!r} scores by {dict(task.metric_directions)} but declares {declared}: declare "
+                         "the Task's metric_directions on its factory (@declare_metrics)")
+    return task
+
+
+def _build_task(spec: str, options: dict, cache_dir: str | Path) -> Task:
     if spec in TASKS:
         return TASKS.get(spec)(options, Path(cache_dir))
     if ":" not in spec:

@@ -14,7 +14,7 @@ them and adds what needs the registries (objective, method and recovery names)::
     [latency]      evaluators.latency_table.LatencyConfig: table, batch, threads, runs,
                    warmup, levels, calibration, predictor
     [constraints]  max_flops_ratio, max_params_ratio, max_latency_ms, max_latency_ratio,
-                   min_accuracy
+                   min_accuracy, and max_<m>/min_<m> for a metric m the task declares
     [[searchers]]  kind, name (default: kind), share; [searchers.options] per kind
     [promotion]    search.promotion.PromotionConfig: steps, eta, levels, recovery
     [export]       dir, finetune_steps, formats
@@ -120,12 +120,7 @@ class StudySection:
         object.__setattr__(self, "timeout_s", _at_least(s, "timeout_s", self.timeout_s, 0.0, check_number))
         if self.n_trials is None and self.timeout_s == 0:
             raise ConfigError("[study] sets no budget: give n_trials > 0 and/or timeout_s > 0")
-        objectives = _check(check_str_list, s, "objectives", self.objectives)
-        for name in objectives:
-            try:
-                get_objective(name)
-            except ValueError as exc:
-                raise ConfigError(f"[study] objectives: {exc}") from None
+        objectives = _check(check_str_list, s, "objectives", self.objectives)  # names: search.objectives
         if not objectives or len(set(objectives)) != len(objectives):
             raise ConfigError(f"[study] objectives must be non-empty and distinct, got {list(objectives)}")
         object.__setattr__(self, "objectives", objectives)
@@ -169,25 +164,50 @@ class TaskSection:
 
 @dataclass(frozen=True)
 class ConstraintsSection:
-    """Bounds on objectives' values; each key is a ``CONSTRAINTS`` name."""
+    """Bounds on objectives' values; each key is a ``CONSTRAINTS`` name. ``task_bounds``
+    holds ``max_<m>``/``min_<m>`` of the task's own metrics (any finite number; checked
+    against the task's declared metrics by ``search.objectives``), read like the fields."""
 
     max_flops_ratio: float | None = None
     max_params_ratio: float | None = None
     max_latency_ms: float | None = None
     max_latency_ratio: float | None = None
     min_accuracy: float | None = None
+    task_bounds: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for key in self.names:
+        for key in self._fixed:
             value = _at_least("constraints", key, getattr(self, key), 0.0, check_number)
             if key != "max_latency_ms" and value > 1.0 + 1e-12:
                 raise ConfigError(f"[constraints] {key} is a ratio in (0, 1], got {value}")
             object.__setattr__(self, key, value)
+        if not isinstance(self.task_bounds, Mapping):
+            raise ConfigError(f"[constraints] task_bounds must be a table, got {self.task_bounds!r}")
+        object.__setattr__(self, "task_bounds", {k: _check(check_number, "constraints", k, v)
+                                                 for k, v in sorted(self.task_bounds.items())})
+
+    def __getattr__(self, name: str) -> Any:  # a task metric's bound, e.g. max_perplexity
+        bounds = self.__dict__.get("task_bounds", {})
+        if name in bounds:
+            return bounds[name]
+        raise AttributeError(name)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ConstraintsSection":
+        """The section from its table: ``max_<m>``/``min_<m>`` keys that are no field are task bounds."""
+        own = {f.name for f in fields(cls)} - {"task_bounds"}
+        extra = {k: v for k, v in data.items() if k not in own and re.match(r"^(max|min)_[a-z][a-z0-9_]*$", k)}
+        check_keys("[constraints]", {k: v for k, v in data.items() if k not in extra}, own)
+        return cls(**{k: v for k, v in data.items() if k in own}, task_bounds=extra)
+
+    @property
+    def _fixed(self) -> tuple[str, ...]:  # the built-in constraints set, in field order
+        return tuple(f.name for f in fields(self) if f.name != "task_bounds" and getattr(self, f.name) is not None)
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The constraints set, in field order (the order of a trial's constraint values)."""
-        return tuple(f.name for f in fields(self) if getattr(self, f.name) is not None)
+        """The constraints set, built-ins then task bounds (the order of a trial's constraint values)."""
+        return self._fixed + tuple(self.task_bounds)
 
     def values(self, metrics: Any) -> tuple[float, ...]:
         """Constraint values of ``metrics`` (Optuna's convention: <= 0 feasible)."""
@@ -263,6 +283,8 @@ class StudyConfig:
     source: str = ""
 
     def __post_init__(self) -> None:
+        from search.objectives import resolve_config
+        resolve_config(self)  # task metrics named as objectives/constraints: registered, or one line
         evaluation = self.evaluation or EvalSettings(seed=self.study.seed)
         if evaluation.latency != self.latency:
             evaluation = evaluation.replace(latency=self.latency)
@@ -365,7 +387,7 @@ class StudyConfig:
             searchers=tuple(_built("searchers", SearcherSection, dict(s), required=("kind",)) for s in raw),
             space=_section(data, "space", SpaceConfig.from_dict),
             evaluation=_built("evaluation", EvalSettings.from_dict, evaluation),
-            constraints=_section(data, "constraints", ConstraintsSection),
+            constraints=_section(data, "constraints", ConstraintsSection.from_dict),
             export=_section(data, "export", ExportSection),
             # key_file is resolved against the working directory, like every path here
             watermark=_section(data, "watermark", WatermarkConfig.from_dict) if "watermark" in data else None,

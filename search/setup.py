@@ -171,11 +171,13 @@ def prepare(config: StudyConfig, *, task_and_space: tuple[Any, Any] | None = Non
 
     An existing study judged with other ``[constraints]`` is refused unless
     ``allow_changed_constraints`` (then ``Prepared.rejudge``: see ``search.study_change``)."""
+    from search.objectives import check_measured
     from search.study_change import check_constraints
 
     spec = parse_storage(config.study.storage_url)
     check_device(config)
     task, space = task_and_space if task_and_space is not None else load_task_and_space(config)
+    check_measured(config, task)  # objectives/constraints name metrics this task measures
     check_constraints_reachable(config, space)
     watermark = build_watermark(config, space)
     searchers = make_searchers(config, space, task)
