@@ -2,8 +2,11 @@
 
 Built-ins (``available_tasks()``), each in its own module and registered with
 ``@register_task``: ``digits`` (:mod:`evaluators.digits`), ``image-folder``
-(:mod:`evaluators.image_folder`), ``shapes`` (:mod:`evaluators.synthetic`) and ``tokens``
-(:mod:`evaluators.tokens`, a small transformer).
+(:mod:`evaluators.image_folder`), ``shapes`` (:mod:`evaluators.synthetic`), ``tokens``
+(:mod:`evaluators.tokens`, a small transformer), and two worked examples of tasks with
+their own metrics, loss and inputs: ``masks`` (:mod:`evaluators.regression`, dense
+prediction scored by IoU and MSE) and ``markov-lm`` (:mod:`evaluators.language`, a causal
+language model on dict inputs scored by perplexity).
 
 A task scores a model by ``metrics(model, batches) -> {name: value}`` with a direction per
 name (``metric_directions``) and trains it (fine-tune, gradient-based criteria) with
@@ -174,7 +177,8 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 TaskBuilder = Callable[[dict, Path], Task]
 # The built-in tasks register themselves on import: plugins, loaded on the first lookup.
 TASKS: Registry[TaskBuilder] = Registry(
-    "task", plugins=("evaluators.digits", "evaluators.image_folder", "evaluators.synthetic", "evaluators.tokens")
+    "task", plugins=("evaluators.digits", "evaluators.image_folder", "evaluators.synthetic", "evaluators.tokens",
+                     "evaluators.regression", "evaluators.language")
 )
 
 

@@ -263,12 +263,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     for n in summary.trials:
         m = summary.metrics[n]
         drop = m["drop"]["accuracy_drop"]
-        print(f"  trial-{n}: proxy accuracy {m['remeasured']['accuracy']:.4f} (recorded {m['recorded']['accuracy']:.4f}), "
-              f"exported {m['exported']['accuracy']:.4f} {m['exported_fidelity']}"
+        print(f"  trial-{n}: proxy {_measured(m['remeasured'], True)} (recorded {_measured(m['recorded'])}), "
+              f"exported {_measured(m['exported'])} {m['exported_fidelity']}"
               + (f" (drop vs base {drop:+.4f})" if drop is not None else "")
               + f", flops_ratio {m['exported']['flops_ratio']:.4f}")
     print(f"  plot: {summary.plot}")
     return 0
+
+
+def _measured(metrics: dict, named: bool = False) -> str:
+    """``accuracy 0.9833`` (the name only when ``named``), or every task metric with its name."""
+    from search.baseline import quality_text
+
+    values = metrics.get("values") or {"accuracy": metrics.get("accuracy")}
+    return quality_text(metrics) if named or list(values) != ["accuracy"] else f"{values['accuracy']:.4f}"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -242,17 +242,23 @@ def export_trial(record: TrialRecord, task: Any, space: Any, settings: Any, dire
 
 
 def plot_pareto(records: Sequence[TrialRecord], front: Sequence[TrialRecord], path: Path, *,
-                max_flops_ratio: float | None = None, title: str = "", base: dict[str, Any] | None = None) -> Path:
-    """Accuracy vs FLOPs ratio of every COMPLETE trial, by searcher; the front highlighted;
-    ``base`` (the unpruned model's metrics) a marked point at FLOPs ratio 1."""
+                max_flops_ratio: float | None = None, title: str = "", base: dict[str, Any] | None = None,
+                metric: str = "accuracy") -> Path:
+    """Task metric ``metric`` (accuracy by default) vs FLOPs ratio of every COMPLETE trial, by
+    searcher; the front highlighted; ``base`` (the unpruned model's metrics) a marked point at
+    FLOPs ratio 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def y(m: Any) -> float | None:  # a Metrics or the stored base; older ones have no values: their accuracy
+        d = m if isinstance(m, dict) else m.to_dict()
+        return (d.get("values") or {}).get(metric, d.get(metric))
+
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     done = [r for r in records if r.state == optuna.trial.TrialState.COMPLETE and r.metrics is not None
-            and r.metrics.accuracy is not None and r.metrics.flops_ratio is not None]
+            and y(r.metrics) is not None and r.metrics.flops_ratio is not None]
     searchers = sorted({r.searcher for r in done})
     colours = plt.get_cmap("tab10")
     for i, name in enumerate(searchers):
@@ -262,22 +268,22 @@ def plot_pareto(records: Sequence[TrialRecord], front: Sequence[TrialRecord], pa
                 continue
             label = name if fidelity == FULL else f"{name} (cheap)"
             colour = colours(i % 10)
-            ax.scatter([r.metrics.flops_ratio for r in pts], [r.metrics.accuracy for r in pts], s=18,
+            ax.scatter([r.metrics.flops_ratio for r in pts], [y(r.metrics) for r in pts], s=18,
                        edgecolors=[colour], facecolors=[colour] if marker_face is None else "none",
                        alpha=0.8, label=label)
     if front:
         xs = [r.metrics.flops_ratio for r in front]
-        ys = [r.metrics.accuracy for r in front]
+        ys = [y(r.metrics) for r in front]
         order = sorted(range(len(xs)), key=lambda i: xs[i])
         ax.plot([xs[i] for i in order], [ys[i] for i in order], "-", color="black", lw=1, drawstyle="steps-post")
         ax.scatter(xs, ys, s=70, facecolors="none", edgecolors="red", linewidths=1.5, label="Pareto front", zorder=5)
-    if base is not None and base.get("accuracy") is not None:
-        ax.scatter([1.0], [base["accuracy"]], s=120, marker="*", color="gold", edgecolors="black", zorder=6,
-                   label=f"unpruned base ({base['accuracy']:.4f})")
+    if base is not None and y(base) is not None:
+        ax.scatter([1.0], [y(base)], s=120, marker="*", color="gold", edgecolors="black", zorder=6,
+                   label=f"unpruned base ({y(base):.4f})")
     if max_flops_ratio is not None:
         ax.axvline(max_flops_ratio, color="grey", ls="--", lw=1, label=f"max FLOPs ratio {max_flops_ratio}")
     ax.set_xlabel("FLOPs ratio (pruned / base)")
-    ax.set_ylabel("proxy accuracy")
+    ax.set_ylabel(f"proxy {metric}")
     ax.set_title(title or "trials and Pareto front")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
@@ -291,6 +297,7 @@ def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune
                  formats: Sequence[str] | None = None, task_and_space: tuple[Any, Any] | None = None) -> ExportSummary:
     """Export every feasible Pareto trial of ``config``'s study (storage is only read)."""
     from search.baseline import measure_base, stored_base
+    from search.objectives import quality_names
     from search.setup import build_watermark, check_device, fingerprint_of, load_task_and_space
     from search.study_change import check_constraints
 
@@ -333,7 +340,9 @@ def export_study(config: StudyConfig, *, out: str | Path | None = None, finetune
         dirs.append(directory)
         log.info("exported trial %d to %s", record.number, directory)
     plot = plot_pareto(records, front, out / "pareto.png", max_flops_ratio=config.constraints.max_flops_ratio,
-                       title=f"{config.name}: {len(records)} trials, {len(front)} on the front", base=base)
+                       title=f"{config.name}: {len(records)} trials, {len(front)} on the front", base=base,
+                       metric=next((n for n in quality_names(config) if n in task.metric_directions),
+                                   next(iter(task.metric_directions))))
     with contextlib.suppress(OSError):
         marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
         marker["trials"] = [r.number for r in front]

@@ -1,5 +1,6 @@
 """What ``prunesearch run`` and ``status`` print: the budget line, trials by state, the
-Pareto table with the unpruned base model as its first row and each trial's accuracy drop."""
+Pareto table with the unpruned base model as its first row and each trial's accuracy drop
+(a task with its own metrics, e.g. perplexity: a column per metric instead)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def accuracy_note(settings: Any, base: Mapping[str, Any] | None = None) -> str:
     elif settings.calibration_samples:
         recovery += f" ({settings.calibration_samples} calibration samples)"
     samples = (base or {}).get("eval_samples") or settings.eval_samples
-    return (f"accuracy: search proxy after recovery {recovery}, on "
+    names = ", ".join((base or {}).get("values") or ["accuracy"])
+    return (f"{names}: search proxy after recovery {recovery}, on "
             f"{samples if samples is not None else 'all'} validation samples")
 
 
@@ -38,6 +40,9 @@ def format_front(front: Sequence[Any], objectives: Sequence[str], base: Mapping[
     ``accuracy_note``) says which accuracy the column holds."""
     if not front:  # the base has its own line above the table in run and status
         return "Pareto front: empty (no feasible full-fidelity trial yet)"
+    names = metric_columns(front, base)
+    if names != ["accuracy"]:
+        return _task_front(front, names, objectives, base, note)
     latency = "latency_ms" in objectives
     head = ["trial", "searcher", "gen", "accuracy", "acc_drop", "flops_ratio", "params_ratio", "MFLOPs"]
     head += ["latency_ms"] if latency else []
@@ -53,6 +58,35 @@ def format_front(front: Sequence[Any], objectives: Sequence[str], base: Mapping[
         rows.append(row + ([_num(m.latency_ms, ".3f")] if latency else []))
     title = f"Pareto front ({len(front)} trial{'s' if len(front) != 1 else ''}, feasible, full fidelity"
     title += "; acc_drop = base accuracy - trial accuracy):" if base is not None else "):"
+    return "\n".join([title, *([f"({note})"] if note else []), *_table(head, rows)])
+
+
+def metric_columns(front: Sequence[Any], base: Mapping[str, Any] | None) -> list[str]:
+    """The task's metric names (the front's ``Metrics.values``, else the base's); ``["accuracy"]``
+    for records made before tasks had their own metrics."""
+    for values in [*(r.metrics.values for r in front if r.metrics is not None), (base or {}).get("values")]:
+        if values:
+            return list(values)
+    return ["accuracy"]
+
+
+def _task_front(front: Sequence[Any], names: Sequence[str], objectives: Sequence[str],
+                base: Mapping[str, Any] | None, note: str | None) -> str:
+    """The Pareto table of a task with its own metrics: one column per metric."""
+    latency = "latency_ms" in objectives
+    head = ["trial", "searcher", "gen", *names, "flops_ratio", "params_ratio", "MFLOPs"]
+    head += ["latency_ms"] if latency else []
+    rows = []
+    if base is not None:
+        values = base.get("values") or {}
+        rows.append(["base", "(unpruned)", "-", *(_num(values.get(n), ".4f") for n in names), "1.0000", "1.0000",
+                     _num(base.get("flops"), ".3f", 1e6)] + ([_num(base.get("latency_ms"), ".3f")] if latency else []))
+    for r in front:
+        m = r.metrics
+        row = [str(r.number), r.searcher, str(r.generation), *(_num(m.values.get(n), ".4f") for n in names),
+               _num(m.flops_ratio, ".4f"), _num(m.params_ratio, ".4f"), _num(m.flops, ".3f", 1e6)]
+        rows.append(row + ([_num(m.latency_ms, ".3f")] if latency else []))
+    title = f"Pareto front ({len(front)} trial{'s' if len(front) != 1 else ''}, feasible, full fidelity):"
     return "\n".join([title, *([f"({note})"] if note else []), *_table(head, rows)])
 
 
