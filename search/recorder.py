@@ -1,7 +1,7 @@
 """The one writer of trial data: creates the trial of every proposal and records its outcome.
 
 Trial layout (what optuna-dashboard shows): params = group names (+ ``method`` ...);
-user attrs ``searcher``, ``generation``, ``fidelity``, ``policy`` (JSON), ``run`` (the
+user attrs ``note`` (one readable line: searcher, criterion, recovery, ratio range), ``searcher``, ``generation``, ``fidelity``, ``policy`` (JSON), ``run`` (the
 launcher's run id), ``settings`` (evaluation-setting overrides, only when the proposal has
 them), ``meta`` (only when non-empty) at creation, and ``metrics`` (every Metrics field plus
 ``constraints``: name -> value) at the end, one write; constraint values also go through
@@ -66,6 +66,25 @@ class TrialSource:
         return SampledTrial(trial, dict(trial.params))
 
 
+# System attr optuna-dashboard (0.21) reads a trial's constraint values from: a list in
+# ``[constraints]`` order. Optuna 5 reads it too, as constraints named "0", "1", ... beside
+# the named ones ``set_constraint`` writes (``search.records`` keeps the named ones).
+DASHBOARD_CONSTRAINTS = "constraints"
+
+
+def trial_note(label: str, proposal: Proposal) -> str:
+    """One line a person reads in the dashboard: searcher, criterion, recovery, ratio range."""
+    policy = proposal.policy
+    ratios = list(policy.ratios.values()) or [1.0]
+    method = policy.method if isinstance(policy.method, str) else "per group"
+    parts = [label, f"method {method}", f"ratios {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} groups"]
+    if policy.recovery:
+        parts.insert(2, f"recovery {policy.recovery}")
+    if proposal.fidelity != "full":
+        parts.append(f"fidelity {proposal.fidelity}")
+    return " | ".join(parts)
+
+
 class TrialRecorder:
     """Creates and finishes the trials of proposals; the only writer of trial data."""
 
@@ -89,6 +108,7 @@ class TrialRecorder:
 
     def _attrs(self, label: str, proposal: Proposal) -> dict[str, Any]:
         attrs: dict[str, Any] = {
+            "note": trial_note(label, proposal),
             "searcher": label,
             "generation": proposal.generation,
             "fidelity": proposal.fidelity,
@@ -166,6 +186,8 @@ class TrialRecorder:
         if values is not None:
             for name, value in zip(names, constraints):
                 trial.set_constraint(name, value)
+            if names:  # optuna-dashboard 0.21 shows the older list form (system attr "constraints")
+                self.storage.set_trial_system_attr(trial._trial_id, DASHBOARD_CONSTRAINTS, list(constraints))
             trial.study.tell(trial, list(values))
         else:
             trial.study.tell(trial, state=TrialState.FAIL)

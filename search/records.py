@@ -61,7 +61,7 @@ class TrialRecord:
             policy=policy,
             metrics=metrics,
             values=tuple(t.values) if t.values is not None else None,
-            constraints=dict(t.constraints),
+            constraints=named_constraints(t.constraints),
             run=ua.get("run"),
             stale=bool(ua.get("stale", False)),
             settings=dict(ua.get("settings") or {}),
@@ -107,6 +107,13 @@ class TrialRecord:
         values = self.values if self.state == TrialState.COMPLETE else None
         constraints = tuple(float(self.constraints.get(n, math.inf)) for n in constraint_names)
         return Outcome(self.proposal(base_settings), metrics, values, constraints, number=self.number)
+
+
+def named_constraints(constraints: dict[str, float]) -> dict[str, float]:
+    """A trial's constraint values by name: the positional copies ("0", "1", ...) of the
+    list the recorder also writes for optuna-dashboard are left out when named ones exist."""
+    named = {k: v for k, v in constraints.items() if not k.isdigit()}
+    return named or dict(constraints)
 
 
 def read_trials(study: optuna.Study) -> list[TrialRecord]:
