@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from evaluators.batch import Batch, Inputs, check_inputs, sample_count, take
-from evaluators.metrics import MAXIMIZE, MINIMIZE
+from evaluators.metrics import MAXIMIZE, MINIMIZE, OBJECTIVES, TaskValue
 from spaces.checks import check_int
 from spaces.registry import Registry
 
@@ -150,6 +150,8 @@ def check_metric_directions(name: str, value: Any) -> dict[str, str]:
         if not isinstance(metric, str) or not _METRIC_NAME.match(metric):
             raise ValueError(f"{name}: metric name {metric!r} must be lower-case letters, digits and '_' "
                              "(it becomes a constraint key)")
+        if metric != "accuracy" and metric in OBJECTIVES and not isinstance(OBJECTIVES.get(metric).read, TaskValue):
+            raise ValueError(f"{name}: task metric {metric!r} has the name of a built-in cost objective: rename it")
         if direction not in (MAXIMIZE, MINIMIZE):
             raise ValueError(f"{name}: direction of {metric!r} must be 'maximize' or 'minimize', got {direction!r}")
     return dict(value)

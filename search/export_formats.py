@@ -54,10 +54,24 @@ def _quiet_exporter() -> Iterator[None]:
         registration.setLevel(level)
 
 
-def write_pt2(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _example_call(example: Any, batch: int = 2) -> tuple[tuple, dict, Any]:
+    """``(args, kwargs, dynamic_shapes)`` calling a model on ``batch`` copies of ``example``
+    (a tensor, a tuple of tensors or a dict of keyword tensors), the batch axis dynamic."""
+    def grow(t: torch.Tensor) -> torch.Tensor:
+        return t.expand(batch, *t.shape[1:]).clone()
+
+    auto = {0: torch.export.Dim.AUTO}
+    if isinstance(example, dict):
+        return (), {k: grow(v) for k, v in example.items()}, {k: auto for k in example}
+    if isinstance(example, (tuple, list)):
+        return tuple(grow(t) for t in example), {}, tuple(auto for _ in example)
+    return (grow(example),), {}, (auto,)
+
+
+def write_pt2(model: nn.Module, example: Any, path: Path) -> None:
     # Batch dimension dynamic (an example of 2: a batch of 1 would be specialised to 1).
-    batch2 = example.expand(2, *example.shape[1:]).clone()
-    program = torch.export.export(model.eval(), (batch2,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    args, kwargs, dynamic = _example_call(example)
+    program = torch.export.export(model.eval(), args, kwargs=kwargs, dynamic_shapes=dynamic)
     torch.export.save(program, str(path))
 
 
