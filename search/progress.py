@@ -16,10 +16,15 @@ class LiveFront:
         self.directions = tuple(directions)
         self.front: list[TrialRecord] = []
         self.best_accuracy: float | None = None  # best feasible full-fidelity accuracy
+        self.rung_steps = 0   # the highest promotion rung seen (search.records.pareto_front)
 
     def add(self, r: TrialRecord) -> None:
         if not (r.feasible and r.fidelity == FULL and r.policy is not None and r.values is not None):
             return
+        if r.rung_steps != self.rung_steps:   # the front is taken at the highest promotion rung
+            if r.rung_steps < self.rung_steps:
+                return
+            self.front, self.best_accuracy, self.rung_steps = [], None, r.rung_steps
         acc = r.metrics.accuracy if r.metrics is not None else None
         if acc is not None and (self.best_accuracy is None or acc > self.best_accuracy):
             self.best_accuracy = acc

@@ -57,8 +57,16 @@ def format_front(front: Sequence[Any], objectives: Sequence[str], base: Mapping[
                _num(m.flops_ratio, ".4f"), _num(m.params_ratio, ".4f"), _num(m.flops, ".3f", 1e6)]
         rows.append(row + ([_num(m.latency_ms, ".3f")] if latency else []))
     title = f"Pareto front ({len(front)} trial{'s' if len(front) != 1 else ''}, feasible, full fidelity"
+    title += rung_note(front)
     title += "; acc_drop = base accuracy - trial accuracy):" if base is not None else "):"
     return "\n".join([title, *([f"({note})"] if note else []), *_table(head, rows)])
+
+
+def rung_note(front: Sequence[Any]) -> str:
+    """``"; after the 200-step promotion fine-tune"`` when the front's metrics come from a
+    promotion rung (``search.promotion``), else ``""``."""
+    steps = max((getattr(r, "rung_steps", 0) for r in front), default=0)
+    return f"; metrics after the {steps}-step promotion fine-tune, not the proxy" if steps else ""
 
 
 def metric_columns(front: Sequence[Any], base: Mapping[str, Any] | None) -> list[str]:
@@ -86,7 +94,8 @@ def _task_front(front: Sequence[Any], names: Sequence[str], objectives: Sequence
         row = [str(r.number), r.searcher, str(r.generation), *(_num(m.values.get(n), ".4f") for n in names),
                _num(m.flops_ratio, ".4f"), _num(m.params_ratio, ".4f"), _num(m.flops, ".3f", 1e6)]
         rows.append(row + ([_num(m.latency_ms, ".3f")] if latency else []))
-    title = f"Pareto front ({len(front)} trial{'s' if len(front) != 1 else ''}, feasible, full fidelity):"
+    title = f"Pareto front ({len(front)} trial{'s' if len(front) != 1 else ''}, feasible, full fidelity"
+    title += rung_note(front) + "):"
     return "\n".join([title, *([f"({note})"] if note else []), *_table(head, rows)])
 
 
@@ -97,11 +106,14 @@ def format_states(records: Sequence[Any]) -> str:
     states = sorted({s for _, s in counts})
     searchers = sorted({n for n, _ in counts})
     fids = sorted({f for _, f in fidelity})
-    head = ["searcher", *states, *(f"fid:{f}" for f in fids), "total"]
+    promoted = Counter(r.searcher for r in records if getattr(r, "rung_steps", 0) > 0)
+    extra = ["promoted"] if promoted else []   # trials fine-tuned by [promotion] rungs
+    head = ["searcher", *states, *(f"fid:{f}" for f in fids), *extra, "total"]
     rows = [[n, *(str(counts[(n, s)]) for s in states), *(str(fidelity[(n, f)]) for f in fids),
-             str(sum(counts[(n, s)] for s in states))] for n in searchers]
+             *([str(promoted[n])] if extra else []), str(sum(counts[(n, s)] for s in states))] for n in searchers]
     rows.append(["all", *(str(sum(counts[(n, s)] for n in searchers)) for s in states),
-                 *(str(sum(fidelity[(n, f)] for n in searchers)) for f in fids), str(len(records))])
+                 *(str(sum(fidelity[(n, f)] for n in searchers)) for f in fids),
+                 *([str(sum(promoted.values()))] if extra else []), str(len(records))])
     return "\n".join(_table(head, rows))
 
 

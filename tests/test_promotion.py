@@ -225,3 +225,19 @@ def test_an_improving_searcher_gets_at_most_a_third_promoted_per_level():
     ladder = _ladder(PromotionConfig(steps=(20,), eta=3, levels=1))
     promoted = [ladder.promote(0, _m(0.1 + 0.01 * i, 0.2)) for i in range(30)]   # every trial a new best
     assert sum(promoted) == 10
+
+
+def test_status_and_the_live_front_say_the_front_is_at_the_promotion_rung():
+    from search.progress import LiveFront
+    from search.report import format_front, format_states
+
+    harness = _run()
+    records = harness.records()
+    front = pareto_front(records, ("maximize", "minimize"))
+    assert "after the 60-step promotion fine-tune" in format_front(front, ("accuracy", "flops"))
+    states = format_states(records).splitlines()
+    assert "promoted" in states[0]
+    live = LiveFront(("maximize", "minimize"))
+    for r in records:
+        live.add(r)
+    assert {r.number for r in live.front} == {r.number for r in front}
