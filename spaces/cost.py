@@ -11,9 +11,11 @@ those affine dimensions, so predictions are exact up to integer rounding.
 Attention: ``nn.MultiheadAttention`` is counted term by term as torch_pruning counts it
 (query scaling, q/k/v projections and bias, per head ``QK^T`` = ``qlen * klen * head_dim``,
 softmax = ``qlen * klen``, ``attention x V`` = ``qlen * klen * v_head_dim``, output
-projection). A hand-written attention module (``spaces.units.attention_modules``) has its
-q/k/v/out ``nn.Linear`` layers counted as layers, plus the same three per-head products,
-which ``count_cost`` adds to torch_pruning's count (it cannot see functional matmuls). The
+projection). Any other attention module (``spaces.units.attention_modules``: hand-written,
+Hugging Face ViT/BERT/Llama) has its q/k/v/out ``nn.Linear`` layers counted as layers, plus
+the same three per-head products, which ``count_cost`` adds to torch_pruning's count (it
+cannot see functional matmuls or ``scaled_dot_product_attention``); with grouped-query
+attention ``attention x V`` counts every query head (value heads times ``num_key_value_groups``). The
 sequence lengths are the example input's; a group of whole heads moves ``num_heads`` and
 the q/k/v widths, so every term stays a product of affine dimensions.
 """
@@ -31,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from spaces.groups import ChannelGroup, build_graph, forward, prune_group
-from spaces.units import HEAD_ATTR, attention_modules
+from spaces.units import attention_heads, attention_modules, kv_repeat
 
 # A FLOPs term is coef * product of dims (by index into the recorded dim table).
 Term = tuple[float, tuple[int, ...]]
@@ -194,8 +196,9 @@ class _ShapeRecorder:
             for kind, shape in (("in", ins), ("out", outs), ("attr", self.attrs.get(name, ()))):
                 for i, v in enumerate(shape):
                     values[(name, kind, i)] = v
-        for name in attention_modules(self.model):
-            values[(name, "heads", 0)] = getattr(self.model.get_submodule(name), HEAD_ATTR)
+        for name, (q, _, _) in attention_modules(self.model).items():
+            module = self.model.get_submodule(name)
+            values[(name, "heads", 0)] = attention_heads(module, self.model.get_submodule(q).out_features)
         for pname, p in self.model.named_parameters():
             for i, v in enumerate(p.shape):
                 values[(pname, "param", i)] = v
@@ -219,18 +222,21 @@ def _layer_terms(model: nn.Module, shapes: dict, slopes: np.ndarray, dim: Callab
     return terms, kinds
 
 
-def _product_terms(shapes: dict, dim: Callable[..., int], name: str, qkv: tuple[str, str, str]) -> list[Term]:
-    """The attention products of a hand-written attention module, counted as torch_pruning
-    counts them for ``nn.MultiheadAttention``: per head ``QK^T`` (``qlen * klen * head_dim``),
-    the softmax (``qlen * klen``) and ``attention x V`` (``qlen * klen * v_head_dim``). Token
-    counts are the projections' outputs without their last (width) dimension; summed over
-    heads, the products are ``qlen * klen * q width`` and ``qlen * klen * v width``."""
+def _product_terms(shapes: dict, dim: Callable[..., int], name: str, qkv: tuple[str, str, str],
+                   repeat: int = 1) -> list[Term]:
+    """The attention products of an attention module (``spaces.units.attention_modules``),
+    counted as torch_pruning counts them for ``nn.MultiheadAttention``: per query head
+    ``QK^T`` (``qlen * klen * head_dim``), the softmax (``qlen * klen``) and ``attention x V``
+    (``qlen * klen * v_head_dim``). Token counts are the projections' outputs without their
+    last (width) dimension; summed over heads, the products are ``qlen * klen * q width`` and
+    ``qlen * klen * v width * repeat``, where ``repeat`` is the query heads sharing each value
+    head (grouped-query attention; a constant: its key/value heads are never pruned apart)."""
     (q, k, v), out = qkv, {n: shapes[n][1] for n in qkv}
     tokens = {n: tuple(dim(n, "out", i) for i in range(len(out[n]) - 1)) for n in qkv}
     width = {n: dim(n, "out", len(out[n]) - 1) for n in qkv}
     heads = dim(name, "heads", 0)
     return [(1.0, tokens[q] + tokens[k] + (width[q],)), (1.0, (heads,) + tokens[q] + tokens[k]),
-            (1.0, tokens[q] + tokens[v] + (width[v],))]
+            (float(repeat), tokens[q] + tokens[v] + (width[v],))]
 
 
 @dataclass(frozen=True)
@@ -270,7 +276,7 @@ class CostModel:
         terms, kinds = _layer_terms(model, base_shapes, slopes, dim)
         for name, (q, k, v) in attention_modules(model).items():
             if {q, k, v} <= set(base_shapes):
-                terms += _product_terms(base_shapes, dim, name, (q, k, v))
+                terms += _product_terms(base_shapes, dim, name, (q, k, v), kv_repeat(model.get_submodule(name)))
                 kinds += ["attention"] * 3
         params: list[tuple[int, ...]] = []
         seen: set[int] = set()
@@ -333,8 +339,8 @@ class CostModel:
 
 def count_cost(model: nn.Module, example_inputs: Any) -> Cost:
     """FLOPs (MACs per sample) and params counted on a real model: torch_pruning's counter,
-    plus the attention products of hand-written attention modules, which it does not see
-    (they are functional matmuls; it counts them inside ``nn.MultiheadAttention`` only)."""
+    plus the attention products of attention modules other than ``nn.MultiheadAttention``,
+    which it does not see (functional matmuls; it counts them in ``nn.MultiheadAttention`` only)."""
     import torch_pruning as tp
 
     flops, params = tp.utils.count_ops_and_params(model, example_inputs)
@@ -342,8 +348,8 @@ def count_cost(model: nn.Module, example_inputs: Any) -> Cost:
 
 
 def _count_products(model: nn.Module, example_inputs: Any) -> float:
-    """Per-sample FLOPs of the attention products of ``model``'s hand-written attention
-    modules (``_product_terms`` says how they are counted), from one forward pass."""
+    """Per-sample FLOPs of the attention products of ``model``'s ``attention_modules``
+    (``_product_terms`` says how they are counted), from one forward pass."""
     attention = attention_modules(model)
     outputs: dict[str, torch.Tensor] = {}
     hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o))
@@ -359,6 +365,7 @@ def _count_products(model: nn.Module, example_inputs: Any) -> float:
         if not {q, k, v} <= set(outputs):
             continue
         tokens = {n: math.prod(outputs[n].shape[1:-1]) for n in (q, k, v)}
-        heads = getattr(model.get_submodule(name), HEAD_ATTR)
-        total += tokens[q] * tokens[k] * (outputs[q].shape[-1] + heads) + tokens[q] * tokens[v] * outputs[v].shape[-1]
+        module = model.get_submodule(name)
+        heads, repeat = attention_heads(module, outputs[q].shape[-1]), kv_repeat(module)
+        total += tokens[q] * tokens[k] * (outputs[q].shape[-1] + heads) + tokens[q] * tokens[v] * outputs[v].shape[-1] * repeat
     return total

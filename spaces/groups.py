@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from spaces.units import HEAD_ATTR, BlockCount, block_counts, counts_match, set_counts, unit_channels, unit_of
+from spaces.units import (HEAD_ATTRS, BlockCount, block_counts, counts_match, set_counts, unit_channels, unit_of,
+                          untraceable_roots)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def check_keeps_a_head(groups: Iterable[ChannelGroup], ratio: float, name: str =
     an attention layer cannot lose its last head. Channel and GroupNorm groups are clamped to
     one unit instead, as they always were."""
     for g in groups:
-        if any(c.attr == HEAD_ATTR for c in g.counts) and round(ratio * g.channels) < 1:
+        if any(c.attr in HEAD_ATTRS for c in g.counts) and round(ratio * g.channels) < 1:
             raise ValueError(f"{name} {ratio:g} keeps no head of group {g.name!r} ({g.channels} units of whole heads): "
                              f"{name} must be > {0.5 / g.channels:g}")
 
@@ -194,8 +195,12 @@ def _structural_groups(model: nn.Module, example_inputs: Any, ignored_names: set
     ignored = [modules[n] for n in ignored_names]
     graph = build_graph(model, example_inputs, ignored)
     names = {m: n for n, m in model.named_modules()}
+    untraceable = untraceable_roots(model)
+    for name, reason in untraceable.items():
+        log.info("channel group %r excluded: %s", name, reason)
+    roots_skipped = ignored + [modules[n] for n in untraceable if n not in ignored_names]  # never searched from
     candidates: list[ChannelGroup] = []
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
+    for group in graph.get_all_groups(ignored_layers=roots_skipped, root_module_types=ROOT_TYPES):
         found = _candidate(graph, group, names, modules)
         if isinstance(found, str):
             log.info("channel group %r excluded: %s", names[group[0].dep.target.module], found)

@@ -16,15 +16,25 @@ Rules (one function, one registration in ``BLOCK_RULES``):
   input, q/k/v and output width at once, so on a residual stream its heads *are* the
   stream's width: the stream is one group, pruned in whole heads, and every
   ``nn.MultiheadAttention`` on it keeps the same heads.
-* A hand-written attention module (an integer ``num_heads`` attribute and ``nn.Linear``
-  children named as in ``QKV_TRIPLES``): ``num_heads``, blocks of ``out_features //
-  num_heads`` of the q/k/v projection in the group. Its q/k/v/out projections form their
-  own group (torch_pruning couples them through the attention products), independent of
-  the residual stream, so each such layer's kept heads are a group of their own.
+* An attention module with ``nn.Linear`` q/k/v children named as in ``QKV_TRIPLES`` and an
+  integer head count in one of ``HEAD_ATTRS`` (hand-written: ``num_heads``; Hugging Face ViT
+  and BERT: ``num_attention_heads``): that count, blocks of the head size (``head_dim`` or
+  ``attention_head_size`` when the module keeps one, else ``out_features // heads``) of the
+  q/k/v projection in the group. Its q/k/v/out projections form their own group
+  (torch_pruning couples them through the attention products), independent of the residual
+  stream, so each such layer's kept heads are a group of their own. Only when q, k and v
+  are equally wide: a grouped-query layer's k/v heads are not its query heads.
+* The same module's q/k/v width attribute (BERT's ``all_head_size``): blocks of 1 channel,
+  so it is set to the kept width.
+
+Attention modules that rotate q and k (a ``position_embeddings`` argument: Hugging Face Llama
+and its kin) are left out of head pruning (``untraceable_roots``): torch_pruning's
+dependency search through the rotation's slice-and-concatenate never ends.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,6 +45,10 @@ import torch.nn as nn
 QKV_TRIPLES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"))
 QKV_NAMES = frozenset(n for triple in QKV_TRIPLES for n in triple)
 HEAD_ATTR = "num_heads"
+# Attributes counting an attention module's heads, and holding its per-head width.
+HEAD_ATTRS = (HEAD_ATTR, "num_attention_heads")
+HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size")
+WIDTH_ATTR = "all_head_size"  # Hugging Face BERT: q/k/v width (heads * head size)
 
 
 @dataclass(frozen=True)
@@ -74,15 +88,54 @@ def _multihead_attention(name: str, module: nn.Module, out: bool, modules: dict[
     return BlockCount(name, HEAD_ATTR, module.embed_dim // module.num_heads)
 
 
+def _int_attr(module: nn.Module | None, names: Iterable[str]) -> tuple[str, int] | None:
+    """The first of ``names`` that ``module`` holds as a positive int (not a bool)."""
+    for attr in names:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return attr, value
+    return None
+
+
+def head_size(module: nn.Module, q_width: int) -> int | None:
+    """Channels per head of an attention module whose q projection is ``q_width`` wide."""
+    size = _int_attr(module, HEAD_SIZE_ATTRS)
+    if size is not None:
+        return size[1]
+    heads = _int_attr(module, HEAD_ATTRS)
+    return q_width // heads[1] if heads is not None and q_width % heads[1] == 0 else None
+
+
+def _qkv_parent(name: str, module: nn.Module, out: bool, modules: dict[str, nn.Module]) -> tuple[str, nn.Module] | None:
+    """(name, module) of the attention module whose q/k/v projection ``name`` is, when the
+    group prunes its outputs and q, k and v are equally wide (no grouped-query attention)."""
+    parent_name, _, child = name.rpartition(".")
+    if not out or not isinstance(module, nn.Linear) or child not in QKV_NAMES or not parent_name:
+        return None
+    parent = modules.get(parent_name)
+    triple = next((t for t in QKV_TRIPLES if child in t), ())
+    widths = {getattr(getattr(parent, c, None), "out_features", None) for c in triple}
+    return (parent_name, parent) if widths == {module.out_features} else None
+
+
 @block_rule("qkv_attention")
 def _qkv_attention(name: str, module: nn.Module, out: bool, modules: dict[str, nn.Module]) -> BlockCount | None:
-    parent_name, _, child = name.rpartition(".")
-    parent = modules.get(parent_name) if parent_name else None
-    heads = getattr(parent, HEAD_ATTR, None)
-    if not out or not isinstance(module, nn.Linear) or child not in QKV_NAMES or isinstance(heads, bool) \
-            or not isinstance(heads, int) or heads < 1 or module.out_features % heads:
+    found = _qkv_parent(name, module, out, modules)
+    heads = _int_attr(found[1], HEAD_ATTRS) if found else None
+    if heads is None:
         return None
-    return BlockCount(parent_name, HEAD_ATTR, module.out_features // heads)
+    size = head_size(found[1], module.out_features)
+    if not size or module.out_features != heads[1] * size:
+        return None
+    return BlockCount(found[0], heads[0], size)
+
+
+@block_rule("qkv_width")
+def _qkv_width(name: str, module: nn.Module, out: bool, modules: dict[str, nn.Module]) -> BlockCount | None:
+    found = _qkv_parent(name, module, out, modules)
+    if found is None or _int_attr(found[1], HEAD_ATTRS) is None or getattr(found[1], WIDTH_ATTR, None) != module.out_features:
+        return None
+    return BlockCount(found[0], WIDTH_ATTR, 1)
 
 
 def block_counts(touched: Iterable[tuple[str, bool]], modules: dict[str, nn.Module]) -> tuple[BlockCount, ...]:
@@ -118,17 +171,53 @@ def unit_channels(units: Iterable[int], unit: int) -> list[int]:
     return [u * unit + j for u in sorted(units) for j in range(unit)]
 
 
+def _qkv_children(module: nn.Module) -> tuple[str, str, str] | None:
+    children = dict(module.named_children())
+    return next((t for t in QKV_TRIPLES if all(isinstance(children.get(c), nn.Linear) for c in t)), None)
+
+
 def attention_modules(model: nn.Module) -> dict[str, tuple[str, str, str]]:
-    """Hand-written attention modules of ``model`` (an integer ``num_heads`` and ``nn.Linear``
-    q/k/v children): name -> the qualified names of its q, k and v projections."""
+    """Attention modules of ``model`` other than ``nn.MultiheadAttention``: ``nn.Linear`` q/k/v
+    children and an integer head count (``HEAD_ATTRS``) or head size (``HEAD_SIZE_ATTRS``);
+    name -> the qualified names of its q, k and v projections."""
     found: dict[str, tuple[str, str, str]] = {}
     for name, module in model.named_modules():
-        heads = getattr(module, HEAD_ATTR, None)
-        if isinstance(module, nn.MultiheadAttention) or isinstance(heads, bool) or not isinstance(heads, int):
+        if isinstance(module, nn.MultiheadAttention) or (
+                _int_attr(module, HEAD_ATTRS) is None and _int_attr(module, HEAD_SIZE_ATTRS) is None):
             continue
-        children = dict(module.named_children())
-        for triple in QKV_TRIPLES:
-            if all(isinstance(children.get(c), nn.Linear) for c in triple):
-                found[name] = tuple(f"{name}.{c}" if name else c for c in triple)  # type: ignore[assignment]
-                break
+        triple = _qkv_children(module)
+        if triple is not None:
+            found[name] = tuple(f"{name}.{c}" if name else c for c in triple)  # type: ignore[assignment]
+    return found
+
+
+def attention_heads(module: nn.Module, q_width: int) -> int:
+    """Query heads of an attention module whose q projection is ``q_width`` wide."""
+    heads = _int_attr(module, HEAD_ATTRS)
+    return heads[1] if heads is not None else q_width // (head_size(module, q_width) or q_width)
+
+
+def kv_repeat(module: nn.Module) -> int:
+    """Query heads per key/value head (Hugging Face ``num_key_value_groups``; 1 without
+    grouped-query attention): how often each value head is used by ``attention x V``."""
+    found = _int_attr(module, ("num_key_value_groups",))
+    return found[1] if found is not None else 1
+
+
+def untraceable_roots(model: nn.Module) -> dict[str, str]:
+    """q/k/v projections whose output groups torch_pruning cannot search, with the reason:
+    those of attention modules that rotate q and k by position embeddings (their forward
+    takes ``position_embeddings``: Hugging Face Llama, Mistral, Qwen2 ...). Their heads are
+    left out; the residual stream and MLP widths around them stay groups."""
+    found: dict[str, str] = {}
+    for name, qkv in attention_modules(model).items():
+        module = model.get_submodule(name)
+        try:
+            rotary = "position_embeddings" in inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            rotary = False
+        if rotary:
+            reason = (f"heads of {name!r} left out: its q/k are rotated by position embeddings, which "
+                      "torch_pruning's dependency search cannot follow")
+            found.update({n: reason for n in qkv})
     return found
