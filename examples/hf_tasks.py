@@ -18,6 +18,9 @@ Architectures and what is searchable (``prunesearch describe`` lists the groups)
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -44,7 +47,7 @@ def _config(arch: str, num_labels: int, image_size: int):
         return hf.ResNetConfig(embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1],
                                layer_type="bottleneck", **small)
     if arch == "mobilenet_v2":
-        return hf.MobileNetV2Config(image_size=image_size, depth_multiplier=0.35, **small)
+        return hf.MobileNetV2Config(image_size=image_size, depth_multiplier=0.35, finegrained_output=False, **small)
     if arch == "convnext":
         return hf.ConvNextConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], **small)
     if arch == "vit":
@@ -84,23 +87,33 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed:
 
 
 def hf_image_task(arch: str = "resnet", seed: int = 0, samples: int = 64, image_size: int = 32, num_classes: int = 4,
-                  train_steps: int = 0):
+                  train_steps: int = 0, cache_dir: Path | None = None):
     """A task over a small Hugging Face image classifier on generated shapes images:
-    ``samples`` images each for training, calibration and validation."""
+    ``samples`` images each for training, calibration and validation. With ``train_steps``
+    the base model is trained that many Adam steps first, and its weights cached under
+    ``cache_dir`` (``[task] cache_dir``) by the hash of the options."""
     from evaluators.synthetic import generate_shapes
     from evaluators.tasks import Task
 
     if arch not in ARCHS[:4]:
         raise ValueError(f"unknown image arch {arch!r}: known {', '.join(ARCHS[:4])}")
+    config = {"arch": arch, "seed": seed, "samples": samples, "image_size": image_size,
+              "num_classes": num_classes, "train_steps": train_steps}
     x, y = generate_shapes(3 * samples, seed=seed, image_size=image_size, num_classes=num_classes)
     torch.manual_seed(seed)
     build = functools.partial(hf_model, arch, num_classes, image_size)
     model = build()
     if train_steps > 0:
-        _train(model, x[:samples], y[:samples], train_steps, seed)
+        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        cached = Path(cache_dir) / f"hf-{arch}-{key}.pt" if cache_dir is not None else None
+        if cached is not None and cached.exists():
+            model.load_state_dict(torch.load(cached, weights_only=True))
+        else:
+            _train(model, x[:samples], y[:samples], train_steps, seed)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(model.state_dict(), cached)
     splits = [(x[i * samples:(i + 1) * samples], y[i * samples:(i + 1) * samples]) for i in range(3)]
     return Task(name=f"hf-{arch}", build_model=build, train=splits[0], calibration=splits[1], validation=splits[2],
                 example_inputs=x[:1].clone(), num_classes=num_classes,
-                base_state={k: v.clone() for k, v in model.state_dict().items()},
-                config={"arch": arch, "seed": seed, "samples": samples, "image_size": image_size,
-                        "num_classes": num_classes, "train_steps": train_steps})
+                base_state={k: v.clone() for k, v in model.state_dict().items()}, config=config)
