@@ -56,9 +56,9 @@ def _config(arch: str, num_labels: int, image_size: int):
     if arch == "bert":
         return hf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                              intermediate_size=64, max_position_embeddings=32, **small)
-    if arch == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
-        return hf.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32,
+    if arch == "llama":  # grouped-query attention: 8 query heads of 8 share 4 key/value heads
+        return hf.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
+                              num_key_value_heads=4, head_dim=8, intermediate_size=64, max_position_embeddings=32,
                               pad_token_id=0, use_cache=False, **small)
     raise ValueError(f"unknown arch {arch!r}: known {', '.join(ARCHS)}")
 

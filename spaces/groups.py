@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from spaces.units import (HEAD_ATTRS, BlockCount, block_counts, counts_match, set_counts, unit_channels, unit_of,
-                          untraceable_roots)
+from spaces.units import (HEAD_ATTRS, BlockCount, HeadLayout, block_counts, counts_match, head_layouts, set_counts,
+                          unit_channels, unit_of, untraceable_roots)
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,33 @@ def out_channels(module: nn.Module) -> int:
 
 
 def root_pruning_group(graph: tp.DependencyGraph, root: nn.Module, idxs: Sequence[int]):
-    """The torch_pruning group removing output channels ``idxs`` of ``root``."""
+    """The torch_pruning group removing output channels ``idxs`` of ``root`` (for the q
+    projection of a ``HeadLayout``, built by hand: torch_pruning's search would not end)."""
+    layout = head_layouts(graph.model).get(graph._module2name.get(root, ""))
+    if layout is not None:
+        return _layout_group(graph, layout, list(idxs))
     pruner = graph.get_pruner_of_module(root)
     return graph.get_pruning_group(root, pruner.prune_out_channels, list(idxs))
+
+
+def _layout_group(graph: tp.DependencyGraph, layout: HeadLayout, idxs: list[int]):
+    """A torch_pruning group removing q channels ``idxs`` (whole units of ``layout``), the
+    k/v channels of their key/value heads and o's matching input columns; every item's
+    ``root_idxs`` are q channels, so importance criteria score per q channel as usual."""
+    modules = dict(graph.model.named_modules())
+    kv = layout.kv_channels(idxs)
+    items = [(layout.q, "out", idxs, idxs), (layout.o, "in", idxs, idxs)]
+    items += [(n, "out", [c for c, _ in kv], [r for _, r in kv]) for n in (layout.k, layout.v)]
+    group = tp.dependency.Group()
+    for name, side, member_idxs, root_idxs in items:
+        module = modules[name]
+        pruner = graph.get_pruner_of_module(module)
+        fn = pruner.prune_out_channels if side == "out" else pruner.prune_in_channels
+        node = graph.module2node[module]
+        group.add_dep(tp.dependency.Dependency(fn, fn, source=node, target=node), member_idxs)
+        group[len(group) - 1].root_idxs = list(root_idxs)
+    group._DG = graph
+    return group
 
 
 def prune_group(graph: tp.DependencyGraph, modules: dict[str, nn.Module], group: ChannelGroup,
@@ -196,8 +220,9 @@ def _structural_groups(model: nn.Module, example_inputs: Any, ignored_names: set
     graph = build_graph(model, example_inputs, ignored)
     names = {m: n for n, m in model.named_modules()}
     untraceable = untraceable_roots(model)
+    layouts = {n for lay in head_layouts(model).values() for n in (lay.q, lay.k, lay.v)}
     for name, reason in untraceable.items():
-        log.info("channel group %r excluded: %s", name, reason)
+        log.info("channel group %r %s: %s", name, "laid out by hand" if name in layouts else "excluded", reason)
     roots_skipped = ignored + [modules[n] for n in untraceable if n not in ignored_names]  # never searched from
     candidates: list[ChannelGroup] = []
     for group in graph.get_all_groups(ignored_layers=roots_skipped, root_module_types=ROOT_TYPES):
@@ -206,6 +231,10 @@ def _structural_groups(model: nn.Module, example_inputs: Any, ignored_names: set
             log.info("channel group %r excluded: %s", names[group[0].dep.target.module], found)
             continue
         candidates.append(found)
+    for layout in head_layouts(model).values():  # rotary attention: heads grouped by hand
+        q = modules[layout.q]
+        candidates.append(ChannelGroup(name=layout.q, channels=q.out_features // (layout.repeat * layout.head_dim),
+                                       members=(layout.q, layout.k, layout.v), unit=layout.repeat * layout.head_dim))
     return candidates
 
 

@@ -28,8 +28,10 @@ Rules (one function, one registration in ``BLOCK_RULES``):
   so it is set to the kept width.
 
 Attention modules that rotate q and k (a ``position_embeddings`` argument: Hugging Face Llama
-and its kin) are left out of head pruning (``untraceable_roots``): torch_pruning's
-dependency search through the rotation's slice-and-concatenate never ends.
+and its kin) are never searched from by torch_pruning (``untraceable_roots``): its dependency
+search through the rotation's slice-and-concatenate never ends. Their heads are laid out here
+instead (``head_layouts``): a group per layer whose unit is one key/value head with the query
+heads sharing it (grouped-query attention stays valid: ``num_key_value_groups`` is unchanged).
 """
 
 from __future__ import annotations
@@ -204,20 +206,64 @@ def kv_repeat(module: nn.Module) -> int:
     return found[1] if found is not None else 1
 
 
+def _rotary(module: nn.Module) -> bool:
+    """Whether ``module``'s forward rotates q and k (takes ``position_embeddings``)."""
+    try:
+        return "position_embeddings" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def untraceable_roots(model: nn.Module) -> dict[str, str]:
     """q/k/v projections whose output groups torch_pruning cannot search, with the reason:
     those of attention modules that rotate q and k by position embeddings (their forward
-    takes ``position_embeddings``: Hugging Face Llama, Mistral, Qwen2 ...). Their heads are
-    left out; the residual stream and MLP widths around them stay groups."""
+    takes ``position_embeddings``: Hugging Face Llama, Mistral, Qwen2 ...); torch_pruning's
+    dependency search through the rotation's slice-and-concatenate never ends. Their heads
+    are grouped by ``head_layouts`` instead, or left out."""
     found: dict[str, str] = {}
     for name, qkv in attention_modules(model).items():
+        if _rotary(model.get_submodule(name)):
+            found.update({n: f"q/k of {name!r} are rotated by position embeddings, which torch_pruning's "
+                             "dependency search cannot follow" for n in qkv})
+    return found
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Heads of an attention module laid out by hand: ``kv_heads`` key/value heads of
+    ``head_dim`` channels in ``k``/``v``, each shared by ``repeat`` consecutive query heads in
+    ``q`` (and the matching input columns of ``o``). A pruning unit is one key/value head with
+    its query heads: ``repeat * head_dim`` channels of ``q``."""
+
+    attention: str
+    q: str
+    k: str
+    v: str
+    o: str
+    head_dim: int
+    repeat: int
+
+    def kv_channels(self, q_channels: Iterable[int]) -> list[tuple[int, int]]:
+        """(k/v channel, the q channel it is scored with) for the q channels given: one per
+        channel of the first query head of each key/value head."""
+        unit = self.repeat * self.head_dim
+        return [(c // unit * self.head_dim + c % unit, c) for c in q_channels if c % unit < self.head_dim]
+
+
+def head_layouts(model: nn.Module) -> dict[str, HeadLayout]:
+    """q projection name -> ``HeadLayout`` of every rotary attention module (``untraceable_roots``)
+    with an ``o_proj``/``out_proj`` linear, an integer ``head_dim`` and equally wide k and v
+    holding whole heads that evenly share q's heads (``num_key_value_groups`` query heads each)."""
+    found: dict[str, HeadLayout] = {}
+    for name, (q, k, v) in attention_modules(model).items():
         module = model.get_submodule(name)
-        try:
-            rotary = "position_embeddings" in inspect.signature(module.forward).parameters
-        except (TypeError, ValueError):
-            rotary = False
-        if rotary:
-            reason = (f"heads of {name!r} left out: its q/k are rotated by position embeddings, which "
-                      "torch_pruning's dependency search cannot follow")
-            found.update({n: reason for n in qkv})
+        children = dict(module.named_children())
+        o = next((c for c in ("o_proj", "out_proj") if isinstance(children.get(c), nn.Linear)), None)
+        size = _int_attr(module, ("head_dim",))
+        if not _rotary(module) or o is None or size is None:
+            continue
+        qw, kw, vw = (model.get_submodule(n).out_features for n in (q, k, v))
+        repeat = kv_repeat(module)
+        if kw == vw and kw % size[1] == 0 and qw == kw * repeat:
+            found[q] = HeadLayout(name, q, k, v, f"{name}.{o}", size[1], repeat)
     return found
