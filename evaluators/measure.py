@@ -3,6 +3,8 @@ FLOPs/params (timing: ``evaluators.timing``)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -71,8 +73,12 @@ def model_cost(model: nn.Module, example_inputs: Any) -> Cost:
     """
     was_training = model.training
     model.eval()
+    # Torch-Pruning's counter prints "No positional inputs found ... assuming batch size is 1"
+    # for every module of a model called with keyword inputs: true (one sample), and noise.
+    keyword_inputs = isinstance(example_inputs, Mapping)
+    quiet = contextlib.redirect_stdout(io.StringIO()) if keyword_inputs else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet:
             return count_cost(model, to_device(example_inputs, model_device(model)))
     finally:
         model.train(was_training)
