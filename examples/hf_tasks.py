@@ -86,20 +86,40 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed:
     model.eval()
 
 
+def _digits(n: int, image_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` of scikit-learn's bundled 8x8 digits (no download), shuffled, as RGB ``image_size`` images."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    if n > len(digits.target):
+        raise ValueError(f"data 'digits' has {len(digits.target)} images: 3 * samples = {n} is too many")
+    order = torch.randperm(len(digits.target), generator=torch.Generator().manual_seed(seed))[:n]
+    x = torch.tensor(digits.images, dtype=torch.float32)[order].unsqueeze(1) / 16.0
+    x = nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return ((x - 0.5) / 0.5).repeat(1, 3, 1, 1).contiguous(), torch.tensor(digits.target, dtype=torch.long)[order]
+
+
 def hf_image_task(arch: str = "resnet", seed: int = 0, samples: int = 64, image_size: int = 32, num_classes: int = 4,
-                  train_steps: int = 0, cache_dir: Path | None = None):
-    """A task over a small Hugging Face image classifier on generated shapes images:
-    ``samples`` images each for training, calibration and validation. With ``train_steps``
-    the base model is trained that many Adam steps first, and its weights cached under
-    ``cache_dir`` (``[task] cache_dir``) by the hash of the options."""
+                  train_steps: int = 0, data: str = "shapes", cache_dir: Path | None = None):
+    """A task over a small Hugging Face image classifier: ``samples`` images each for
+    training, calibration and validation, of generated shapes (``num_classes`` kinds) or of
+    scikit-learn's digits (``data = "digits"``: 10 classes, at most 599 samples). With
+    ``train_steps`` the base model is trained that many Adam steps first, and its weights
+    cached under ``cache_dir`` (``[task] cache_dir``) by the hash of the options."""
     from evaluators.synthetic import generate_shapes
     from evaluators.tasks import Task
 
     if arch not in ARCHS[:4]:
         raise ValueError(f"unknown image arch {arch!r}: known {', '.join(ARCHS[:4])}")
+    if data not in ("shapes", "digits"):
+        raise ValueError(f"unknown data {data!r}: known shapes, digits")
+    num_classes = 10 if data == "digits" else num_classes
     config = {"arch": arch, "seed": seed, "samples": samples, "image_size": image_size,
-              "num_classes": num_classes, "train_steps": train_steps}
-    x, y = generate_shapes(3 * samples, seed=seed, image_size=image_size, num_classes=num_classes)
+              "num_classes": num_classes, "train_steps": train_steps, "data": data}
+    if data == "digits":
+        x, y = _digits(3 * samples, image_size, seed)
+    else:
+        x, y = generate_shapes(3 * samples, seed=seed, image_size=image_size, num_classes=num_classes)
     torch.manual_seed(seed)
     build = functools.partial(hf_model, arch, num_classes, image_size)
     model = build()

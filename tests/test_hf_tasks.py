@@ -58,3 +58,16 @@ def test_a_hugging_face_model_is_searched_exported_and_reloaded(arch, tmp_path):
         program = torch.export.load(str(d / "model.pt2"))
         with torch.no_grad():
             assert torch.allclose(program.module()(x), out, atol=1e-5)
+
+
+def test_the_digits_variant_and_bad_options():
+    from examples.hf_tasks import hf_image_task
+
+    task = hf_image_task("vit", samples=8, data="digits")
+    assert task.num_classes == 10 and task.train[0].shape == (8, 3, 32, 32)
+    with torch.no_grad():
+        assert task.base_model()(task.example_inputs).shape == (1, 10)
+    with pytest.raises(ValueError, match="^unknown image arch 'bert'"):
+        hf_image_task("bert")
+    with pytest.raises(ValueError, match="^data 'digits' has 1797 images: 3 \\* samples = 1800 is too many$"):
+        hf_image_task("vit", samples=600, data="digits")
