@@ -43,6 +43,7 @@ class ChannelGroup:
     members: tuple[str, ...]  # modules whose output channels are these channels
     unit: int = 1  # channels per unit
     counts: tuple[BlockCount, ...] = ()  # attributes counting blocks of these channels
+    heads: bool = False  # units are attention heads with no counting attribute (a HeadLayout's)
 
     def __post_init__(self) -> None:
         if self.channels < 1:
@@ -183,7 +184,7 @@ def check_keeps_a_head(groups: Iterable[ChannelGroup], ratio: float, name: str =
     an attention layer cannot lose its last head. Channel and GroupNorm groups are clamped to
     one unit instead, as they always were."""
     for g in groups:
-        if any(c.attr in HEAD_ATTRS for c in g.counts) and round(ratio * g.channels) < 1:
+        if (g.heads or any(c.attr in HEAD_ATTRS for c in g.counts)) and round(ratio * g.channels) < 1:
             raise ValueError(f"{name} {ratio:g} keeps no head of group {g.name!r} ({g.channels} units of whole heads): "
                              f"{name} must be > {0.5 / g.channels:g}")
 
@@ -234,7 +235,8 @@ def _structural_groups(model: nn.Module, example_inputs: Any, ignored_names: set
     for layout in head_layouts(model).values():  # rotary attention: heads grouped by hand
         q = modules[layout.q]
         candidates.append(ChannelGroup(name=layout.q, channels=q.out_features // (layout.repeat * layout.head_dim),
-                                       members=(layout.q, layout.k, layout.v), unit=layout.repeat * layout.head_dim))
+                                       members=(layout.q, layout.k, layout.v), unit=layout.repeat * layout.head_dim,
+                                       heads=True))
     return candidates
 
 

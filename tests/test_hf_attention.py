@@ -130,3 +130,10 @@ def test_a_head_ratio_keeping_no_head_is_refused():
     model, example = build("vit"), example_input("vit")
     with pytest.raises(ValueError, match="keeps no head of group"):
         SearchSpace.from_model(model, example, ratio_min=0.1)
+
+
+def test_a_ratio_keeping_no_key_value_head_of_llama_is_refused():
+    model, example = build("llama"), example_input("llama")
+    with pytest.raises(ValueError, match=r"^ratio_min 0.1 keeps no head of group 'model.model.layers.0.self_attn.q_proj' "
+                                         r"\(4 units of whole heads\): ratio_min must be > 0.125$"):
+        SearchSpace.from_model(model, example, ratio_min=0.1)
