@@ -57,7 +57,7 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.hypervolume import REFERENCE_POINT  # noqa: E402
 from benchmarks.quality_plots import plot_task  # noqa: E402
 from benchmarks.quality_presets import (  # noqa: E402
-    FULL, GENERIC_PRESET, PRESETS, QUICK, TARGETS, UNIFORM, BenchConfig, available_methods)
+    FULL, GENERIC_PRESET, PRESETS, QUICK, TARGETS, UNIFORM, BenchConfig, available_methods, default_methods)
 from benchmarks.quality_report import check_targets, markdown, masking_per_target, summarize  # noqa: E402
 from benchmarks.quality_run import Checkpoint, run_task  # noqa: E402
 
@@ -79,13 +79,15 @@ def resolve_task(name: str) -> str | None:
 
 def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_trials: int | None, workers: int,
         methods: Sequence[str] | None, task_options: Mapping[str, Any], cache_dir: str,
-        out_dir: Path, requested: bool, checkpoint: Checkpoint | None = None, finetune_seeds: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+        out_dir: Path, requested: bool, checkpoint: Checkpoint | None = None, finetune_seeds: int = 1,
+        hv_points: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every task's benchmark: ``(results, config)`` as the JSON file holds them."""
     results: dict[str, Any] = {"tasks": {}, "targets": []}
     budget = QUICK if quick else FULL
     config: dict[str, Any] = {"quick": quick, "workers": workers, "reference_point": list(REFERENCE_POINT),
                               "n_trials": n_trials or budget["n_trials"], "seeds": list(seeds or budget["seeds"]),
-                              "targets": TARGETS, "tasks": {}, "finetune_seeds": finetune_seeds}
+                              "targets": TARGETS, "tasks": {}, "finetune_seeds": finetune_seeds,
+                              "hv_points": hv_points}
     for name in tasks:
         why = resolve_task(name)
         if why is not None:
@@ -100,8 +102,8 @@ def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_tri
         if quick:
             preset = replace(preset, finetune_steps=QUICK["finetune_steps"])
         cfg = BenchConfig(task=name, preset=preset, seeds=tuple(config["seeds"]), n_trials=config["n_trials"],
-                          finetune_seeds=finetune_seeds,
-                          workers=workers, methods=tuple(methods or available_methods()), cache_dir=cache_dir,
+                          finetune_seeds=finetune_seeds, hv_points=hv_points,
+                          workers=workers, methods=tuple(methods or default_methods()), cache_dir=cache_dir,
                           quick=quick)
         res = bench_task(cfg, out_dir, checkpoint)
         results["tasks"][name] = res
@@ -163,7 +165,12 @@ def _parser() -> Any:
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
     parser.add_argument("--trials", type=int, default=None, help="trials per study (default 64, quick 8)")
     parser.add_argument("--workers", type=int, default=2, help="evaluation workers (default %(default)s)")
-    parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(available_methods())}")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated subset of {','.join(available_methods())} (default: all but "
+                             f"{','.join(sorted(set(available_methods()) - set(default_methods())))})")
+    parser.add_argument("--hv-points", type=int, default=0,
+                        help="fine-tune each method's best models at this many FLOPs levels up to the constraint "
+                             "for a fine-tuned hypervolume (default %(default)s: none)")
     parser.add_argument("--finetune-seeds", type=int, default=1,
                         help="fine-tunes per chosen model, averaged (default %(default)s)")
     parser.add_argument("--cache-dir", default=str(ROOT / "studies" / "cache"), help="task model cache")
@@ -188,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("not an object")
     except ValueError as exc:
         parser.error(f"--task-options must be a JSON object: {exc}")
+    if args.hv_points < 0:
+        parser.error(f"--hv-points must be >= 0, got {args.hv_points}")
     if args.finetune_seeds < 1:
         parser.error(f"--finetune-seeds must be >= 1, got {args.finetune_seeds}")
     if args.seeds is not None and args.seeds < 1:
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     results, config = run(tasks, quick=args.quick, seeds=range(args.seeds) if args.seeds else None,
                           n_trials=args.trials, workers=args.workers, methods=methods, task_options=task_options,
                           cache_dir=args.cache_dir, out_dir=out, requested=args.task is not None,
-                          checkpoint=checkpoint, finetune_seeds=args.finetune_seeds)
+                          checkpoint=checkpoint, finetune_seeds=args.finetune_seeds, hv_points=args.hv_points)
     config["wall_seconds"] = round(sum(r.get("wall_s", 0.0) for r in results["tasks"].values()), 1)
     if args.merge:
         merge_previous(out / f"{name}.json", results, config)
