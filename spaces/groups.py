@@ -233,6 +233,9 @@ def _structural_groups(model: nn.Module, example_inputs: Any, ignored_names: set
             continue
         candidates.append(found)
     for layout in head_layouts(model).values():  # rotary attention: heads grouped by hand
+        if {layout.q, layout.k, layout.v, layout.o} & ignored_names:
+            log.info("channel group %r excluded: its attention's projections are ignored", layout.q)
+            continue
         q = modules[layout.q]
         candidates.append(ChannelGroup(name=layout.q, channels=q.out_features // (layout.repeat * layout.head_dim),
                                        members=(layout.q, layout.k, layout.v), unit=layout.repeat * layout.head_dim,

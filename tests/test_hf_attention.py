@@ -137,3 +137,9 @@ def test_a_ratio_keeping_no_key_value_head_of_llama_is_refused():
     with pytest.raises(ValueError, match=r"^ratio_min 0.1 keeps no head of group 'model.model.layers.0.self_attn.q_proj' "
                                          r"\(4 units of whole heads\): ratio_min must be > 0.125$"):
         SearchSpace.from_model(model, example, ratio_min=0.1)
+
+
+def test_ignoring_a_llama_projection_leaves_its_heads_out():
+    model, example = build("llama"), example_input("llama")
+    space = SearchSpace.from_model(model, example, ignored=["model.model.layers.1.self_attn.o_proj"])
+    assert sorted(head_groups("llama", space)) == ["model.model.layers.0.self_attn"]
