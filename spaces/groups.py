@@ -12,6 +12,11 @@ blocks: its ``channels`` are then those *units* (heads, normalisation groups), `
 channels per unit, and ``prune_group`` keeps the counting attributes (``num_heads``,
 ``num_groups``) in step. Ratios, kept counts and the cost model all work in units, so what a
 space predicts for a kept count is what pruning builds.
+
+Attention whose q/k are rotated (``spaces.units.head_layouts``: Hugging Face Llama and kin)
+is never a root of torch_pruning's search, which would not end; its heads are a group
+built here (``heads=True``, units of one key/value head with its query heads), and
+``root_pruning_group`` builds their torch_pruning group by hand for pruning and scoring.
 """
 
 from __future__ import annotations
