@@ -13,6 +13,10 @@ import functools
 import torch
 import torch.nn as nn
 
+# hand-written multi-head self-attention (q/k/v/out projections, ``num_heads``): the built-in
+# tokens task's module
+from evaluators.tokens import Attention
+
 TOKENS, PATCH = 16, 12
 
 
@@ -22,23 +26,6 @@ def tokens_input() -> torch.Tensor:
 
 def image_input() -> torch.Tensor:
     return torch.randn(1, 3, 16, 16)
-
-
-class Attention(nn.Module):
-    """Hand-written multi-head self-attention: q/k/v/out projections, ``num_heads`` heads."""
-
-    def __init__(self, dim: int, heads: int, head_dim: int):
-        super().__init__()
-        self.num_heads, self.head_dim = heads, head_dim
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, heads * head_dim) for _ in range(3))
-        self.out_proj = nn.Linear(heads * head_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        attn = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(dim=-1)
-        return self.out_proj((attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
 
 class Block(nn.Module):
