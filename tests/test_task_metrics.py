@@ -157,3 +157,34 @@ def test_prepare_refuses_a_quality_the_task_does_not_measure(tmp_path):
     with pytest.raises(ConfigError, match="name 'accuracy', but task .* measures mae"):
         prepare(StudyConfig.from_dict(data))
     assert not (tmp_path / "m.db").exists()
+
+
+def test_a_study_on_a_task_metric_is_re_judged_when_its_bound_changes(tmp_path):
+    """Constraint values of ``max_mae`` are recorded per trial and recomputed by
+    ``--allow-changed-constraints`` (search.study_change) from the recorded metric."""
+    from search.config import load_config
+    from search.runner import run_study
+    from search.setup import prepare
+    from search.storage import load_records
+    from tests.fakes import local_pool, tiny_config
+
+    path = tiny_config(tmp_path, name="reg", n_trials=4, constraints="max_flops_ratio = 0.9\nmax_mae = 5.0")
+    text = path.read_text().replace('"tests.fakes:tiny_task"', '"tests.metric_tasks:regression_task"')
+    path.write_text(text.replace("[task]", 'objectives = ["mae", "flops"]\n[task]', 1))
+
+    def pool(p, a):
+        return local_pool(p.task, p.space, p.config.evaluation)
+
+    run_study(load_config(path), pool_factory=pool, progress=False)
+    first = {r.number: r for r in load_records(load_config(path))}
+    assert all(set(r.metrics.values) == {"mae"} and r.feasible for r in first.values())
+    bound = sorted(r.metrics.values["mae"] for r in first.values())[1]  # some trials now exceed it
+    path.write_text(path.read_text().replace("max_mae = 5.0", f"max_mae = {bound}"))
+    with pytest.raises(ConfigError, match="max_mae 5 -> "):
+        prepare(load_config(path))
+    config = load_config(path)
+    run_study(config, pool_factory=pool, progress=False, prepared=prepare(config, allow_changed_constraints=True))
+    for number, record in first.items():
+        again = next(r for r in load_records(config) if r.number == number)
+        assert again.constraints["max_mae"] == pytest.approx(record.metrics.values["mae"] - bound)
+        assert again.feasible == (record.metrics.values["mae"] <= bound)
