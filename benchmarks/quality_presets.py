@@ -38,6 +38,7 @@ class TaskPreset:
     evaluation: Mapping[str, Any] = field(default_factory=dict)  # proxy EvalSettings overrides
     finetune_steps: int = 100
     finetune_lr: float = 0.01
+    finetune_recovery: str = "finetune"   # the recovery of the identical final fine-tune (and of promotion rungs)
     masking_steps: int = 30
     masking_targets: tuple[float, ...] = (0.15, 0.25, 0.35, 0.45)
     options: Mapping[str, Any] = field(default_factory=dict)   # task options
@@ -88,10 +89,13 @@ PRESETS: dict[str, TaskPreset] = {
     # 4 heads. No BatchNorm, so adaptive BN is no recovery at all; CaP compensation ranks
     # uniform policies at 12-53% FLOPs at 52-89% (1000 validation sequences) where a
     # 200-step fine-tune from the pruned weights gives 44-95% (probe on the loaded 2-core
-    # machine, 0.6-1.3 s per CaP evaluation, 7-17 s per fine-tune).
+    # machine, 0.6-1.3 s per CaP evaluation, 7-17 s per fine-tune). That fine-tune starts
+    # from the plainly pruned weights and ends below CaP alone; the benchmark fine-tunes from
+    # the compensated weights (cap_finetune) at lr 0.003 (0.01 diverges at 12% FLOPs: 21.5%).
     "tokens": TaskPreset(levels=(0.15, 0.3), max_flops_ratio=0.3,
                          evaluation={"recovery": "cap_nobn", "eval_samples": 1000},
                          space={"ratio_min": 0.15, "ratio_max": 0.9}, finetune_steps=100,
+                         finetune_recovery="cap_finetune", finetune_lr=0.003,
                          masking_steps=5, masking_targets=(0.1, 0.15, 0.2, 0.25, 0.3)),
 }
 GENERIC_PRESET = TaskPreset(levels=(0.3, 0.5), max_flops_ratio=0.5)
@@ -224,7 +228,8 @@ def _promotion(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     # FLOPs levels 0.05 wide: every reported level's bound is a level edge, so trials just
     # under a reported level do not compete with larger ones for promotion.
     return {"promotion": {"steps": [QUICK["finetune_steps"] if quick else preset.finetune_steps],
-                          "eta": 3, "levels": max(1, round(preset.max_flops_ratio / 0.05))}}
+                          "eta": 3, "levels": max(1, round(preset.max_flops_ratio / 0.05)),
+                          "recovery": preset.finetune_recovery}}
 
 
 @register_method("tpe_promoted")
@@ -291,8 +296,9 @@ class BenchConfig:
 
     def evaluation(self, seed: int) -> dict[str, Any]:
         """The proxy evaluation settings of one seed (its calibration draw and fine-tune stream)."""
-        return {"recovery": "adaptive_bn", "calibration_samples": 256, "bn_batches": 4, **self.preset.evaluation,
-                "seed": seed, "threads": 1}
+        # finetune_lr: what a promotion rung fine-tunes with (the proxy recoveries ignore it)
+        return {"recovery": "adaptive_bn", "calibration_samples": 256, "bn_batches": 4,
+                "finetune_lr": self.preset.finetune_lr, **self.preset.evaluation, "seed": seed, "threads": 1}
 
     def study_config(self, method: str, seed: int, storage_dir: Path) -> Any:
         """The ``StudyConfig`` of ``method``'s study for ``seed`` (journal storage in ``storage_dir``)."""
@@ -313,5 +319,5 @@ class BenchConfig:
     def finetune_settings(self, seed: int, k: int = 0) -> dict[str, Any]:
         """The identical final fine-tune of a study seed's models (its ``k``-th fine-tune seed)."""
         p = self.preset
-        return {**self.evaluation(seed), "recovery": "finetune", "finetune_steps": p.finetune_steps,
+        return {**self.evaluation(seed), "recovery": p.finetune_recovery, "finetune_steps": p.finetune_steps,
                 "finetune_lr": p.finetune_lr, "kd": True, "eval_samples": None, "seed": seed + 1000 * k}

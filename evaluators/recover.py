@@ -39,7 +39,7 @@ Recovery = Callable[..., nn.Module]
 
 # Modules of this package that register further recoveries (e.g. "cap") are plugins:
 # imported on the first lookup, because they import this module themselves.
-RECOVERIES: Registry[Recovery] = Registry("recovery", plugins=("evaluators.compensation",))
+RECOVERIES: Registry[Recovery] = Registry("recovery", plugins=("evaluators.compensation", "evaluators.recover_chains"))
 
 # Share of the fine-tune loss taken by the distillation term when ``settings.kd``.
 KD_ALPHA = 0.7
