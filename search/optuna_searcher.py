@@ -57,24 +57,37 @@ class _FidelityView:
         return getattr(self._study, name)
 
 
-class _FidelityFilter(optuna.samplers.BaseSampler):
-    """Wraps a sampler so it only learns from trials of some fidelities (see _FidelityView)."""
+def on_grid(value: Any, distribution: Any) -> Any:
+    """``value`` as its grid level: a stepped float sampled as ``low + k * step`` carries
+    float noise (0.9000000000000001), which optuna-dashboard and the study's params would
+    show; the space's levels are rounded to 10 decimals the same way (``SearchSpace.levels``)."""
+    if isinstance(distribution, optuna.distributions.FloatDistribution) and distribution.step is not None \
+            and isinstance(value, float):
+        return round(value, 10)
+    return value
+
+
+class _SamplerView(optuna.samplers.BaseSampler):
+    """Wraps a sampler: it learns only from trials of some fidelities (see _FidelityView;
+    none given: from every trial) and its stepped floats are recorded on the grid (``on_grid``)."""
 
     def __init__(self, inner: optuna.samplers.BaseSampler, fidelities: Sequence[str]) -> None:
         self.inner = inner
         self.fidelities = frozenset(fidelities)
 
     def _view(self, study: optuna.Study) -> Any:
-        return _FidelityView(study, self.fidelities)
+        return _FidelityView(study, self.fidelities) if self.fidelities else study
 
     def infer_relative_search_space(self, study, trial):  # type: ignore[no-untyped-def]
         return self.inner.infer_relative_search_space(self._view(study), trial)
 
     def sample_relative(self, study, trial, search_space):  # type: ignore[no-untyped-def]
-        return self.inner.sample_relative(self._view(study), trial, search_space)
+        values = self.inner.sample_relative(self._view(study), trial, search_space)
+        return {name: on_grid(value, search_space.get(name)) for name, value in values.items()}
 
     def sample_independent(self, study, trial, param_name, param_distribution):  # type: ignore[no-untyped-def]
-        return self.inner.sample_independent(self._view(study), trial, param_name, param_distribution)
+        value = self.inner.sample_independent(self._view(study), trial, param_name, param_distribution)
+        return on_grid(value, param_distribution)
 
     def before_trial(self, study, trial):  # type: ignore[no-untyped-def]
         self.inner.before_trial(self._view(study), trial)
@@ -129,8 +142,7 @@ class OptunaSearcher(Searcher):
         with warnings.catch_warnings():  # experimental-feature warnings are noise here
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             sampler = self.make_sampler(self._seed)
-        fidelities = getattr(self.options, "fidelities", None)
-        return sampler if not fidelities else _FidelityFilter(sampler, fidelities)
+        return _SamplerView(sampler, getattr(self.options, "fidelities", None) or ())
 
     def rebuild(self, outcomes: Sequence[Outcome], pending: Sequence[Proposal] = ()) -> None:
         # The sampler reads the study itself; only the RNG must not restart where the

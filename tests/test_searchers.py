@@ -232,7 +232,7 @@ def test_optuna_samplers_learn_from_full_fidelity_only_by_default(kind, space):
     seen = h.searcher(kind, seed=0).sampler()._view(study).get_trials()
     assert [t.user_attrs["fidelity"] for t in seen] == ["full"] * fidelities.count("full")
     everything = h.searcher(kind, seed=0, options={"fidelities": []}).sampler()
-    assert not hasattr(everything, "_view")  # the plain Optuna sampler sees every trial
+    assert everything._view(study) is study  # with no fidelities the sampler sees every trial
     after = h.run(h.searcher(kind, seed=0), 6)  # and proposing through the view works
     assert len(after) == 6
 
@@ -291,3 +291,20 @@ def test_options_share_one_definition_of_common_fields():
     run = options.config(0.4, 5.0, seed=2, method="l2")
     assert (run.steps, run.kd, run.target, run.lam, run.seed, run.method) == (7, False, 0.4, 5.0, 2, "l2")
     assert run.schedule() == options.schedule()
+
+
+@pytest.mark.parametrize("kind", ["tpe", "nsga2", "random"])
+def test_sampled_params_are_recorded_on_the_grid(kind):
+    """Stepped floats come back from Optuna's samplers as low + k * step with float noise
+    (0.9000000000000001); the recorded params are the grid levels themselves."""
+    import optuna
+
+    from tests.fakes import Harness, tiny_space
+
+    space = tiny_space()
+    harness = Harness(space)
+    harness.run(harness.searcher(kind, seed=3, options={"n_startup_trials": 2} if kind == "tpe" else None), 12)
+    levels = set(space.levels)
+    for trial in optuna.load_study(study_name=harness.name, storage=harness.storage).trials:
+        for name in space.group_names:
+            assert trial.params[name] in levels, (name, trial.params[name])
