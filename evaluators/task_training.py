@@ -124,9 +124,11 @@ def train_classifier(
         x_all, y_all = data
         steps_per_epoch = math.ceil(len(y_all) / batch_size)
         optimizer = OPTIMIZERS[optimizer](model.parameters(), lr)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2
-        )
+        total = epochs * steps_per_epoch
+        # OneCycleLR needs >= 2 warm-up steps (pct_start x total): fewer, and it divides by
+        # zero; so little training (a few batches) runs at the constant lr instead
+        schedule = (torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=0.2)
+                    if 0.2 * total >= 2 else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
         model.train()
         for _ in tqdm(range(epochs), desc=desc, leave=False, disable=None):
             order = torch.randperm(len(y_all), generator=gen)

@@ -70,11 +70,14 @@ def _run(task: Any, space: Any, config: MaskingConfig, batch_size: int, threads:
     """One masking run; returns (policy JSON, info). Module-level so Ray can ship it."""
     import torch
 
+    from evaluators.losses import task_distill, task_loss
+
     torch.set_num_threads(threads)
     model = task.base_model()
     train = task.batches("train", batch_size, seed=config.seed)
     heldout = task.batches("calibration", batch_size, seed=config.seed)
-    policy, info = learn_ratios(model, space, train, heldout, task.example_inputs, config)
+    policy, info = learn_ratios(model, space, train, heldout, task.example_inputs, config,
+                                loss=task_loss(task), distill=task_distill(task))
     return policy.to_json(), info
 
 

@@ -21,17 +21,19 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from evaluators.batch import Batch
+from evaluators.batch import Batch, call
 from evaluators.importance import make_importance
-from evaluators.losses import kd_loss
+from evaluators.losses import cross_entropy, kd_loss
+
+Loss = Callable[[Any, torch.Tensor], torch.Tensor]            # (output, targets) -> loss
+Distill = Callable[[Any, Any, float], torch.Tensor]           # (student, teacher, temperature) -> loss
 from evaluators.prune import unit_scores
 from spaces.checks import check_bool, check_int, check_number, check_str
 from spaces.groups import build_graph, root_pruning_group
@@ -170,8 +172,9 @@ class _MaskedStudent:
     """
 
     def __init__(self, model: nn.Module, space: Any, example_inputs: torch.Tensor, config: MaskingConfig,
-                 heldout: Sequence[Batch]) -> None:
+                 heldout: Sequence[Batch], loss: Loss = cross_entropy, distill: Distill = kd_loss) -> None:
         self.config = config
+        self.loss, self.distill = loss, distill
         self.space = space
         self.groups = list(space.groups)
         self.teacher = copy.deepcopy(model).eval()
@@ -221,15 +224,15 @@ class _MaskedStudent:
             rank[order] = torch.arange(g.channels, dtype=torch.float32)
             gm.rank = rank
 
-    def _task_loss(self, x: torch.Tensor, y: torch.Tensor, ratios: torch.Tensor, tau: float) -> torch.Tensor:
+    def _task_loss(self, x: Any, y: torch.Tensor, ratios: torch.Tensor, tau: float) -> torch.Tensor:
         for gm, ratio in zip(self.masks, ratios):
             gm.set(ratio, tau)
-        out = self.student(x)
-        loss = F.cross_entropy(out, y)
+        out = call(self.student, x)   # a tensor, tuple or dict of inputs (evaluators.batch)
+        loss = self.loss(out, y)
         if self.config.kd:
             with torch.no_grad():
-                teacher_out = self.teacher(x)
-            loss = loss + kd_loss(out, teacher_out, self.config.temperature)
+                teacher_out = call(self.teacher, x)
+            loss = loss + self.distill(out, teacher_out, self.config.temperature)
         return loss
 
     def weight_step(self, batch: Batch, tau: float) -> None:
@@ -263,8 +266,13 @@ def learn_ratios(
     heldout_batches: Sequence[Batch],
     example_inputs: torch.Tensor,
     config: MaskingConfig = MaskingConfig(),
+    loss: Loss = cross_entropy,
+    distill: Distill = kd_loss,
 ) -> tuple[Policy, dict[str, Any]]:
     """Learn per-group remaining ratios for ``config.target``; returns (policy, info).
+
+    ``loss`` and ``distill`` are the task's (``evaluators.losses.task_loss`` /
+    ``task_distill``; default cross-entropy and logit distillation).
 
     ``model`` is not modified (a copy is trained). ``info`` holds the raw learned ratios,
     the predicted FLOPs ratio before and after snapping, and the loss trace.
@@ -274,7 +282,7 @@ def learn_ratios(
     if not train_batches or not heldout_batches:
         raise ValueError("dynamic channel masking needs training and held-out batches")
     torch.manual_seed(config.seed)
-    run = _MaskedStudent(model, space, example_inputs, config, heldout_batches)
+    run = _MaskedStudent(model, space, example_inputs, config, heldout_batches, loss, distill)
     trace = []
     try:
         for step in range(config.steps):

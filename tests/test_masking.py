@@ -97,3 +97,22 @@ def test_masking_learns_whole_heads_of_attention_models(model_name):
     pruned = apply_policy(model, policy, x[:1], groups=space.groups)
     assert pruned(x[:4]).shape[0] == 4
     assert abs(count_cost(pruned, x[:1]).flops / space.base_cost.flops - 0.5) <= 0.1
+
+
+def test_masking_trains_with_the_tasks_loss_on_dict_inputs(tmp_path):
+    """A language model on dict inputs (input_ids + attention_mask) scored by its own loss:
+    masking calls the model with the batch's form and learns with the task's loss."""
+    from evaluators.losses import task_distill, task_loss
+    from evaluators.tasks import load_task
+    from spaces.space import SearchSpace
+
+    task = load_task("markov-lm", {"n_samples": 200, "epochs": 1}, cache_dir=tmp_path)
+    model = task.base_model()
+    space = SearchSpace.from_model(model, task.example_inputs, ratio_min=0.25)
+    train = task.batches("train", 32, seed=0)
+    heldout = task.batches("calibration", 32, seed=0)
+    assert isinstance(train[0][0], dict)
+    policy, info = learn_ratios(model, space, train, heldout, task.example_inputs,
+                                MaskingConfig(target=0.5, steps=4, rerank_every=2, seed=0),
+                                loss=task_loss(task), distill=task_distill(task))
+    assert abs(space.flops_ratio(policy) - 0.5) <= 0.1 and info["final_loss"] == info["final_loss"]

@@ -94,3 +94,16 @@ def test_trained_task_trains_caches_and_reuses(tmp_path, monkeypatch):
     other = trained_task("tiny", x, y, build=build, num_classes=2, opts=OPTS, config={"c": 2},
                          cache_dir=tmp_path / "unused", state=given)
     assert torch.equal(other.base_state["weight"], given["weight"]) and not (tmp_path / "unused").exists()
+
+
+def test_a_few_batches_of_training_run_at_a_constant_rate():
+    """Fewer than 10 steps cannot warm up a one-cycle schedule (it would divide by zero)."""
+    import torch
+
+    from evaluators.task_training import train_classifier
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    state = train_classifier(model, (x, y), epochs=1, batch_size=8, lr=0.1)
+    assert set(state) == {"weight", "bias"}
