@@ -3,8 +3,9 @@
 1. Sensitivity pass (generation -1, cheap fidelity): a reference policy (every group at
    ``ratio_max``) and each group alone at each of ``sensitivity_ratios``. A group's lowest
    allowed ratio becomes the lowest tested ratio from which on every tested ratio loses at
-   most ``sensitivity_max_drop`` accuracy against the reference; genomes then draw that
-   group's gene from the bounded range only.
+   most ``sensitivity_max_drop`` of the study's first quality objective (accuracy, or the
+   task's own metric) against the reference; genomes then draw that group's gene from the
+   bounded range only.
 2. The first generation holds the policies of option ``heuristic_start`` (``{heuristic:
    count}``, as for the Optuna searchers; at most ``population``), the rest are random.
    Every generation is scored with the *cheap* proxy (the study's settings with ``cheap``
@@ -273,21 +274,31 @@ class GeneticSearcher(Searcher):
             offspring = self._vary(parents, cheap_memo)
             generation += 1
 
+    def _quality(self, outcome: Outcome) -> float | None:
+        """The outcome's value of the study's first quality objective (``accuracy``, or the
+        task's own metric), signed so that higher is better; None when not measured."""
+        from search.promotion import score_objective
+
+        name = score_objective(self.context.objectives)
+        if not outcome.ok or outcome.values is None or name is None:
+            return None
+        i = list(self.context.objectives).index(name)
+        return outcome.values[i] if self.context.directions[i] == MAXIMIZE else -outcome.values[i]
+
     def _apply_sensitivity(self, outcomes: Sequence[Outcome]) -> None:
         space = self.space
-        ref = outcomes[0]
-        if not ref.ok or ref.metrics.accuracy is None:
+        quality = self._quality(outcomes[0])
+        if quality is None:
             log.warning("genetic searcher %r: reference evaluation failed; ratio ranges stay unbounded", self.context.label)
             return
-        ref_acc = ref.metrics.accuracy
         drops: dict[str, list[float]] = {}
         it = iter(outcomes[1:])
         for gi, group in enumerate(space.groups):
             acc = []
             for _ in self.sensitivity_ratios:
-                o = next(it)
-                acc.append(o.metrics.accuracy if o.ok and o.metrics.accuracy is not None else -math.inf)
-            drops[group.name] = [ref_acc - a for a in acc]
+                value = self._quality(next(it))
+                acc.append(value if value is not None else -math.inf)
+            drops[group.name] = [quality - a for a in acc]
             # lowest tested ratio from which on every tested ratio stays within the drop budget
             lower = None
             for i in range(len(acc) - 1, -1, -1):
