@@ -61,19 +61,35 @@ def channel_counts_from_policy(policy: Policy, groups: Groups, round_to: int = 1
     return {n: kept_channels(c, policy.ratio(n), round_to) for n, c in channels_of(groups).items()}
 
 
+def _units(groups: Groups) -> dict[str, int]:
+    """Channels per unit of each group (a whole head or normalisation group: ``spaces.units``;
+    1 for plain channel groups and for groups given as a name -> count mapping)."""
+    if isinstance(groups, Mapping):
+        return {str(k): 1 for k in groups}
+    return {g.name: int(getattr(g, "unit", 1)) for g in groups}
+
+
+def _in_units(widths: Mapping[str, int], groups: Groups) -> dict[str, int]:
+    """Kept units from a pruned model's widths: what the policy and the watermark count."""
+    units = _units(groups)
+    return {name: width // units[name] for name, width in widths.items()}
+
+
 def channel_counts_from_model(model: nn.Module, groups: Groups) -> dict[str, int]:
-    """Out channels of each group's root module in a (pruned) model."""
+    """Kept units (channels, or whole heads / normalisation groups) of each group's root
+    module in a (pruned) model, read from its out width."""
     modules = dict(model.named_modules())
-    counts = {}
+    widths = {}
     for name in channels_of(groups):
         if name not in modules:
             raise ValueError(f"model has no module {name!r}: not derived from this base architecture")
-        counts[name] = out_channels(modules[name])
-    return counts
+        widths[name] = out_channels(modules[name])
+    return _in_units(widths, groups)
 
 
 def channel_counts_from_state_dict(state_dict: Mapping[str, Any], groups: Groups) -> dict[str, int]:
-    """Dim 0 of each group root's ``<name>.weight`` (conv/linear weights are out-channels first).
+    """Dim 0 of each group root's ``<name>.weight`` (conv/linear weights are out-channels
+    first), in the group's units.
 
     Works on ``model.state_dict()``, a loaded ``weights.pt`` and ``ExportedProgram.state_dict``.
     """
@@ -83,7 +99,7 @@ def channel_counts_from_state_dict(state_dict: Mapping[str, Any], groups: Groups
         if weight is None or not hasattr(weight, "shape") or len(weight.shape) < 1:
             raise ValueError(f"no weight {name + '.weight'!r} in the state dict: not derived from this base architecture")
         counts[name] = int(weight.shape[0])
-    return counts
+    return _in_units(counts, groups)
 
 
 def channel_counts_from_exported(program: Any, groups: Groups) -> dict[str, int]:

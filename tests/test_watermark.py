@@ -470,3 +470,25 @@ def test_tiny_groups_without_capacity():
         Watermark(b"k" * 16, {"a": 4, "b": 8}, config)
     assert channel_counts_from_policy(Policy(ratios={"a": 0.5}), {"a": 4, "b": 8}) == {"a": 2, "b": 8}
     assert cap.describe().startswith("watermark capacity: 0 bits over 0 of 2 groups")
+
+
+def test_attention_heads_carry_bits_read_back_in_whole_heads():
+    """Head groups count units (whole heads): a pruned model's widths are read back in heads,
+    so a watermark whose carriers include head groups is extracted exactly."""
+    from evaluators.tokens import TokenTransformer, generate_tokens
+
+    torch.manual_seed(0)
+    model = TokenTransformer(dim=128, heads=16, head_dim=8, hidden=512, depth=3).eval()
+    x = generate_tokens(2, seed=0)[0][:1]
+    space = SearchSpace.from_model(model, x, ratio_min=0.1)
+    config = WatermarkConfig(key=bytes(range(32)), message="(c) heads", allocation="keyed", bits_per_carrier=1)
+    wm = Watermark.from_space(space, config)
+    heads = {g.name for g in space.groups if g.unit > 1}
+    assert heads & {c.name for c in wm.carriers}
+    pruned = apply_policy(model, wm.project(space.sample(np.random.default_rng(7))), x, groups=space.groups)
+    counts = channel_counts_from_model(pruned, space.groups)
+    assert all(1 <= counts[h] <= 16 for h in heads)
+    assert wm.extract(counts) == wm.bits
+    from spaces.watermark_readout import channel_counts_from_state_dict
+
+    assert channel_counts_from_state_dict(pruned.state_dict(), space.groups) == counts
