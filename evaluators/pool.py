@@ -1,7 +1,10 @@
 """EvaluatorPool: evaluate policies in parallel on Ray actors.
 
-Each actor holds the task (data + base weights, fetched from one ``ray.put``), builds the
-base model once, fixes its torch threads and runs :func:`evaluators.evaluate.evaluate`.
+Each actor builds the task itself from its spec (``Task.spec``, set by ``load_task``: name,
+options, cache_dir, working directory) with the driver's base weights (one ``ray.put``), so no
+dataset goes through the object store; a task built without ``load_task`` (tests) is shipped
+whole instead. The actor builds the base model once, fixes its torch threads and runs
+:func:`evaluators.evaluate.evaluate`.
 The driver keeps up to ``window`` evaluations queued per actor so an actor never idles
 between two of them, and watches three failure modes without ever raising:
 
@@ -42,7 +45,7 @@ from evaluators.ray_cluster import (  # noqa: F401 (check_cluster_cpus, ensure_r
     ensure_ray,
 )
 from evaluators.settings import EvalSettings
-from evaluators.tasks import Task
+from evaluators.tasks import Task, TaskSpec
 from evaluators.timing import keep_freed_memory
 from spaces.checks import check_int, check_number
 from spaces.groups import ChannelGroup
@@ -79,7 +82,8 @@ def _warn_short(resources: dict, workers: int, threads_per_worker: int, gpus_per
 class EvalWorker:
     """Body of one Ray actor: the task and base model live here for the actor's lifetime."""
 
-    def __init__(self, task: Task, groups: Sequence[ChannelGroup], round_to: int, threads: int, base_cost: Any):
+    def __init__(self, task: Task | TaskSpec, groups: Sequence[ChannelGroup], round_to: int, threads: int,
+                 base_cost: Any, base_state: dict | None = None, samples: dict[str, int] | None = None):
         import torch
 
         # Fixed threads per actor: several actors on one machine must not oversubscribe cores.
@@ -89,10 +93,10 @@ class EvalWorker:
         except RuntimeError:  # already set in this process
             pass
         keep_freed_memory()  # no mmap/munmap of activations per forward: less kernel time, steadier timings
-        self.task = task
+        self.task = task if isinstance(task, Task) else task.load(base_state, samples)
         self.groups = list(groups)
         self.round_to = round_to
-        self.base = task.base_model()
+        self.base = self.task.base_model()
         self.base_cost = base_cost
 
     def pid(self) -> int:
@@ -196,8 +200,10 @@ class EvaluatorPool:
         self.settings = settings
         self.restarts = 0
         _warn_short(ray.cluster_resources(), workers, threads_per_worker, self.gpus_per_worker)
-        # Data and weights go into the object store once; every (re)started actor reads them there.
-        self._task_ref = ray.put(task)
+        # Put once, read by every (re)started actor: the task's spec, base weights and sample
+        # counts, which the actor builds its task from (a task not from load_task: the whole task).
+        self._task_args = ((ray.put(task.spec), ray.put(dict(task.base_state)), task.sample_counts())
+                           if task.spec is not None else (ray.put(task), None, None))
         self._groups_ref = ray.put(groups)
         self._round_to = round_to
         self._base_cost = model_cost(task.base_model(), task.example_inputs)
@@ -211,7 +217,8 @@ class EvaluatorPool:
     def _new_slot(self, index: int) -> _Slot:
         actor = _remote_worker_class().options(
             num_cpus=self.threads_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0, max_concurrency=1
-        ).remote(self._task_ref, self._groups_ref, self._round_to, self.threads_per_worker, self._base_cost)
+        ).remote(self._task_args[0], self._groups_ref, self._round_to, self.threads_per_worker, self._base_cost,
+                 *self._task_args[1:])
         # Asked first, so it is answered as soon as the actor is up (ahead of evaluations).
         return _Slot(index=index, actor=actor, pid_ref=actor.pid.remote())
 

@@ -23,10 +23,18 @@ study's ``[task] cache_dir`` (a ``Path``) there, as the built-ins do, unless its
 already name one. Plugin modules are imported from ``sys.path`` and then from the working
 directory, so ``mymod.py`` beside the study needs no ``PYTHONPATH=.`` (Ray workers get the
 driver's working directory on their path as well).
+
+A task from ``load_task`` carries its :class:`TaskSpec` (name, options, cache_dir and the
+working directory it was loaded from): the Ray workers build their own copy of the task from
+it (``TaskSpec.load``, the built-ins' weights read from the cache the first load wrote), so
+no split's data travels through Ray's object store. ``dataclasses.replace`` on a task drops
+the spec (its data may no longer be what the spec builds); so must code that changes a
+loaded task's splits in place (``task.spec = None``).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import os
@@ -72,6 +80,8 @@ class Task:
     metric_directions: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_METRICS))
     loss: Callable[[Any, Tensor], Tensor] | None = None
     distill: Callable[[Any, Any, float], Tensor] | None = None
+    # how to build this task again (set by load_task; not copied by dataclasses.replace)
+    spec: TaskSpec | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not callable(self.build_model):
@@ -139,6 +149,39 @@ class Task:
     def sample_count(self, split: str) -> int:
         """Samples in ``split``."""
         return sample_count(self.split(split)[0])
+
+    def sample_counts(self) -> dict[str, int]:
+        """Samples in each split."""
+        return {split: self.sample_count(split) for split in SPLITS}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What ``load_task`` built a task from, to build it again elsewhere (a Ray worker):
+    ``load_task(name, options, cache_dir)`` run with ``workdir`` (the loading process's
+    working directory) on the import path and a relative ``cache_dir`` read from there."""
+
+    name: str
+    options: Mapping[str, Any]
+    cache_dir: str
+    workdir: str | None = None
+
+    def load(self, base_state: Mapping[str, Tensor] | None = None, samples: Mapping[str, int] | None = None) -> Task:
+        """The task again: the same data and (from the cache, or ``base_state`` when given) the
+        same base weights; ``ValueError`` when its splits do not hold ``samples`` (the sample
+        counts where the spec was made: the spec builds other data here)."""
+        cache_dir = Path(self.cache_dir)
+        if self.workdir and os.path.isdir(self.workdir):  # absent on another machine: its own cwd is used
+            if self.workdir not in sys.path:
+                sys.path.append(self.workdir)  # appended, as _working_directory_importable does
+            if not cache_dir.is_absolute():
+                cache_dir = Path(self.workdir) / cache_dir
+        task = load_task(self.name, copy.deepcopy(dict(self.options)), cache_dir)
+        if base_state is not None:
+            task.base_state = dict(base_state)
+        if samples is not None and task.sample_counts() != dict(samples):
+            raise ValueError(f"task {self.name!r} built here has samples {task.sample_counts()}, not {dict(samples)}")
+        return task
 
 
 def check_metric_directions(name: str, value: Any) -> dict[str, str]:
@@ -262,11 +305,13 @@ def load_task(spec: str, options: Mapping | None = None, cache_dir: str | Path =
     if options is not None and not isinstance(options, Mapping):
         raise ValueError(f"task options must be a mapping, got {type(options).__name__}")
     options = dict(options or {})
+    task_spec = TaskSpec(spec, copy.deepcopy(options), str(cache_dir), os.getcwd())
     task = _build_task(spec, options, cache_dir)
     declared = declared_metrics(spec)
     if dict(task.metric_directions) != declared:
         raise ValueError(f"task {spec!r} scores by {dict(task.metric_directions)} but declares {declared}: declare "
                          "the Task's metric_directions on its factory (@declare_metrics)")
+    task.spec = task_spec
     return task
 
 

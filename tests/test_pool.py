@@ -146,3 +146,50 @@ def test_worker_that_keeps_dying_gives_failure_after_retries(ray_session, digits
         assert "worker died 1 times" in got[0][1].error
     with pytest.raises(ValueError, match="closed"):
         pool.submit(policies[0])
+
+
+PLUGIN = '''
+from tests.fakes import tiny_task
+
+
+def make(samples: int = 32):
+    return tiny_task(samples=samples)
+'''
+
+
+def test_workers_build_the_task_from_its_spec_and_no_dataset_is_shipped(ray_session, tmp_path, monkeypatch):
+    """A task from load_task (a plugin beside the study, not on the workers' import path):
+    the object store gets its spec and the base weights, not its ~9 MB of splits; the
+    workers' task gives the in-process Metrics."""
+    import pickle
+    import sys
+    import textwrap
+
+    import ray
+
+    (tmp_path / "pool_plugin_beside.py").write_text(textwrap.dedent(PLUGIN))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    task = load_task("pool_plugin_beside:make", {"samples": 1000})
+    space = SearchSpace.from_model(task.base_model(), task.example_inputs, ratio_min=0.4)
+    policies = [space.sample(np.random.default_rng(i)) for i in range(2)]
+    expected = [evaluate(p, task, FAST, groups=space.groups) for p in policies]
+    put, sizes = ray.put, []
+    monkeypatch.setattr(ray, "put", lambda value, **kw: (sizes.append(len(pickle.dumps(value))), put(value, **kw))[1])
+    with EvaluatorPool(task, groups=space.groups, settings=FAST, workers=1) as pool:
+        for i, policy in enumerate(policies):
+            pool.submit(policy, tag=i)
+        got = _drain(pool)
+    data = len(pickle.dumps((task.train, task.calibration, task.validation)))
+    weights = len(pickle.dumps(dict(task.base_state)))
+    assert data > 9_000_000 and sizes and sum(sizes) < weights + 100_000, (sizes, weights, data)
+    for i, (_, metrics) in got.items():
+        assert metrics.ok, metrics.error
+        assert _same(metrics, expected[i])
+    # a task built by hand (no spec) is still shipped whole: the in-process path of tests
+    sizes.clear()
+    task.spec = None
+    with EvaluatorPool(task, groups=space.groups, settings=FAST, workers=1) as pool:
+        pool.submit(policies[0], tag=0)
+        assert _same(_drain(pool)[0][1], expected[0])
+    assert max(sizes) > data
