@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from evaluators.batch import Batch, call, take
+from evaluators.batch import Batch, call
 from evaluators.devices import model_device, placed, resolve_device, to_device
 from evaluators.losses import task_distill, task_loss
 from spaces.registry import Registry
@@ -139,14 +139,15 @@ def finetune(pruned, *, base, task, settings, calibration) -> nn.Module:
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.finetune_lr, momentum=0.9, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     generator = torch.Generator().manual_seed(settings.seed)
-    x_all, y_all = task.train
+    n = task.sample_count("train")
     device = model_device(model)  # recover() put it on settings.device
     loss_fn, distill = task_loss(task), task_distill(task)
     model.train()
     with torch.enable_grad():
         for _ in range(steps):
-            idx = torch.randint(len(y_all), (min(settings.batch_size, len(y_all)),), generator=generator)
-            x, y = to_device(take(x_all, idx), device), y_all[idx].to(device)
+            idx = torch.randint(n, (min(settings.batch_size, n),), generator=generator)
+            x, y = task.samples("train", idx)
+            x, y = to_device(x, device), y.to(device)
             out = call(model, x)
             loss = loss_fn(out, y)
             if teacher is not None:

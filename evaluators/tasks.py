@@ -48,7 +48,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from evaluators.batch import Batch, Inputs, check_inputs, sample_count, take
+from evaluators.batch import Batch, Inputs, check_inputs
+from evaluators.datasets import Split, is_pair, read_batches, read_samples, split_length
 from evaluators.metrics import MAXIMIZE, MINIMIZE, OBJECTIVES, TaskValue
 from spaces.checks import check_int
 from spaces.registry import Registry
@@ -66,9 +67,11 @@ class Task:
 
     name: str
     build_model: Callable[[], nn.Module]      # the architecture, picklable (module-level fn / functools.partial)
-    train: tuple[Inputs, Tensor]              # (x, y); x a tensor, tuple or dict of CPU tensors
-    calibration: tuple[Inputs, Tensor]        # small subset used by adaptive BN / importance / CaP
-    validation: tuple[Inputs, Tensor]         # the metrics are measured here
+    # each split: (x, y), x a tensor, tuple or dict of CPU tensors; or a map-style torch Dataset
+    # of (inputs, target) items (evaluators.datasets; e.g. decoded lazily, per item)
+    train: Split
+    calibration: Split                        # small subset used by adaptive BN / importance / CaP
+    validation: Split                         # the metrics are measured here
     example_inputs: Inputs                    # ONE sample (batch 1): costs are per sample
     num_classes: int
     base_state: dict[str, Tensor]             # trained weights of build_model()
@@ -80,6 +83,7 @@ class Task:
     metric_directions: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_METRICS))
     loss: Callable[[Any, Tensor], Tensor] | None = None
     distill: Callable[[Any, Any, float], Tensor] | None = None
+    num_workers: int = 0                      # DataLoader processes reading a Dataset split
     # how to build this task again (set by load_task; not copied by dataclasses.replace)
     spec: TaskSpec | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -87,14 +91,8 @@ class Task:
         if not callable(self.build_model):
             raise ValueError(f"task {self.name!r}: build_model must be callable, got {type(self.build_model).__name__}")
         for split in SPLITS:
-            pair = getattr(self, split)
-            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], Tensor)):
-                raise ValueError(f"task {self.name!r}: {split} must be a tuple (x, y) of inputs and a target tensor")
-            n = check_inputs(f"task {self.name!r}: {split} inputs", pair[0])
-            if n != len(pair[1]):
-                raise ValueError(f"task {self.name!r}: {split} has {n} inputs but {len(pair[1])} labels")
-            if n == 0:
-                raise ValueError(f"task {self.name!r}: {split} split is empty")
+            _check_split(self.name, split, getattr(self, split))
+        check_int(f"task {self.name!r}: num_workers", self.num_workers, 0)
         try:
             one = check_inputs("example_inputs", self.example_inputs)
         except ValueError:
@@ -119,7 +117,7 @@ class Task:
         model.load_state_dict(self.base_state)
         return model.eval()
 
-    def split(self, split: str) -> tuple[Tensor, Tensor]:
+    def split(self, split: str) -> Split:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
         return getattr(self, split)
@@ -127,10 +125,11 @@ class Task:
     def batches(
         self, split: str, batch_size: int, limit: int | None = None, seed: int | None = 0
     ) -> list[Batch]:
-        """``split`` cut into batches of ``batch_size``.
+        """``split`` cut into batches of ``batch_size`` (``evaluators.datasets.read_batches``).
 
         Samples are shuffled by ``seed`` (``None`` keeps the stored order); ``limit`` caps
-        the number of *samples* (not batches) taken after shuffling.
+        the number of *samples* (not batches) taken after shuffling. A Dataset split is read
+        through a ``DataLoader`` with ``num_workers`` processes.
         """
         check_int("batch_size", batch_size, 1)
         if limit is not None:
@@ -138,17 +137,15 @@ class Task:
                 check_int("limit", limit, 1)
             except ValueError:
                 raise ValueError(f"limit must be None or an integer >= 1, got {limit!r}") from None
-        x, y = self.split(split)
-        n = len(y) if limit is None else min(limit, len(y))
-        if seed is None:
-            idx = torch.arange(n)
-        else:
-            idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
-        return [(take(x, idx[i : i + batch_size]), y[idx[i : i + batch_size]]) for i in range(0, n, batch_size)]
+        return read_batches(self.split(split), batch_size, limit, seed, self.num_workers)
+
+    def samples(self, split: str, index: Tensor) -> Batch:
+        """The samples ``index`` of ``split`` as one batch (e.g. a fine-tune's random draws)."""
+        return read_samples(self.split(split), index)
 
     def sample_count(self, split: str) -> int:
         """Samples in ``split``."""
-        return sample_count(self.split(split)[0])
+        return split_length(self.split(split))
 
     def sample_counts(self) -> dict[str, int]:
         """Samples in each split."""
@@ -182,6 +179,26 @@ class TaskSpec:
         if samples is not None and task.sample_counts() != dict(samples):
             raise ValueError(f"task {self.name!r} built here has samples {task.sample_counts()}, not {dict(samples)}")
         return task
+
+
+def _check_split(task: str, name: str, split: Any) -> None:
+    """``ValueError`` unless ``split`` is a non-empty pair (x, y) or a non-empty map-style
+    dataset whose first item is (inputs, target) (only that item is read)."""
+    if is_pair(split):
+        n = check_inputs(f"task {task!r}: {name} inputs", split[0])
+        if n != len(split[1]):
+            raise ValueError(f"task {task!r}: {name} has {n} inputs but {len(split[1])} labels")
+    elif isinstance(split, torch.utils.data.Dataset) and hasattr(split, "__len__"):
+        n = len(split)
+        item = split[0] if n else None
+        if n and not (isinstance(item, tuple) and len(item) == 2):
+            raise ValueError(f"task {task!r}: {name} dataset items must be (inputs, target) pairs, "
+                             f"got {type(item).__name__}")
+    else:
+        raise ValueError(f"task {task!r}: {name} must be a tuple (x, y) of inputs and a target tensor, "
+                         "or a map-style torch Dataset of (inputs, target) items")
+    if n == 0:
+        raise ValueError(f"task {task!r}: {name} split is empty")
 
 
 def check_metric_directions(name: str, value: Any) -> dict[str, str]:

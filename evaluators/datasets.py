@@ -1,0 +1,92 @@
+"""A task's splits as torch map-style datasets, read in batches through a ``DataLoader``.
+
+A split is either an in-memory pair ``(inputs, targets)`` (read by indexing, the fast path)
+or any ``torch.utils.data.Dataset`` whose item ``i`` is ``(inputs_i, target_i)``: inputs a
+tensor, a tuple or a dict of tensors without the sample axis (``evaluators.batch``), so a
+dataset may decode its samples lazily, per item. ``as_dataset`` makes a pair one such
+dataset (:class:`TensorPairs`). ``read_batches`` cuts either into batches: samples in a
+seeded order (``torch.randperm`` of the split's length, the same for both kinds, so a
+calibration or validation subset given by a sample count is the same samples in every
+trial), ``limit`` samples at most, ``num_workers`` loader processes for a dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from evaluators.batch import Batch, Inputs, sample_count, take
+
+Split = Any  # tuple[Inputs, Tensor] | torch.utils.data.Dataset
+
+
+class TensorPairs(Dataset):
+    """In-memory ``(inputs, targets)`` as a map-style dataset: item ``i`` is sample ``i``."""
+
+    def __init__(self, inputs: Inputs, targets: Tensor):
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Inputs, Tensor]:
+        return take(self.inputs, index), self.targets[index]
+
+
+def is_pair(split: Split) -> bool:
+    return isinstance(split, tuple) and len(split) == 2 and isinstance(split[1], Tensor)
+
+
+def as_dataset(split: Split) -> Dataset:
+    """``split`` as a map-style dataset (a pair becomes :class:`TensorPairs`)."""
+    return TensorPairs(*split) if is_pair(split) else split
+
+
+def split_length(split: Split) -> int:
+    """Samples in ``split``."""
+    return sample_count(split[0]) if is_pair(split) else len(split)
+
+
+def collate(items: Sequence[tuple[Inputs, Any]]) -> Batch:
+    """Items ``(inputs, target)`` stacked into one batch of the same form."""
+    first = items[0][0]
+    if isinstance(first, Tensor):
+        inputs: Inputs = torch.stack([x for x, _ in items])
+    elif isinstance(first, Mapping):
+        inputs = {k: torch.stack([x[k] for x, _ in items]) for k in first}
+    else:
+        inputs = tuple(torch.stack([x[i] for x, _ in items]) for i in range(len(first)))
+    targets = [y for _, y in items]
+    return inputs, torch.stack(targets) if isinstance(targets[0], Tensor) else torch.as_tensor(targets)
+
+
+def sample_order(length: int, limit: int | None, seed: int | None) -> Tensor:
+    """The indices read: a ``seed``-shuffled order (``None``: stored order), ``limit`` at most."""
+    n = length if limit is None else min(limit, length)
+    if seed is None:
+        return torch.arange(n)
+    return torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def read_batches(split: Split, batch_size: int, limit: int | None = None, seed: int | None = 0,
+                 num_workers: int = 0) -> list[Batch]:
+    """``split`` cut into batches of ``batch_size`` samples (see the module docstring)."""
+    idx = sample_order(split_length(split), limit, seed)
+    if is_pair(split):
+        x, y = split
+        return [(take(x, idx[i : i + batch_size]), y[idx[i : i + batch_size]]) for i in range(0, len(idx), batch_size)]
+    loader = DataLoader(split, batch_size=batch_size, sampler=idx.tolist(), num_workers=num_workers,
+                        collate_fn=collate)
+    return list(loader)
+
+
+def read_samples(split: Split, index: Tensor) -> Batch:
+    """The samples ``index`` of ``split`` as one batch (random draws, e.g. a fine-tune's)."""
+    if is_pair(split):
+        x, y = split
+        return take(x, index), y[index]
+    return collate([split[int(i)] for i in index])

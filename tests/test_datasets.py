@@ -1,0 +1,114 @@
+"""A task's splits as map-style datasets: the same batches, subsets and evaluations as the
+in-memory pairs they replace, read lazily through a DataLoader."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from evaluators.datasets import TensorPairs, collate, read_batches
+from evaluators.evaluate import evaluate
+from evaluators.settings import EvalSettings
+from evaluators.tasks import SPLITS, Task
+from spaces.space import SearchSpace
+from tests.fakes import tiny_task
+
+
+class Counted(Dataset):
+    """Items made on demand (as a decoding dataset would), counting every read."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.reads = x, y, 0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.x[i].clone(), self.y[i]
+
+
+def _lazy(task: Task) -> Task:
+    lazy = replace(task, **{s: Counted(*task.split(s)) for s in SPLITS})
+    for split in SPLITS:  # the Task read each split's first item to check its form
+        assert lazy.split(split).reads == 1
+        lazy.split(split).reads = 0
+    return lazy
+
+
+def _equal(a, b):
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("limit, seed", [(None, 0), (50, 3), (7, None), (1000, 1)])
+def test_a_dataset_split_gives_the_pair_split_batches(limit, seed):
+    task = tiny_task(samples=64)
+    lazy = _lazy(task)
+    for split in SPLITS:
+        _equal(task.batches(split, 16, limit=limit, seed=seed), lazy.batches(split, 16, limit=limit, seed=seed))
+    # a sample-count subset reads only those samples: nothing is decoded ahead
+    assert lazy.validation.reads == min(limit or 64, 64)
+    assert lazy.sample_counts() == task.sample_counts() == {s: 64 for s in SPLITS}
+
+
+def test_loader_processes_give_the_same_batches():
+    task = tiny_task(samples=40)
+    lazy = replace(_lazy(task), num_workers=2)
+    _equal(task.batches("train", 8, seed=5), lazy.batches("train", 8, seed=5))
+
+
+def test_tuple_and_dict_inputs_collate_in_their_form():
+    x, y = torch.randn(6, 3), torch.arange(6)
+    pairs = {"t": (x, y), "tuple": ((x, x * 2), y), "dict": ({"a": x, "b": x[:, :1]}, y)}
+    for name, (inputs, targets) in pairs.items():
+        got = read_batches(TensorPairs(inputs, targets), 4, seed=2)
+        want = read_batches((inputs, targets), 4, seed=2)
+        assert [type(b[0]) for b in got] == [type(b[0]) for b in want], name
+        for (ga, gy), (wa, wy) in zip(got, want):
+            assert torch.equal(gy, wy)
+            flat = (lambda v: list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, tuple) else [v])
+            assert all(torch.equal(p, q) for p, q in zip(flat(ga), flat(wa)))
+    assert torch.equal(collate([(x[0], 1), (x[1], 2)])[1], torch.tensor([1, 2]))
+
+
+def test_evaluation_with_fine_tune_is_the_same_on_a_dataset_task():
+    """Calibration, fine-tune draws (Task.samples) and validation all read the datasets."""
+    task = tiny_task(samples=48)
+    space = SearchSpace.from_model(task.base_model(), task.example_inputs, ratio_min=0.4)
+    policy = space.sample(np.random.default_rng(0))
+    settings = EvalSettings(calibration_samples=32, bn_batches=2, eval_samples=40, recovery="finetune",
+                            finetune_steps=3, batch_size=16)
+    a = evaluate(policy, task, settings, groups=space.groups)
+    lazy = _lazy(task)
+    b = evaluate(policy, lazy, settings, groups=space.groups)
+    assert a.ok and b.ok, (a.error, b.error)
+    assert (a.accuracy, a.flops, a.params) == (b.accuracy, b.flops, b.params)
+    assert lazy.train.reads == 3 * 16  # three fine-tune steps of 16 drawn samples
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"train": TensorPairs(torch.randn(0, 3, 16, 16), torch.zeros(0, dtype=torch.long))}, "train split is empty"),
+    ({"validation": [1, 2, 3]}, "validation must be a tuple"),
+    ({"num_workers": -1}, "num_workers must be an integer >= 0"),
+])
+def test_bad_dataset_splits_are_one_line_errors(change, match):
+    with pytest.raises(ValueError, match=match):
+        replace(tiny_task(samples=8), **change)
+
+
+def test_dataset_items_must_be_pairs():
+    class Bare(Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 16, 16)
+
+    with pytest.raises(ValueError, match="calibration dataset items must be \\(inputs, target\\) pairs, got Tensor"):
+        replace(tiny_task(samples=8), calibration=Bare())
