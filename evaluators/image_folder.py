@@ -1,6 +1,10 @@
 """``image-folder``: a local directory in torchvision ``ImageFolder`` layout
 (``root/<class>/<image>``) read with Pillow, with a user model ``"package.module:callable"``
-and optional trained weights (trained here and cached when not given)."""
+and optional trained weights (trained here and cached when not given).
+
+The images are decoded lazily: each split is an :class:`ImageFiles` dataset that decodes
+(resizes, normalises) one image per item, read through a ``DataLoader`` with the task's
+``num_workers`` option; loading the task reads only the files' headers and one image."""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from evaluators.task_training import config_hash, task_options, trained_task
+from torch.utils.data import Dataset
+
+from evaluators.task_training import config_hash, seeded_split, task_options, trained_splits_task
 from evaluators.tasks import Task, check_options, import_object, one_line, register_task
 from spaces.checks import check_int
 
@@ -33,6 +39,7 @@ _FOLDER_DEFAULTS = {
     "epochs": 10,
     "batch_size": 64,
     "lr": 0.05,
+    "num_workers": 0,
 }
 
 
@@ -66,36 +73,62 @@ def scan_image_folder(path: str | Path) -> tuple[list[str], list[tuple[Path, int
     return classes, samples
 
 
-def _read_images(samples: list[tuple[Path, int]], size: int, grayscale: bool) -> tuple[Tensor, Tensor]:
+def decode_image(file: str | Path, size: int, grayscale: bool) -> Tensor:
+    """One image as a ``(C, size, size)`` float tensor in [0, 1] (bilinear resize)."""
     import numpy as np
     from PIL import Image
 
-    images = []
+    try:
+        with Image.open(file) as img:
+            img = img.convert("L" if grayscale else "RGB").resize((size, size), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+    except Exception as exc:
+        raise ValueError(f"cannot read image {str(file)!r}: {one_line(exc)}") from None
+    return torch.from_numpy(np.ascontiguousarray(arr[None] if grayscale else arr.transpose(2, 0, 1)))
+
+
+def _check_headers(samples: list[tuple[Path, int]]) -> None:
+    """``ValueError`` naming the first file Pillow cannot identify (headers only: no decoding)."""
+    from PIL import Image
+
     for file, _ in samples:
         try:
-            with Image.open(file) as img:
-                img = img.convert("L" if grayscale else "RGB").resize((size, size), Image.BILINEAR)
-                arr = np.asarray(img, dtype=np.float32) / 255.0
+            with Image.open(file):
+                pass
         except Exception as exc:
             raise ValueError(f"cannot read image {str(file)!r}: {one_line(exc)}") from None
-        images.append(arr[None] if grayscale else arr.transpose(2, 0, 1))
-    x = torch.from_numpy(np.stack(images))
-    y = torch.tensor([label for _, label in samples], dtype=torch.long)
-    return x, y
 
 
-def _normalize(x: Tensor, mean: Any, std: Any) -> Tensor:
+def _normalizer(mean: Any, std: Any, channels: int) -> tuple[Tensor, Tensor] | None:
+    """``(mean, std)`` as ``(C, 1, 1)`` tensors (None when neither is given)."""
     if mean is None and std is None:
-        return x
-    channels = x.shape[1]
+        return None
     try:
-        m = torch.tensor(mean if mean is not None else [0.0] * channels, dtype=torch.float32).view(1, -1, 1, 1)
-        s = torch.tensor(std if std is not None else [1.0] * channels, dtype=torch.float32).view(1, -1, 1, 1)
+        m = torch.tensor(mean if mean is not None else [0.0] * channels, dtype=torch.float32).view(-1, 1, 1)
+        s = torch.tensor(std if std is not None else [1.0] * channels, dtype=torch.float32).view(-1, 1, 1)
     except (TypeError, ValueError):
         raise ValueError(f"image-folder mean/std must be lists of numbers, got {mean!r} / {std!r}") from None
     if m.numel() not in (1, channels) or s.numel() not in (1, channels) or bool((s <= 0).any()):
         raise ValueError(f"image-folder mean/std must have 1 or {channels} values (std > 0), got {mean!r} / {std!r}")
-    return (x - m) / s
+    return m, s
+
+
+class ImageFiles(Dataset):
+    """Image files and their labels, decoded (and normalised) one item at a time."""
+
+    def __init__(self, files: list[str], labels: list[int], size: int, grayscale: bool,
+                 norm: tuple[Tensor, Tensor] | None):
+        self.files, self.labels = files, torch.tensor(labels, dtype=torch.long)
+        self.size, self.grayscale, self.norm = size, grayscale, norm
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x = decode_image(self.files[index], self.size, self.grayscale)
+        if self.norm is not None:
+            x = (x - self.norm[0]) / self.norm[1]
+        return x, self.labels[index]
 
 
 def _folder_options(options: dict) -> dict:
@@ -110,6 +143,10 @@ def _folder_options(options: dict) -> dict:
         check_int("image_size", opts["image_size"], 1)
     except ValueError:
         raise ValueError(f"image-folder option image_size must be a positive integer, got {opts['image_size']!r}") from None
+    try:
+        check_int("num_workers", opts["num_workers"], 0)
+    except ValueError:
+        raise ValueError(f"image-folder option num_workers must be an integer >= 0, got {opts['num_workers']!r}") from None
     return opts
 
 
@@ -137,17 +174,24 @@ def image_folder_task(options: dict, cache_dir: Path) -> Task:
     classes, samples = scan_image_folder(opts["path"])
     if len(samples) < 3:
         raise ValueError(f"image folder {str(opts['path'])!r} has {len(samples)} image(s); at least 3 are needed")
-    x, y = _read_images(samples, opts["image_size"], bool(opts["grayscale"]))
-    x = _normalize(x, opts["mean"], opts["std"])
+    _check_headers(samples)
+    gray = bool(opts["grayscale"])
+    norm = _normalizer(opts["mean"], opts["std"], 1 if gray else 3)
+    files, labels = [str(f) for f, _ in samples], [label for _, label in samples]
+    splits = tuple(ImageFiles([files[i] for i in idx], [labels[i] for i in idx], opts["image_size"], gray, norm)
+                   for idx in seeded_split(len(files), tuple(opts["split"]), opts["seed"]))
+    example = ImageFiles(files[:1], labels[:1], opts["image_size"], gray, norm)[0][0][None]
 
     build = functools.partial(build_model_from_spec, opts["model"], dict(opts["model_options"]))
     model = build()
-    _check_logits(model, opts["model"], x, len(classes))
-    files = [[str(f.relative_to(opts["path"])), f.stat().st_size, f.stat().st_mtime_ns] for f, _ in samples]
-    config = {
-        "task": "image-folder", **{k: v for k, v in opts.items() if k != "path"},
-        "path": str(Path(opts["path"]).resolve()), "classes": classes, "files": config_hash({"files": files}),
+    _check_logits(model, opts["model"], example, len(classes))
+    stats = [[str(f.relative_to(opts["path"])), f.stat().st_size, f.stat().st_mtime_ns] for f, _ in samples]
+    config = {  # num_workers changes how the images are read, not what: not part of the weights' name
+        "task": "image-folder", **{k: v for k, v in opts.items() if k not in ("path", "num_workers")},
+        "path": str(Path(opts["path"]).resolve()), "classes": classes, "files": config_hash({"files": stats}),
     }
     state = _load_weights(model, opts) if opts["weights"] else None
-    return trained_task("image-folder", x, y, build=build, num_classes=len(classes), opts=opts, config=config,
-                        cache_dir=cache_dir, state=state)
+    task = trained_splits_task("image-folder", splits, example, build=build, num_classes=len(classes), opts=opts,
+                               config=config, cache_dir=cache_dir, state=state)
+    task.num_workers = opts["num_workers"]
+    return task

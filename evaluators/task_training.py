@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from evaluators.batch import Batch, Inputs, call, take
+from evaluators.datasets import Split, read_batches, read_samples, split_length
 from evaluators.losses import cross_entropy
 from evaluators.measure import task_values
 from evaluators.tasks import Task
@@ -85,12 +86,6 @@ def split_data(x: Inputs, y: Tensor, fractions: tuple[float, float, float], seed
     return tuple((take(x, idx), y[idx]) for idx in seeded_split(len(y), fractions, seed))  # type: ignore[return-value]
 
 
-def in_batches(data: Batch, batch_size: int = EVAL_BATCH) -> list[Batch]:
-    """``data`` cut into consecutive batches of ``batch_size`` samples."""
-    x, y = data
-    return [(take(x, slice(i, i + batch_size)), y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
-
-
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True),
     "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
@@ -99,7 +94,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 def train_classifier(
     model: nn.Module,
-    data: Batch,
+    data: Split,
     *,
     epochs: int,
     batch_size: int = 64,
@@ -121,8 +116,8 @@ def train_classifier(
     try:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        x_all, y_all = data
-        steps_per_epoch = math.ceil(len(y_all) / batch_size)
+        n = split_length(data)  # a pair (x, y) or a dataset, read a batch at a time
+        steps_per_epoch = math.ceil(n / batch_size)
         optimizer = OPTIMIZERS[optimizer](model.parameters(), lr)
         total = epochs * steps_per_epoch
         # OneCycleLR needs >= 2 warm-up steps (pct_start x total): fewer, and it divides by
@@ -131,10 +126,9 @@ def train_classifier(
                     if 0.2 * total >= 2 else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
         model.train()
         for _ in tqdm(range(epochs), desc=desc, leave=False, disable=None):
-            order = torch.randperm(len(y_all), generator=gen)
-            for i in range(0, len(y_all), batch_size):
-                idx = order[i : i + batch_size]
-                x, y = take(x_all, idx), y_all[idx]
+            order = torch.randperm(n, generator=gen)
+            for i in range(0, n, batch_size):
+                x, y = read_samples(data, order[i : i + batch_size])
                 if augment is not None:
                     x = augment(x, gen)
                 value = loss(call(model, x), y)
@@ -191,14 +185,36 @@ def trained_task(
     state: Mapping[str, Tensor] | None = None,
     **scoring: Any,
 ) -> Task:
-    """A :class:`Task` over ``(x, y)`` split by ``opts["split"]`` and ``opts["seed"]``.
+    """A :class:`Task` over ``(x, y)`` split by ``opts["split"]`` and ``opts["seed"]``
+    (``trained_splits_task``)."""
+    # a copy of the first sample: a view would carry the whole of x's storage when pickled
+    return trained_splits_task(name, split_data(x, y, tuple(opts["split"]), opts["seed"]), take(x, torch.arange(1)),
+                               build=build, num_classes=num_classes, opts=opts, config=config, cache_dir=cache_dir,
+                               augment=augment, state=state, **scoring)
+
+
+def trained_splits_task(
+    name: str,
+    splits: tuple[Split, Split, Split],
+    example: Inputs,
+    *,
+    build: Callable[[], nn.Module],
+    num_classes: int,
+    opts: Mapping,
+    config: dict,
+    cache_dir: Path,
+    augment: Augment | None = None,
+    state: Mapping[str, Tensor] | None = None,
+    **scoring: Any,
+) -> Task:
+    """A :class:`Task` over the (train, calibration, validation) ``splits`` (pairs or datasets).
 
     Without ``state`` the base model is trained with ``opts`` (epochs, batch_size, lr,
     seed) on the train split once and cached under ``cache_dir``, named by ``config``.
     ``scoring`` holds the task's own ``metrics``, ``metric_directions``, ``loss`` and
     ``distill`` (Task fields); the base model trains on that ``loss``.
     """
-    train, calibration, validation = split_data(x, y, tuple(opts["split"]), opts["seed"])
+    train, calibration, validation = splits
 
     def fit() -> dict[str, Tensor]:
         torch.manual_seed(opts["seed"])
@@ -208,11 +224,10 @@ def trained_task(
             optimizer=opts.get("optimizer", "sgd"), loss=scoring.get("loss") or cross_entropy,
             seed=opts["seed"], augment=augment, desc=f"training {name} base model",
         )
-        log.info("%s base model: validation %s", name, task_values(model, probe, in_batches(validation)))
+        log.info("%s base model: validation %s", name,
+                 task_values(model, probe, read_batches(validation, EVAL_BATCH, seed=None)))
         return trained
 
-    # a copy of the first sample: a view would carry the whole of x's storage when pickled
-    example = take(x, torch.arange(1))
     probe = Task(name=name, build_model=build, train=train, calibration=calibration, validation=validation,
                  example_inputs=example, num_classes=num_classes, base_state={}, config=config, **scoring)
     if state is None:

@@ -75,6 +75,12 @@ CASES = [
          new="tests.fakes:no_such_task"),
     Case("plugin-not-callable", "'DIRECTIONS' is a tuple, not a callable", old="tests.fakes:tiny_task",
          new="tests.fakes:DIRECTIONS"),
+    Case("image-folder-num-workers-negative", "image-folder option num_workers must be an integer >= 0, got -1",
+         old='name = "tests.fakes:tiny_task"', new='name = "image-folder"\noptions = {path = "{tmp}/img", '
+         'model = "tests.test_tasks:TinyConvNet", num_workers = -1}'),
+    Case("image-folder-num-workers-not-an-integer", "image-folder option num_workers must be an integer >= 0, got 'two'",
+         old='name = "tests.fakes:tiny_task"', new='name = "image-folder"\noptions = {path = "{tmp}/img", '
+         'model = "tests.test_tasks:TinyConvNet", num_workers = "two"}'),
     Case("plugin-bad-options", "does not accept options ['colour']", old="[space]", new='[task.options]\ncolour = "red"\n[space]'),
     Case("plugin-not-a-task", "returned SearchSpace, not an evaluators.tasks.Task", old="tests.fakes:tiny_task",
          new="tests.fakes:tiny_space"),

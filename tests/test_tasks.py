@@ -198,7 +198,7 @@ def test_image_folder_task_trains_caches_and_loads_weights(tmp_path):
             "image_size": 8, "epochs": 3}
     task = load_task("image-folder", opts, cache_dir=tmp_path / "cache")
     assert task.num_classes == 2 and task.example_inputs.shape == (1, 3, 8, 8)
-    assert sum(len(s[1]) for s in (task.train, task.calibration, task.validation)) == 12
+    assert sum(task.sample_counts().values()) == 12
     assert task.config["classes"] == ["cat", "dog"]
     assert len(list((tmp_path / "cache").glob("image-folder-*.pt"))) == 1
     assert isinstance(task.base_model(), TinyConvNet)
