@@ -81,18 +81,28 @@ def _output_tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def _storage_address(t: torch.Tensor) -> int | None:
+    """Address of the memory ``t`` views (None for an empty storage, which has none of its own)."""
+    storage = t.untyped_storage()
+    return storage.data_ptr() if storage.nbytes() else None
+
+
 def output_layers(model: nn.Module, example_inputs: Any) -> list[str]:
     """Names of the conv/linear layers whose outputs are (views of) the model's outputs.
 
     Their output channels are the model's output shape, so they are never pruned.
+    A layer's output is matched to the model's outputs by storage address, so every layer
+    output is held until the comparison: a freed output's memory is reused by later tensors
+    (the model's outputs too), and matching a dead address would name layers that merely
+    ran earlier, differently in each process. (Holding them costs what a training forward
+    keeps for one batch of ``example_inputs``.)
     """
-    produced: dict[int, list[str]] = {}
+    produced: list[tuple[str, torch.Tensor]] = []
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, ROOT_TYPES):
             def hook(mod, inp, out, name=name):
-                for t in _output_tensors(out):
-                    produced.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+                produced.extend((name, t) for t in _output_tensors(out))
             hooks.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -100,9 +110,9 @@ def output_layers(model: nn.Module, example_inputs: Any) -> list[str]:
     finally:
         for h in hooks:
             h.remove()
-    names: list[str] = []
-    for t in outputs:
-        names.extend(produced.get(t.untyped_storage().data_ptr(), []))
+    addresses = {_storage_address(t) for t in outputs} - {None}
+    names = [n for n, t in produced if _storage_address(t) in addresses]
+    del produced  # release the held layer outputs before the fallback's forward
     if not names:
         # Output is not a view of a layer's output (e.g. a softmax); fall back to the last
         # conv/linear executed, which is what decides the output width in such models.
