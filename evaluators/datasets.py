@@ -7,12 +7,16 @@ dataset may decode its samples lazily, per item. ``as_dataset`` makes a pair one
 dataset (:class:`TensorPairs`). ``read_batches`` cuts either into batches: samples in a
 seeded order (``torch.randperm`` of the split's length, the same for both kinds, so a
 calibration or validation subset given by a sample count is the same samples in every
-trial), ``limit`` samples at most, ``num_workers`` loader processes for a dataset.
+trial), ``limit`` samples at most, ``num_workers`` loader processes for a dataset. A
+dataset's batches come as :class:`Batches`, a sequence that decodes a batch when it is
+read (iterating streams them through the ``DataLoader``): a pass over the validation split
+never holds more than a batch or two of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -72,16 +76,41 @@ def sample_order(length: int, limit: int | None, seed: int | None) -> Tensor:
     return torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:n]
 
 
+class Batches(Sequence):
+    """The batches of ``dataset`` at sample indices ``order``, read when asked for: an item
+    (or a slice, as a list) is decoded then; iterating streams every batch in order through
+    a ``DataLoader`` with ``num_workers`` processes."""
+
+    def __init__(self, dataset: Dataset, order: Tensor, batch_size: int, num_workers: int = 0):
+        self.dataset, self.order, self.batch_size, self.num_workers = dataset, order, batch_size, num_workers
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def __getitem__(self, index: int | slice) -> Batch | list[Batch]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"batch {index} of {len(self)}")
+        start = (index % len(self)) * self.batch_size
+        return read_samples(self.dataset, self.order[start : start + self.batch_size])
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not len(self.order):
+            return iter(())
+        return iter(DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.order.tolist(),
+                               num_workers=self.num_workers, collate_fn=collate))
+
+
 def read_batches(split: Split, batch_size: int, limit: int | None = None, seed: int | None = 0,
-                 num_workers: int = 0) -> list[Batch]:
-    """``split`` cut into batches of ``batch_size`` samples (see the module docstring)."""
+                 num_workers: int = 0) -> Sequence[Batch]:
+    """``split`` cut into batches of ``batch_size`` samples (see the module docstring): a
+    list for a pair, :class:`Batches` (decoded when read) for a dataset."""
     idx = sample_order(split_length(split), limit, seed)
     if is_pair(split):
         x, y = split
         return [(take(x, idx[i : i + batch_size]), y[idx[i : i + batch_size]]) for i in range(0, len(idx), batch_size)]
-    loader = DataLoader(split, batch_size=batch_size, sampler=idx.tolist(), num_workers=num_workers,
-                        collate_fn=collate)
-    return list(loader)
+    return Batches(split, idx, batch_size, num_workers)
 
 
 def read_samples(split: Split, index: Tensor) -> Batch:

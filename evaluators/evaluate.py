@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 _DEFAULT_SETTINGS = EvalSettings()
 
 
-def validation_batches(task: Task, settings: EvalSettings) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Validation batches in stored order, so every policy is scored on the same samples."""
-    return task.batches("validation", settings.batch_size, limit=settings.eval_samples, seed=None)
+def validation_batches(task: Task, settings: EvalSettings) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
+    """Validation batches in stored order, so every policy is scored on the same samples
+    (a Dataset split's decoded as they are read: ``Task.stream``)."""
+    return task.stream("validation", settings.batch_size, limit=settings.eval_samples, seed=None)
 
 
 def _measure(

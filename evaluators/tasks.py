@@ -129,8 +129,13 @@ class Task:
 
         Samples are shuffled by ``seed`` (``None`` keeps the stored order); ``limit`` caps
         the number of *samples* (not batches) taken after shuffling. A Dataset split is read
-        through a ``DataLoader`` with ``num_workers`` processes.
+        through a ``DataLoader`` with ``num_workers`` processes, every batch at once.
         """
+        return list(self.stream(split, batch_size, limit, seed))
+
+    def stream(self, split: str, batch_size: int, limit: int | None = None, seed: int | None = 0) -> Sequence[Batch]:
+        """``batches``, but a Dataset split's are decoded when read (``evaluators.datasets.Batches``):
+        for one pass over a large split (scoring) without holding it."""
         check_int("batch_size", batch_size, 1)
         if limit is not None:
             try:

@@ -112,3 +112,24 @@ def test_dataset_items_must_be_pairs():
 
     with pytest.raises(ValueError, match="calibration dataset items must be \\(inputs, target\\) pairs, got Tensor"):
         replace(tiny_task(samples=8), calibration=Bare())
+
+
+def test_stream_decodes_a_batch_when_it_is_read():
+    """Task.stream (how an evaluation scores): a sequence of batches, none decoded ahead."""
+    task = tiny_task(samples=40)
+    lazy = _lazy(task)
+    want = task.batches("validation", 16, limit=36, seed=None)
+    stream = lazy.stream("validation", 16, limit=36, seed=None)
+    assert len(stream) == 3 and lazy.validation.reads == 0
+    xb, yb = stream[-1]
+    assert torch.equal(xb, want[2][0]) and torch.equal(yb, want[2][1]) and lazy.validation.reads == 4
+    _equal(stream[:2], want[:2])
+    lazy.validation.reads = 0
+    seen = []
+    for x, y in stream:  # streamed: the first batch arrives before the later ones are read
+        seen.append(lazy.validation.reads)
+    assert seen == [16, 32, 36]
+    _equal(list(stream), want)
+    with pytest.raises(IndexError):
+        stream[3]
+    _equal(replace(lazy, num_workers=2).stream("validation", 16, seed=1), task.batches("validation", 16, seed=1))
