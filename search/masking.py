@@ -74,7 +74,7 @@ def _run(task: Any, space: Any, config: MaskingConfig, batch_size: int, threads:
 
     torch.set_num_threads(threads)
     model = task.base_model()
-    train = task.batches("train", batch_size, seed=config.seed)
+    train = task.stream("train", batch_size, seed=config.seed)  # a Dataset split's batches decoded per step
     heldout = task.batches("calibration", batch_size, seed=config.seed)
     policy, info = learn_ratios(model, space, train, heldout, task.example_inputs, config,
                                 loss=task_loss(task), distill=task_distill(task))

@@ -133,3 +133,18 @@ def test_stream_decodes_a_batch_when_it_is_read():
     with pytest.raises(IndexError):
         stream[3]
     _equal(replace(lazy, num_workers=2).stream("validation", 16, seed=1), task.batches("validation", 16, seed=1))
+
+
+def test_masking_reads_a_dataset_train_split_a_batch_per_step(digits_setup):
+    """search.masking's run on a dataset task: the policy of the in-memory task, and only
+    the batches its steps use are decoded (not the whole train split up front)."""
+    from search.masking import _run
+    from search.masking_core import MaskingConfig
+
+    task, _, space = digits_setup
+    lazy = _lazy(task)
+    config = MaskingConfig(target=0.5, steps=4, rerank_every=2, seed=0)
+    want = _run(task, space(0.1), config, 32, 1)
+    got = _run(lazy, space(0.1), config, 32, 1)
+    assert got[0] == want[0]
+    assert 0 < lazy.train.reads <= 4 * 32 < task.sample_count("train")
