@@ -186,6 +186,20 @@ class TaskSpec:
         return task
 
 
+def shipped(task: Task) -> tuple[Any, Any, Any]:
+    """What another process needs to rebuild ``task`` (``unshipped``): its spec, base weights
+    and sample counts, so no split's data is pickled; a task not from ``load_task`` whole."""
+    if task.spec is None:
+        return task, None, None
+    return task.spec, dict(task.base_state), task.sample_counts()
+
+
+def unshipped(payload: tuple[Any, Any, Any]) -> Task:
+    """The task ``shipped`` described, built here (``TaskSpec.load``) or as it was sent."""
+    source, base_state, samples = payload
+    return source.load(base_state, samples) if isinstance(source, TaskSpec) else source
+
+
 def _check_split(task: str, name: str, split: Any) -> None:
     """``ValueError`` unless ``split`` is a non-empty pair (x, y) or a non-empty map-style
     dataset whose first item is (inputs, target) (only that item is read)."""

@@ -82,9 +82,12 @@ def _run(task: Any, space: Any, config: MaskingConfig, batch_size: int, threads:
 
 
 def _run_streamed(task: Any, space: Any, config: MaskingConfig, batch_size: int, threads: int) -> Iterator[Any]:
-    """The Ray task of one run: yields ``STARTED`` as soon as it runs, then the run's result."""
+    """The Ray task of one run: yields ``STARTED`` as soon as it runs, then the run's result
+    (``task`` as ``evaluators.tasks.shipped`` sent it: built here from its spec)."""
+    from evaluators.tasks import unshipped
+
     yield STARTED
-    yield _run(task, space, config, batch_size, threads)
+    yield _run(unshipped(task), space, config, batch_size, threads)
 
 
 @dataclass(eq=False)
@@ -133,7 +136,9 @@ class MaskingSearcher(Searcher):
             self._launched[index] = _Launched(config, result=_run(self.task, self.space, *args), started=True)
             return
         if self._task_ref is None:
-            self._task_ref = ray.put(self.task)
+            from evaluators.tasks import shipped
+
+            self._task_ref = ray.put(shipped(self.task))   # the spec and weights, not the data
         # num_gpus: 0 by default, since masking_core trains on the CPU (a GPU share would sit idle)
         remote = ray.remote(num_cpus=self.options.threads, num_gpus=self.gpus_per_task, max_retries=2)(_run_streamed)
         self._launched[index] = _Launched(config, stream=remote.remote(self._task_ref, self.space, *args),

@@ -95,3 +95,22 @@ def test_spec_of_a_plugin_beside_the_study_loads_from_another_directory(tmp_path
     import spec_plugin_beside
 
     assert spec_plugin_beside.SEEN == [study / "cache"]
+
+
+def test_a_shipped_task_carries_no_data_and_is_rebuilt_alike(tmp_path):
+    """What the masking searcher's Ray tasks receive: the spec and weights, not the splits."""
+    import pickle
+
+    import torch
+
+    from evaluators.tasks import load_task, shipped, unshipped
+
+    options = {"n_samples": 400, "epochs": 1, "dim": 16, "heads": 2, "head_dim": 4, "hidden": 16, "depth": 1}
+    task = load_task("tokens", options, cache_dir=tmp_path)
+    payload = shipped(task)
+    weights = sum(t.numel() * t.element_size() for t in task.base_state.values())
+    assert len(pickle.dumps(payload)) < weights + 20_000 < len(pickle.dumps(task))
+    again = unshipped(payload)
+    assert again.sample_counts() == task.sample_counts()
+    assert torch.equal(again.batches("validation", 64, seed=None)[0][0], task.batches("validation", 64, seed=None)[0][0])
+    assert unshipped(shipped(again)) is not again and unshipped((task, None, None)) is task
