@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from evaluators.batch import Batch, call
 from evaluators.metrics import MINIMIZE
 from evaluators.task_training import check_option, check_split, task_options, trained_task
+from evaluators.tokens import Attention
 from evaluators.tasks import Task, register_task
 from spaces.checks import check_int, check_number
 
@@ -87,14 +88,8 @@ def generate_sequences(n: int, *, seed: int = 0, vocab: int = 16, length: int = 
 
 
 # -- model -----------------------------------------------------------------------------------
-class CausalAttention(nn.Module):
-    """Multi-head self-attention over past, non-padded tokens (``num_heads`` heads)."""
-
-    def __init__(self, dim: int, heads: int, head_dim: int):
-        super().__init__()
-        self.num_heads, self.head_dim = heads, head_dim
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, heads * head_dim) for _ in range(3))
-        self.out_proj = nn.Linear(heads * head_dim, dim)
+class CausalAttention(Attention):
+    """The tokens task's q/k/v/out attention (``num_heads`` heads) over past, non-padded tokens."""
 
     def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
         b, n, _ = x.shape

@@ -26,6 +26,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a dashboard started in its own process group (SIGTERM, then SIGKILL after 10 s)."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def get_json(url: str, deadline: float, proc: subprocess.Popen):
     while True:
         if proc.poll() is not None:
@@ -79,9 +89,4 @@ def test_dashboard_serves_trials_with_user_attrs(tmp_path):
             assert {p["name"] for p in t["params"]} >= {"fc1", "features.0.0"}
         assert searchers_seen == {"tpe", "genetic"}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from search.records import pareto_front
 from search.runner import run_study
 from search.storage import load_records
 from tests.fakes import FakePool, tiny_config
-from tests.test_dashboard import free_port, get_json
+from tests.test_dashboard import free_port, get_json, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = (1400, 900)
@@ -168,12 +167,7 @@ def served(tmp_path_factory):
         (summary,) = [s for s in studies if s["study_name"] == config.name]
         yield tmp, config, f"http://127.0.0.1:{port}/dashboard/studies/{summary['study_id']}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
 
 
 def test_study_page_shows_named_objectives_and_the_feasible_front(served):

@@ -4,8 +4,6 @@ infeasible trials, and the objectives carry their names."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ from search.records import pareto_front
 from search.runner import run_study
 from search.storage import load_records, open_storage, parse_storage
 from tests.fakes import FakePool, tiny_config
-from tests.test_dashboard import free_port, get_json
+from tests.test_dashboard import free_port, get_json, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,9 +48,4 @@ def test_dashboard_best_trials_are_the_feasible_front(tmp_path):
         assert not {t["number"] for t in detail["best_trials"]} & infeasible
         assert detail["objective_names"] == list(config.study.objectives)  # not "0" / "1"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)

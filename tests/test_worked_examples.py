@@ -12,8 +12,6 @@ REST API naming the objectives by the task's metric names.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -28,7 +26,7 @@ from search.runner import run_study
 from search.setup import load_task_and_space
 from search.storage import load_records
 from tests.fakes import local_pool, write_config
-from tests.test_dashboard import ROOT, free_port, get_json
+from tests.test_dashboard import ROOT, free_port, get_json, stop_server
 
 EXAMPLES = {
     "masks": dict(options="n_samples = 500\nepochs = 4", objectives=["iou", "flops"],
@@ -162,9 +160,4 @@ def test_dashboard_names_the_objectives_by_the_task_metrics(study):
         metrics = json.loads(attrs["metrics"]) if isinstance(attrs["metrics"], str) else attrs["metrics"]
         assert set(metrics["values"]) == example["metrics"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
