@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from spaces.groups import ChannelGroup, build_graph, forward, prune_group
+from spaces.groups import ChannelGroup, build_graph, forward, forward_with_hooks, prune_group
 from spaces.units import attention_heads, attention_modules, kv_repeat
 
 # A FLOPs term is coef * product of dims (by index into the recorded dim table).
@@ -352,14 +352,8 @@ def _count_products(model: nn.Module, example_inputs: Any) -> float:
     (``_product_terms`` says how they are counted), from one forward pass."""
     attention = attention_modules(model)
     outputs: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o))
-             for qkv in attention.values() for n in qkv]
-    try:
-        with torch.no_grad():
-            forward(model, example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    projections = [(n, model.get_submodule(n)) for qkv in attention.values() for n in qkv]
+    forward_with_hooks(model, example_inputs, projections, outputs.__setitem__)
     total = 0.0
     for name, (q, k, v) in attention.items():
         if not {q, k, v} <= set(outputs):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,19 @@ def forward(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
+def forward_with_hooks(model: nn.Module, example_inputs: Any, modules: Iterable[tuple[str, nn.Module]],
+                       on_output: Callable[[str, Any], None]) -> Any:
+    """``model``'s outputs on ``example_inputs`` (no gradients), calling ``on_output(name,
+    output)`` as each of ``modules`` produces its output; the hooks are gone afterwards."""
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: on_output(n, out)) for n, m in modules]
+    try:
+        with torch.no_grad():
+            return forward(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _output_tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
@@ -98,18 +111,9 @@ def output_layers(model: nn.Module, example_inputs: Any) -> list[str]:
     keeps for one batch of ``example_inputs``.)
     """
     produced: list[tuple[str, torch.Tensor]] = []
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, ROOT_TYPES):
-            def hook(mod, inp, out, name=name):
-                produced.extend((name, t) for t in _output_tensors(out))
-            hooks.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            outputs = _output_tensors(forward(model, example_inputs))
-    finally:
-        for h in hooks:
-            h.remove()
+    roots = [(n, m) for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)]
+    outputs = _output_tensors(forward_with_hooks(
+        model, example_inputs, roots, lambda name, out: produced.extend((name, t) for t in _output_tensors(out))))
     addresses = {_storage_address(t) for t in outputs} - {None}
     names = [n for n, t in produced if _storage_address(t) in addresses]
     del produced  # release the held layer outputs before the fallback's forward
@@ -117,14 +121,7 @@ def output_layers(model: nn.Module, example_inputs: Any) -> list[str]:
         # Output is not a view of a layer's output (e.g. a softmax); fall back to the last
         # conv/linear executed, which is what decides the output width in such models.
         order: list[str] = []
-        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
-                 for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)]
-        try:
-            with torch.no_grad():
-                forward(model, example_inputs)
-        finally:
-            for h in hooks:
-                h.remove()
+        forward_with_hooks(model, example_inputs, roots, lambda name, out: order.append(name))
         names = order[-1:]
     return sorted(set(names))
 
