@@ -165,6 +165,11 @@ CASES = [
        Case("export-device-cuda-without-cuda", "device 'cuda' asks for CUDA, but CUDA is not available here",
             ("export", "{config}", "--out", "{tmp}/out"), old="[evaluation]\n", new='[evaluation]\ndevice = "cuda"\n'),
        ] if not torch.cuda.is_available() else []),
+    # -- multi-fidelity promotion -------------------------------------------------------------
+    Case("promotion-zero-steps", "[promotion]: steps must be an integer >= 1", old="[space]", new="[promotion]\nsteps = [0]\n[space]"),
+    Case("promotion-unknown-recovery", "[promotion] recovery: unknown recovery 'magic'", old="[space]",
+         new='[promotion]\nsteps = [20]\nrecovery = "magic"\n[space]'),
+    Case("promotion-eta-one", "eta must be > 1", old="[space]", new="[promotion]\nsteps = [20]\neta = 1\n[space]"),
     Case("gpus-per-worker-negative", "[study] gpus_per_worker must be >= 0.0, got -1", old="n_trials = 6",
          new="n_trials = 6\ngpus_per_worker = -1"),
     Case("gpus-per-worker-fraction-above-one", "gpus_per_worker must be a fraction below 1 or a whole number, got 1.5",
