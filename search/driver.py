@@ -144,7 +144,6 @@ class Driver:
         self.new_trials = self.evaluations = self.cached = 0
         self.on_told = on_told   # called with every outcome, after its searcher was told
         self.ladder = self._ladder(records)
-        self.rung: dict[int, int] = {}                     # trial -> rung under way (absent: 0)
         self.climbed: dict[int, list[dict[str, Any]]] = {}  # trial -> its finished rungs
 
     def _ladder(self, records: list[TrialRecord]) -> Ladder | None:
@@ -199,16 +198,20 @@ class Driver:
         self.new_trials += 1
         self._start(sub)
 
+    def _rung(self, number: int) -> int:
+        """The rung trial ``number`` is on: as many as it finished (0: the proxy)."""
+        return len(self.climbed.get(number, ()))
+
     def _key(self, sub: Submission) -> CacheKey:
         """The cache key of ``sub``'s evaluation at the rung it is on."""
-        rung = self.rung.get(sub.number, 0)
+        rung = self._rung(sub.number)
         if rung == 0:
             return sub.key
         return cache_key(sub.marked.policy.key(), {**sub.overrides, **self.ladder.config.overrides(rung)})
 
     def _settings(self, sub: Submission) -> Any:
         """``sub``'s evaluation settings at the rung it is on (None: the study's)."""
-        rung = self.rung.get(sub.number, 0)
+        rung = self._rung(sub.number)
         if rung == 0:
             return sub.proposal.settings
         return (sub.proposal.settings or self.recorder.settings).replace(**self.ladder.config.overrides(rung))
@@ -253,7 +256,7 @@ class Driver:
         """Report the rung ``sub`` finished; True if it goes on to the next one."""
         if self.ladder is None or sub.proposal.fidelity != FULL:
             return False
-        rung = self.rung.get(sub.number, 0)
+        rung, key = self._rung(sub.number), self._key(sub)   # the rung just finished
         step = self.ladder.step(rung)
         score = self.ladder.score(metrics)
         self.climbed.setdefault(sub.number, []).append(
@@ -262,17 +265,16 @@ class Driver:
             self.recorder.report(sub.trial, step, score)
         if not self.ladder.promote(rung, metrics):
             return False
-        self.cache.store(self._key(sub), sub.number, metrics)  # a later equal proposal starts here too
-        self.rung[sub.number] = rung + 1
+        self.cache.store(key, sub.number, metrics)  # a later equal proposal starts here too
         log.debug("trial %d: promoted to %d fine-tune steps", sub.number, self.ladder.step(rung + 1))
         self._start(sub)
         return True
 
     def _promotion_attr(self, number: int) -> dict[str, Any] | None:
         """User attr ``promotion`` of a finished trial (None: it never left the proxy)."""
-        rung = self.rung.pop(number, 0)
         rungs = self.climbed.pop(number, [])
-        if rung == 0:
+        rung = len(rungs) - 1   # the last rung it finished
+        if rung <= 0:
             return None
         return {"steps": self.ladder.step(rung), "overrides": self.ladder.config.overrides(rung), "rungs": rungs}
 
