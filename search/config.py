@@ -17,6 +17,7 @@ them and adds what needs the registries (objective, method and recovery names)::
                    min_accuracy, and max_<m>/min_<m> for a metric m the task declares
     [[searchers]]  kind, name (default: kind), share; [searchers.options] per kind
     [promotion]    search.promotion.PromotionConfig: steps, eta, levels, recovery
+    [fill]         spaces.fill.FillConfig: levels (every proposal grown to the FLOPs level above it)
     [export]       dir, finetune_steps, formats
     [watermark]    spaces.watermark.WatermarkConfig
 
@@ -39,8 +40,9 @@ from evaluators.latency_table import LatencyConfig
 from evaluators.metrics import MINIMIZE, OBJECTIVES, get_objective
 from evaluators.settings import EvalSettings
 from spaces.checks import check_int, check_keys, check_number, check_str, check_str_list
+from spaces.fill import FillConfig
 from spaces.space import SpaceConfig
-from search.promotion import PromotionConfig, score_objective
+from search.promotion import PromotionConfig
 from spaces.watermark import WatermarkConfig
 
 # Constraint name -> objective it bounds: ``max_<metric>`` for an objective to minimise
@@ -55,8 +57,8 @@ EXPORT_FORMATS = ("pt2", "onnx")
 UNMEASURED = 1e6
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _SECTIONS = ("study", "task", "space", "evaluation", "constraints", "searchers", "export", "watermark", "latency",
-             "promotion")
-_NO_SEARCHERS = "no [[searchers]] given: add at least one, e.g. [[searchers]] kind = \"tpe\""
+             "promotion", "fill")
+NO_SEARCHERS = "no [[searchers]] given: add at least one, e.g. [[searchers]] kind = \"tpe\""
 
 
 class ConfigError(ValueError):
@@ -280,6 +282,7 @@ class StudyConfig:
     watermark: WatermarkConfig | None = None  # None: no watermark
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    fill: FillConfig | None = None  # None: proposals are evaluated as proposed
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -293,7 +296,8 @@ class StudyConfig:
             check_space_names(self.space)
         except ValueError as exc:
             raise ConfigError(f"[space]: {exc}") from None
-        self._check_searchers()
+        from search.config_checks import check_fill, check_promotion, check_searchers
+        check_searchers(self)
         if self.uses_latency and not (self.latency.table or evaluation.measure_latency):
             raise ConfigError(
                 "latency is an objective or constraint but neither [latency] table nor [evaluation] "
@@ -301,34 +305,13 @@ class StudyConfig:
             )
         if evaluation.fidelity != "full":
             raise ConfigError(f"[evaluation] fidelity must stay 'full' (the Pareto front's fidelity), got {evaluation.fidelity!r}")
-        self._check_promotion()
+        check_promotion(self)
+        check_fill(self)
 
-    def _check_promotion(self) -> None:
-        from evaluators.recover import available_recoveries
-
-        if not self.promotion.enabled:
-            return
-        if score_objective(self.study.objectives) is None:
-            raise ConfigError("[promotion] ranks trials by a quality objective, but every [study] objective is a "
-                              "cost: add one (e.g. \"accuracy\") or remove [promotion]")
-        if self.promotion.recovery not in available_recoveries():
-            raise ConfigError(f"[promotion] recovery: unknown recovery {self.promotion.recovery!r} "
-                              f"(known: {', '.join(available_recoveries())})")
-
-    def _check_searchers(self) -> None:
-        from search.base import build_options
-
-        if not self.searchers:
-            raise ConfigError(_NO_SEARCHERS)
-        names = [s.name for s in self.searchers]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ConfigError(f"[[searchers]] name {dupes[0]!r} is used twice: give each searcher a distinct name")
-        for s in self.searchers:
-            try:
-                build_options(s.kind, s.options)
-            except (ValueError, TypeError) as exc:
-                raise ConfigError(f"[[searchers]] {s.name!r}: {exc}") from None
+    @property
+    def fill_levels(self) -> tuple[float, ...]:
+        """The FLOPs levels ``[fill]`` grows proposals to (its own, else the FLOPs constraint)."""
+        return () if self.fill is None else self.fill.levels_under(self.constraints.max_flops_ratio)
 
     # -- derived --------------------------------------------------------------------------
     @property
@@ -372,7 +355,7 @@ class StudyConfig:
             if required not in data:
                 raise ConfigError(f"missing section [{required}]")
         if "searchers" not in data:
-            raise ConfigError(_NO_SEARCHERS)
+            raise ConfigError(NO_SEARCHERS)
         study = _section(data, "study", StudySection, required=("name",))
         evaluation = _table(data, "evaluation")
         evaluation.setdefault("seed", study.seed)
@@ -393,6 +376,7 @@ class StudyConfig:
             watermark=_section(data, "watermark", WatermarkConfig.from_dict) if "watermark" in data else None,
             latency=_section(data, "latency", LatencyConfig.from_dict),
             promotion=_section(data, "promotion", PromotionConfig.from_dict),
+            fill=_section(data, "fill", FillConfig.from_dict) if "fill" in data else None,
             source=source,
         )
 

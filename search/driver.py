@@ -10,9 +10,10 @@ stays in flight (and, ordered, keeps its place) until its last rung. A searcher
 whose own background work waits to start for longer than ``STALL_S`` stops the run
 (``SearcherStalled``) instead of starving silently.
 
-Each proposal becomes a :class:`Submission` once, at submit: its watermark projection (what
-is recorded and evaluated), its cache key and settings overrides. A proposal of an
-evaluation already done or under way shares that result (``search.cache``). With
+Each proposal becomes a :class:`Submission` once, at submit: its projection (what is
+recorded and evaluated: the watermark's, or ``[fill]``'s growth to a FLOPs level), its
+cache key and settings overrides. A proposal of an evaluation already done or under way
+shares that result (``search.cache``). With
 ``ordered`` (one worker), results are processed strictly in submission order, so the same
 config and seed give the same sequence of trial params whatever the timing.
 """
@@ -79,7 +80,7 @@ class Plan:
     constraint_names: tuple[str, ...]
     ordered: bool                        # one worker: results processed in submission order
     space: Any = None
-    watermark: Any = None                # every evaluated policy is projected onto it
+    projection: Any = None               # a watermark or a budget fill: every evaluated policy is projected onto it
     latency_table: Any = None            # latency_ms of every trial from the lookup table
     promotion: PromotionConfig | None = None   # fine-tune rungs above the proxy (None: off)
 
@@ -90,7 +91,7 @@ class Submission:
 
     label: str
     proposal: Proposal          # what the searcher proposed (and is told about)
-    marked: Proposal            # projected onto the watermark: what is recorded and evaluated
+    marked: Proposal            # projected (watermark or budget fill): what is recorded and evaluated
     overrides: dict[str, Any]   # evaluation settings that differ from the study's
     key: CacheKey
     trial: Any                  # the RUNNING optuna.trial.Trial
@@ -100,12 +101,13 @@ class Submission:
         return self.trial.number
 
 
-def mark(proposal: Proposal, watermark: Any) -> Proposal:
-    """``proposal`` projected onto ``watermark``; the searcher's own policy is kept in
+def mark(proposal: Proposal, projection: Any) -> Proposal:
+    """``proposal`` projected by ``projection`` (a watermark or a budget fill: anything with
+    ``project(policy) -> policy``); the searcher's own policy is kept in
     ``meta["proposal"]`` (what it is told about, and re-proposed on resume)."""
-    if watermark is None:
+    if projection is None:
         return proposal
-    marked = watermark.project(proposal.policy)
+    marked = projection.project(proposal.policy)
     if marked == proposal.policy:
         return proposal
     meta = {**dict(proposal.meta), "proposal": proposal.policy.to_json()}
@@ -180,7 +182,7 @@ class Driver:
 
     def submit(self, label: str, proposal: Proposal) -> None:
         """Record ``proposal`` as a trial and evaluate it (or share an equal evaluation)."""
-        marked = mark(proposal, self.plan.watermark)
+        marked = mark(proposal, self.plan.projection)
         t = time.thread_time()
         trial = self.recorder.open(label, marked)
         self.timers["storage"] += time.thread_time() - t

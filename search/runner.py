@@ -76,7 +76,8 @@ def plan_of(prepared: Prepared) -> Plan:
     config = prepared.config
     return Plan(searchers=prepared.searchers, shares=config.shares, directions=config.study.directions,
                 constraint_names=config.constraints.names, ordered=config.study.workers == 1,
-                space=prepared.space, watermark=prepared.watermark, latency_table=prepared.latency_table,
+                space=prepared.space, projection=prepared.watermark or prepared.fill,
+                latency_table=prepared.latency_table,
                 promotion=config.promotion)
 
 

@@ -24,6 +24,7 @@ import optuna
 
 from search.base import Searcher, SearcherContext, make_searcher
 from search.config import ConfigError, StudyConfig
+from spaces.fill import BudgetFill
 from search.pool import Pool
 from search.storage import (
     STUDY_ATTR_BASE,
@@ -52,6 +53,7 @@ class Prepared:
     searchers: dict[str, Searcher]
     existing: bool
     watermark: Any = None   # spaces.watermark.Watermark: every evaluated policy is projected onto it
+    fill: Any = None        # spaces.fill.BudgetFill: every evaluated policy is grown to its FLOPs level
     latency_table: Any = None  # spaces.latency.LatencyTable: latency_ms of every trial during search
     rejudge: bool = False  # constraints changed and the run allows it: search.study_change.rejudge before the run
 
@@ -67,6 +69,8 @@ def fingerprint_of(config: StudyConfig, space: Any, task: Any) -> dict[str, Any]
     fp["task"] = config.task.name
     if config.watermark is not None:  # non-secret scheme only: the key never reaches storage
         fp["watermark"] = config.watermark.scheme()
+    if config.fill is not None:  # what is evaluated is the grown policy
+        fp["fill"] = list(config.fill_levels)
     return fp
 
 
@@ -180,12 +184,13 @@ def prepare(config: StudyConfig, *, task_and_space: tuple[Any, Any] | None = Non
     check_measured(config, task)  # objectives/constraints name metrics this task measures
     check_constraints_reachable(config, space)
     watermark = build_watermark(config, space)
+    fill = BudgetFill(space, config.fill_levels) if config.fill is not None else None
     searchers = make_searchers(config, space, task)
     existing = check_existing_study(config, spec, space, task)
     rejudge = existing and check_constraints(config, allow=allow_changed_constraints)
     latency_table = latency_table_of(config, task, space) if config.uses_latency and config.latency.table else None
     return Prepared(config=config, task=task, space=space, spec=spec, searchers=searchers, existing=existing,
-                    watermark=watermark, latency_table=latency_table, rejudge=rejudge)
+                    watermark=watermark, fill=fill, latency_table=latency_table, rejudge=rejudge)
 
 
 def latency_table_of(config: StudyConfig, task: Any, space: Any) -> Any:

@@ -187,13 +187,13 @@ class EvaluateEveryTrial(ResultCache):
 class Harness:
     """An in-memory study driven by the real ``search.driver`` with a fake pool.
 
-    Searchers go through the driver's cache, watermark and budget paths exactly as in a
+    Searchers go through the driver's cache, projection and budget paths exactly as in a
     run; only the evaluation is synthetic (or ``metrics``) and the storage in memory.
     ``share_results=False`` evaluates every trial, duplicates included.
     """
 
     def __init__(self, space: SearchSpace, *, constraints: ConstraintsSection | None = None,
-                 storage: Any = None, name: str = "contract", watermark: Any = None,
+                 storage: Any = None, name: str = "contract", projection: Any = None,
                  share_results: bool = True, promotion: Any = None) -> None:
         from evaluators.settings import EvalSettings
 
@@ -202,7 +202,7 @@ class Harness:
         self.constraints = constraints or ConstraintsSection(max_flops_ratio=0.6)
         self.storage = storage or optuna.storages.InMemoryStorage()
         self.name = name
-        self.watermark = watermark
+        self.projection = projection   # a watermark or a budget fill
         self.share_results = share_results
         self.promotion = promotion   # a search.promotion.PromotionConfig, or None
         optuna.create_study(storage=self.storage, study_name=name, directions=list(DIRECTIONS), load_if_exists=True)
@@ -233,7 +233,7 @@ class Harness:
         budget = Budget(finished + n, finished, self.storage, self.recorder.study_id, self.me)
         plan = Plan(searchers={label: searcher}, shares={label: 1.0}, directions=DIRECTIONS,
                     constraint_names=self.constraints.names, ordered=True, space=self.space,
-                    watermark=self.watermark, promotion=self.promotion)
+                    projection=self.projection, promotion=self.promotion)
         cache = None if self.share_results else EvaluateEveryTrial()
         told: list[Any] = []
         driver = Driver(plan, pool, self.recorder, budget, records, self.me.run_id, cache=cache,

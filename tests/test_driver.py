@@ -46,7 +46,7 @@ def test_mark_keeps_the_searchers_policy_in_meta(space):
 
 def test_trials_are_recorded_marked_and_searchers_told_their_own_policy(space):
     watermark = CountingMark()
-    h = Harness(space, watermark=watermark)
+    h = Harness(space, projection=watermark)
     done = h.run(h.searcher("random", seed=0), 8)
     records = h.records()
     assert len(records) == 8 and watermark.calls == 8  # projected once per submission

@@ -137,7 +137,7 @@ def test_pending_proposals_are_not_proposed_again(kind, space):
 
 @pytest.mark.parametrize("kind", SEARCHERS)
 def test_under_a_watermark_trials_are_marked_and_the_searcher_keeps_its_own(kind, space):
-    h = Harness(space, watermark=CountingMark())
+    h = Harness(space, projection=CountingMark())
     done = h.run(h.searcher(kind, seed=3), 8)
     assert len(done) == 8
     for proposal, record in zip(done, sorted(h.records(), key=lambda r: r.number)):
