@@ -130,7 +130,7 @@ def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
 
 #: methods run only when asked for (``--methods``): their studies cost several times a
 #: proxy-only study's, which the full ``make bench`` budget (45 min) has no room for
-OPT_IN = frozenset({"tpe_promoted"})
+OPT_IN = frozenset({"tpe_promoted", "tpe_filled", "tpe_filled_promoted"})
 
 
 def available_methods() -> tuple[str, ...]:
@@ -238,6 +238,25 @@ def _tpe_promoted(preset: TaskPreset, quick: bool) -> list[dict[str, Any]]:
 
 
 STUDY_TABLES["tpe_promoted"] = _promotion
+
+
+def _fill(preset: TaskPreset, quick: bool) -> dict[str, Any]:
+    # every proposal grown to the reported FLOPs level above it (spaces.fill)
+    return {"fill": {"levels": list(preset.levels)}}
+
+
+@register_method("tpe_filled")
+def _tpe_filled(preset: TaskPreset, quick: bool) -> list[dict[str, Any]]:
+    return _tpe(preset, quick)
+
+
+@register_method("tpe_filled_promoted")
+def _tpe_filled_promoted(preset: TaskPreset, quick: bool) -> list[dict[str, Any]]:
+    return _tpe(preset, quick)
+
+
+STUDY_TABLES["tpe_filled"] = _fill
+STUDY_TABLES["tpe_filled_promoted"] = lambda preset, quick: {**_fill(preset, quick), **_promotion(preset, quick)}
 
 
 # -- one task's benchmark ------------------------------------------------------------------------

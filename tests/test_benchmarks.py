@@ -304,3 +304,42 @@ def test_fine_tuned_hypervolume_models_are_spread_up_to_the_constraint():
               for i, (a, f) in enumerate([(0.5, 0.15), (0.7, 0.35), (0.9, 0.55), (0.6, 0.18)])]
     chosen = _best_per_level(points, cfg.hv_levels, {i: {"trial": i} for i in range(4)})
     assert [b["trial"] for b in chosen.values()] == [3, 1, 2]
+
+
+def test_the_filled_methods_grow_proposals_to_the_reported_levels(tmp_path):
+    from benchmarks.quality_presets import PRESETS, default_methods
+
+    cfg = BenchConfig(task="shapes", preset=PRESETS["shapes"],
+                      methods=(UNIFORM, "tpe", "tpe_filled", "tpe_filled_promoted"))
+    assert cfg.study_config("tpe_filled", 0, tmp_path).fill_levels == PRESETS["shapes"].levels
+    both = cfg.study_config("tpe_filled_promoted", 0, tmp_path)
+    assert both.fill_levels == PRESETS["shapes"].levels and both.promotion.enabled
+    assert cfg.study_config("tpe", 0, tmp_path).fill is None
+
+
+def _quality_file(tmp_path, name, methods, uniform_policy=0.4):
+    import json
+
+    def run(ratio):
+        return {"best_proxy": {"0.15": {"accuracy": 0.5, "flops_ratio": 0.14, "policy": {"ratios": {"a": ratio}}}},
+                "hypervolume": 0.5, "finetuned": {"0.15": {"accuracy": 0.6}}}
+
+    per_seed = {m: {"0": run(uniform_policy if m == UNIFORM else 0.3)} for m in (UNIFORM, *methods)}
+    path = tmp_path / name
+    path.write_text(json.dumps({"results": {"tasks": {"shapes": {"per_seed": per_seed, "base_accuracy": 0.9}}}}))
+    return path
+
+
+def test_long_finetune_merges_the_methods_of_several_runs_that_agree_on_the_baselines(tmp_path):
+    from benchmarks.long_finetune import level_models_only, merged_task
+
+    first = _quality_file(tmp_path, "a.json", ["tpe"])
+    second = _quality_file(tmp_path, "b.json", ["tpe", "tpe_filled"])
+    merged = merged_task([first, second], "shapes")
+    assert sorted(merged["per_seed"]) == ["tpe", "tpe_filled", UNIFORM]
+    assert set(level_models_only(merged["per_seed"])["tpe"]["0"]) == {"best_proxy", "hypervolume"}
+    other = _quality_file(tmp_path, "c.json", ["nsga2"], uniform_policy=0.5)
+    with pytest.raises(ValueError, match="baseline uniform chose other models"):
+        merged_task([first, other], "shapes")
+    with pytest.raises(ValueError, match="no results for task 'tokens'"):
+        merged_task([first], "tokens")
