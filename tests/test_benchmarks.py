@@ -330,8 +330,8 @@ def _quality_file(tmp_path, name, methods, uniform_policy=0.4):
     return path
 
 
-def test_long_finetune_merges_the_methods_of_several_runs_that_agree_on_the_baselines(tmp_path):
-    from benchmarks.long_finetune import level_models_only, merged_task
+def test_finetune_lengths_merges_the_methods_of_several_runs_that_agree_on_the_baselines(tmp_path):
+    from benchmarks.finetune_lengths import level_models_only, merged_task
 
     first = _quality_file(tmp_path, "a.json", ["tpe"])
     second = _quality_file(tmp_path, "b.json", ["tpe", "tpe_filled"])

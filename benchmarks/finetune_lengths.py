@@ -1,16 +1,17 @@
-"""Long fine-tune: the models a search-quality run chose, fine-tuned again for longer.
+"""Short and long fine-tune: the models search-quality runs chose, fine-tuned for each length.
 
-A search is judged by the model users keep after *their* fine-tune, which is often longer
+A search is judged by the model users keep after *their* fine-tune, which may be longer
 than the benchmark's short one. This reads ``search_quality.json`` files (one task; several
 files' methods are merged, so arms run at different times share one table: every run
-evaluates the baselines identically, and the files must agree on them), fine-tunes each
-method's chosen model at each fine-tuned FLOPs level with ``--steps`` steps (default 5x the
-task preset's) — the same recovery, lr, KD, study seeds and fine-tune seeds as the short
-fine-tune, on one ``EvaluatorPool`` — and reports the short and the long column side by side,
-each with the paired difference to the better baseline (uniform, global pruning).
+evaluates the baselines identically, and the files must agree on them) and fine-tunes each
+method's chosen model at every reported FLOPs level once per ``--steps`` value (default:
+the task preset's fine-tune and 5x it) — the same recovery, lr, KD, study seeds and
+fine-tune seeds as the search-quality fine-tune, on one ``EvaluatorPool`` — reporting each
+length's column with the paired difference to the better baseline (uniform, global pruning).
+At the preset's own length it repeats the search-quality fine-tune exactly (same seeds).
 
-    python -m benchmarks.long_finetune --task shapes --from benchmarks/results/fill/search_quality.json \\
-        --from benchmarks/results/promotion/search_quality.json --out benchmarks/results/long_finetune
+    python -m benchmarks.finetune_lengths --task shapes --from benchmarks/results/fill/search_quality.json \\
+        --from benchmarks/results/promotion/search_quality.json --out benchmarks/results/finetune_lengths
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from benchmarks.common import base_parser, setup_logging, write_and_report  # no
 from benchmarks.quality_presets import BASELINES, GENERIC_PRESET, PRESETS, UNIFORM, BenchConfig  # noqa: E402
 from benchmarks.quality_report import summarize  # noqa: E402
 
-log = logging.getLogger("benchmarks.long_finetune")
-QUICK_STEPS = 10
+log = logging.getLogger("benchmarks.finetune_lengths")
+QUICK_STEPS = [5, 10]
 
 
 def merged_task(paths: Sequence[Path], task: str) -> dict[str, Any]:
@@ -67,28 +68,34 @@ def _chosen(res: Mapping[str, Any], method: str) -> dict[str, Any]:
 
 
 def level_models_only(per_seed: Mapping[str, Any]) -> dict[str, Any]:
-    """Each run's chosen models per level, without the HV models and earlier fine-tunes."""
+    """Each run's chosen models per level, without the HV models and the source's fine-tunes."""
     return {m: {s: {"best_proxy": r["best_proxy"], "hypervolume": r["hypervolume"]} for s, r in seeds.items()}
             for m, seeds in per_seed.items()}
 
 
-def finetune_long(cfg: BenchConfig, per_seed: dict[str, Any]) -> dict[str, Any]:
-    """``quality_run.finetune`` of ``per_seed``'s level models on a fresh pool; its timing."""
+def finetune_columns(cfgs: Sequence[BenchConfig], per_seed: Mapping[str, Any]) -> list[tuple[dict, dict]]:
+    """Per config (one fine-tune length each): ``quality_run.finetune`` of a copy of
+    ``per_seed``'s level models, all on one pool; ``[(per_seed copy, timing)]``."""
     from benchmarks.quality_run import SharedPool, finetune
     from evaluators.pool import EvaluatorPool, ensure_ray
     from evaluators.settings import EvalSettings
     from search.setup import load_task_and_space
 
-    task, space = load_task_and_space(cfg.study_config(cfg.searchers[0], cfg.seeds[0], Path(".")))
-    ensure_ray(None, num_cpus=cfg.workers)
+    first = cfgs[0]
+    task, space = load_task_and_space(first.study_config(first.searchers[0], first.seeds[0], Path(".")))
+    ensure_ray(None, num_cpus=first.workers)
     pool = EvaluatorPool(task, groups=space.groups, round_to=space.round_to,
-                         settings=EvalSettings(**cfg.evaluation(cfg.seeds[0])), workers=cfg.workers,
+                         settings=EvalSettings(**first.evaluation(first.seeds[0])), workers=first.workers,
                          threads_per_worker=1, window=2)
+    out = []
     try:
         pool.wait_ready(timeout=600)
-        return finetune(cfg, SharedPool(pool), per_seed)
+        for cfg in cfgs:
+            copy_ = copy.deepcopy(dict(per_seed))
+            out.append((copy_, finetune(cfg, SharedPool(pool), copy_)))
     finally:
         pool.close()
+    return out
 
 
 def columns(summary: Mapping[str, Any], level: str) -> dict[str, Any]:
@@ -104,45 +111,44 @@ def _pm(stats: Mapping[str, Any] | None, signed: bool = False) -> str:
 
 
 def markdown(task: str, result: Mapping[str, Any]) -> str:
-    lines = [f"## Long fine-tune: {task}", "",
-             f"Base {100 * result['base_accuracy']:.1f}%. The chosen models of {', '.join(result['sources'])}, "
-             f"fine-tuned {result['steps_short']} steps (short, from the source files) and {result['steps_long']} "
-             f"steps (long, this run), {result['finetune_seeds']} fine-tune seed(s) each, "
+    steps = result["steps"]
+    lines = [f"## Short and long fine-tune: {task}", "",
+             f"Base {100 * result['base_accuracy']:.1f}%. The models chosen in {', '.join(result['sources'])} "
+             f"(each method's best proxy model per study seed and FLOPs level), fine-tuned "
+             f"{' and '.join(map(str, steps))} steps, {result['finetune_seeds']} fine-tune seed(s) each (mean), "
              f"{len(result['seeds'])} study seeds; mean ± std over study seeds; Δ = paired difference to the better "
              f"of the baselines run (uniform, global pruning). Wall time {result['wall_s'] / 60:.1f} min.", ""]
+    head = " | ".join(f"{s} steps | Δ better baseline" for s in steps)
     for level, table in result["levels"].items():
-        lines += [f"FLOPs <= {100 * float(level):g}%:", "",
-                  "| method | fine-tuned short | Δ better baseline | fine-tuned long | Δ better baseline |",
-                  "|---|---|---|---|---|"]
-        for method, short in table["short"].items():
-            long = table["long"][method]
-            own = method in BASELINES
-            lines.append(f"| {method} | {_pm(short['finetuned'])} | {'' if own else _pm(short['vs_baselines'], True)} "
-                         f"| {_pm(long['finetuned'])} | {'' if own else _pm(long['vs_baselines'], True)} |")
+        lines += [f"FLOPs <= {100 * float(level):g}%:", "", f"| method | {head} |",
+                  "|---|" + "---|---|" * len(steps)]
+        for method in table[str(steps[0])]:
+            cells = []
+            for s in steps:
+                col = table[str(s)][method]
+                cells += [_pm(col["finetuned"]), "" if method in BASELINES else _pm(col["vs_baselines"], True)]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
-def run(paths: Sequence[Path], task: str, steps: int | None, workers: int, cache_dir: str | None) -> dict[str, Any]:
+def run(paths: Sequence[Path], task: str, steps: Sequence[int], workers: int, cache_dir: str | None) -> dict[str, Any]:
     start = time.perf_counter()
     source = merged_task(paths, task)
-    preset = PRESETS.get(task, GENERIC_PRESET)
-    steps = steps or 5 * preset.finetune_steps
+    preset = replace(PRESETS.get(task, GENERIC_PRESET), finetune_levels=None)   # every reported level
     seeds = tuple(sorted(int(s) for s in source["per_seed"][UNIFORM]))
-    methods = tuple(source["per_seed"])
-    cfg = BenchConfig(task=task, preset=replace(preset, finetune_steps=steps), seeds=seeds,
-                      finetune_seeds=int(source.get("finetune_seeds", 1)), workers=workers,
-                      methods=methods, **({"cache_dir": cache_dir} if cache_dir else {}))
-    per_seed = level_models_only(source["per_seed"])
-    timing = finetune_long(cfg, per_seed)
-    short = summarize(source, preset.levels)
-    long = summarize({"per_seed": per_seed}, preset.levels)
-    levels = [str(lv) for lv in preset.tuned_levels]
+    cfgs = [BenchConfig(task=task, preset=replace(preset, finetune_steps=s), seeds=seeds,
+                        finetune_seeds=int(source.get("finetune_seeds", 1)), workers=workers,
+                        methods=tuple(source["per_seed"]), **({"cache_dir": cache_dir} if cache_dir else {}))
+            for s in steps]
+    tuned = finetune_columns(cfgs, level_models_only(source["per_seed"]))
+    summaries = {str(s): summarize({"per_seed": per_seed}, preset.levels) for s, (per_seed, _) in zip(steps, tuned)}
     return {"task": task, "sources": [str(p) for p in paths], "base_accuracy": source["base_accuracy"],
-            "steps_short": source.get("finetune_steps"), "steps_long": steps, "seeds": list(seeds),
-            "finetune_seeds": cfg.finetune_seeds, "finetune_timing": timing,
-            "levels": {lv: {"short": columns(short, lv), "long": columns(long, lv)} for lv in levels},
-            "per_seed_long": {m: {s: r.get("finetuned") for s, r in runs.items()} for m, runs in per_seed.items()},
+            "steps": list(steps), "seeds": list(seeds), "finetune_seeds": cfgs[0].finetune_seeds,
+            "finetune_timing": {str(s): timing for s, (_, timing) in zip(steps, tuned)},
+            "levels": {str(lv): {str(s): columns(summaries[str(s)], str(lv)) for s in steps} for lv in preset.levels},
+            "per_seed": {str(s): {m: {seed: r.get("finetuned") for seed, r in runs.items()}
+                                  for m, runs in per_seed.items()} for s, (per_seed, _) in zip(steps, tuned)},
             "wall_s": time.perf_counter() - start}
 
 
@@ -151,25 +157,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="sources", action="append", required=True, type=Path,
                         help="a search_quality.json (repeatable; later files add methods)")
     parser.add_argument("--task", required=True, help="the task whose models are fine-tuned")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="fine-tune steps (default: 5x the preset's; quick: 10)")
+    parser.add_argument("--steps", type=int, action="append", default=None,
+                        help="fine-tune steps of one column (repeatable; default: the preset's and 5x it; quick: 5, 10)")
     parser.add_argument("--workers", type=int, default=2, help="evaluation workers (default %(default)s)")
     parser.add_argument("--cache-dir", default=None, help="task model cache (default: studies/cache)")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+    for steps in args.steps or ():
+        if steps < 1:
+            parser.error(f"--steps must be >= 1, got {steps}")
     for path in args.sources:
         if not path.is_file():
             parser.error(f"--from {path}: no such file")
     try:
-        steps = args.steps or (QUICK_STEPS if args.quick else None)
-        result = run(args.sources, args.task, steps, args.workers, args.cache_dir)
+        preset = PRESETS.get(args.task, GENERIC_PRESET)
+        steps = args.steps or (QUICK_STEPS if args.quick else [preset.finetune_steps, 5 * preset.finetune_steps])
+        result = run(args.sources, args.task, sorted(set(steps)), args.workers, args.cache_dir)
     except ValueError as exc:
         parser.error(str(exc))
-    config = {"sources": [str(p) for p in args.sources], "task": args.task, "steps": result["steps_long"],
+    config = {"sources": [str(p) for p in args.sources], "task": args.task, "steps": result["steps"],
               "workers": args.workers, "wall_seconds": round(result["wall_s"], 1)}
-    name = f"long_finetune_{args.task}"
+    name = f"finetune_lengths_{args.task}"
     write_and_report(name, args.quick, result, config=config, out_dir=args.out,
                      markdown=markdown(args.task, result))
     return 0
