@@ -132,9 +132,16 @@ def markdown(task: str, result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(paths: Sequence[Path], task: str, steps: Sequence[int], workers: int, cache_dir: str | None) -> dict[str, Any]:
+def run(paths: Sequence[Path], task: str, steps: Sequence[int], workers: int, cache_dir: str | None,
+        methods: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     source = merged_task(paths, task)
+    if methods is not None:
+        unknown = sorted(set(methods) - set(source["per_seed"]))
+        if unknown:
+            raise ValueError(f"--methods: {', '.join(unknown)} not in the source files "
+                             f"(they have {', '.join(source['per_seed'])})")
+        source["per_seed"] = {m: r for m, r in source["per_seed"].items() if m in BASELINES or m in methods}
     preset = replace(PRESETS.get(task, GENERIC_PRESET), finetune_levels=None)   # every reported level
     seeds = tuple(sorted(int(s) for s in source["per_seed"][UNIFORM]))
     cfgs = [BenchConfig(task=task, preset=replace(preset, finetune_steps=s), seeds=seeds,
@@ -159,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", required=True, help="the task whose models are fine-tuned")
     parser.add_argument("--steps", type=int, action="append", default=None,
                         help="fine-tune steps of one column (repeatable; default: the preset's and 5x it; quick: 5, 10)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods of the source files to fine-tune (default: all; baselines always)")
     parser.add_argument("--workers", type=int, default=2, help="evaluation workers (default %(default)s)")
     parser.add_argument("--cache-dir", default=None, help="task model cache (default: studies/cache)")
     args = parser.parse_args(argv)
@@ -172,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preset = PRESETS.get(args.task, GENERIC_PRESET)
         steps = args.steps or (QUICK_STEPS if args.quick else [preset.finetune_steps, 5 * preset.finetune_steps])
-        result = run(args.sources, args.task, sorted(set(steps)), args.workers, args.cache_dir)
+        methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+        result = run(args.sources, args.task, sorted(set(steps)), args.workers, args.cache_dir, methods)
     except ValueError as exc:
         parser.error(str(exc))
     config = {"sources": [str(p) for p in args.sources], "task": args.task, "steps": result["steps"],

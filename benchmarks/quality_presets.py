@@ -272,7 +272,7 @@ class BenchConfig:
     methods: tuple[str, ...] = field(default_factory=default_methods)
     cache_dir: str = str(ROOT / "studies" / "cache")
     quick: bool = False
-    finetune_seeds: int = 1   # fine-tunes per chosen model (seeds study seed + 1000 k), averaged
+    finetune_seeds: int = 1   # fine-tunes per chosen model (seeds study seed + 1000 (k + 1)), averaged
     hv_points: int = 0        # models spread over the FLOPs range fine-tuned for the fine-tuned HV (0: none)
 
     def __post_init__(self) -> None:
@@ -336,7 +336,11 @@ class BenchConfig:
         })
 
     def finetune_settings(self, seed: int, k: int = 0) -> dict[str, Any]:
-        """The identical final fine-tune of a study seed's models (its ``k``-th fine-tune seed)."""
+        """The identical final fine-tune of a study seed's models (its ``k``-th fine-tune seed).
+
+        Never the study's own seed: a promotion rung fine-tunes with the study's evaluation
+        seed, and scoring the model it selected with that same fine-tune again would count
+        the luck it was selected for (k = 0 used to be the study's seed)."""
         p = self.preset
         return {**self.evaluation(seed), "recovery": p.finetune_recovery, "finetune_steps": p.finetune_steps,
-                "finetune_lr": p.finetune_lr, "kd": True, "eval_samples": None, "seed": seed + 1000 * k}
+                "finetune_lr": p.finetune_lr, "kd": True, "eval_samples": None, "seed": seed + 1000 * (k + 1)}
