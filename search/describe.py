@@ -99,6 +99,7 @@ def describe_study(config: StudyConfig) -> dict[str, Any]:
         "base_cost": {"flops": cost.flops, "params": cost.params},
         "reach": reach,
         "constraints": [_constraint(n, b, reach, base) for n, b in bounds.items()],
+        "fill_levels": list(config.fill_levels),
     }
 
 
@@ -124,6 +125,9 @@ def format_description(d: dict[str, Any]) -> str:
     lines += [f"constraint {c['name']} = {c['bound']:g}: {labels[c['reachable']]} ({c['why']})" for c in d["constraints"]]
     if not d["constraints"]:
         lines.append("constraints: none")
+    if d.get("fill_levels"):
+        lines.append(f"[fill]: every proposal grown to the FLOPs level above it: "
+                     f"{', '.join(f'{lv:g}' for lv in d['fill_levels'])}")
     return "\n".join(lines)
 
 

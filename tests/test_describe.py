@@ -79,3 +79,11 @@ def test_describe_text_says_what_is_unreachable(grouped, capsys):
     # a run refuses the same config before writing anything
     assert main(["run", str(grouped), "--no-progress"]) == 2
     assert "max_flops_ratio = 0.01 is below what the space can reach" in capsys.readouterr().err
+
+
+def test_describe_names_the_fill_levels(grouped, capsys):
+    assert main(["describe", str(grouped), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fill_levels"] == []
+    grouped.write_text(grouped.read_text() + "\n[fill]\nlevels = [0.3, 0.6]\n")
+    assert main(["describe", str(grouped)]) == 0
+    assert "[fill]: every proposal grown to the FLOPs level above it: 0.3, 0.6" in capsys.readouterr().out
