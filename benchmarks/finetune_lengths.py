@@ -28,7 +28,7 @@ from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from benchmarks.common import base_parser, setup_logging, write_and_report  # noqa: E402
+from benchmarks.common import base_parser, result_name, setup_logging, write_and_report  # noqa: E402
 from benchmarks.quality_presets import BASELINES, GENERIC_PRESET, PRESETS, UNIFORM, BenchConfig  # noqa: E402
 from benchmarks.quality_report import summarize  # noqa: E402
 
@@ -159,11 +159,19 @@ def run(paths: Sequence[Path], task: str, steps: Sequence[int], workers: int, ca
             "wall_s": time.perf_counter() - start}
 
 
+def tasks_in(path: Path) -> list[str]:
+    """The tasks of a search-quality result file that have per-seed results."""
+    tasks = json.loads(path.read_text()).get("results", {}).get("tasks", {})
+    return [t for t, r in tasks.items() if isinstance(r, dict) and "per_seed" in r]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--from", dest="sources", action="append", required=True, type=Path,
-                        help="a search_quality.json (repeatable; later files add methods)")
-    parser.add_argument("--task", required=True, help="the task whose models are fine-tuned")
+    parser.add_argument("--from", dest="sources", action="append", default=None, type=Path,
+                        help="a search_quality.json (repeatable; later files add methods; default: "
+                             "<out>/search_quality[_quick].json)")
+    parser.add_argument("--task", default=None, help="the task whose models are fine-tuned (default: every task "
+                                                     "of the first file)")
     parser.add_argument("--steps", type=int, action="append", default=None,
                         help="fine-tune steps of one column (repeatable; default: the preset's and 5x it; quick: 5, 10)")
     parser.add_argument("--methods", default=None,
@@ -175,21 +183,22 @@ def main(argv: list[str] | None = None) -> int:
     for steps in args.steps or ():
         if steps < 1:
             parser.error(f"--steps must be >= 1, got {steps}")
-    for path in args.sources:
+    sources = args.sources or [Path(args.out) / f"{result_name('search_quality', args.quick)}.json"]
+    for path in sources:
         if not path.is_file():
-            parser.error(f"--from {path}: no such file")
-    try:
-        preset = PRESETS.get(args.task, GENERIC_PRESET)
-        steps = args.steps or (QUICK_STEPS if args.quick else [preset.finetune_steps, 5 * preset.finetune_steps])
-        methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-        result = run(args.sources, args.task, sorted(set(steps)), args.workers, args.cache_dir, methods)
-    except ValueError as exc:
-        parser.error(str(exc))
-    config = {"sources": [str(p) for p in args.sources], "task": args.task, "steps": result["steps"],
-              "workers": args.workers, "wall_seconds": round(result["wall_s"], 1)}
-    name = f"finetune_lengths_{args.task}"
-    write_and_report(name, args.quick, result, config=config, out_dir=args.out,
-                     markdown=markdown(args.task, result))
+            parser.error(f"--from {path}: no such file (run benchmarks.search_quality first)")
+    for task in [args.task] if args.task else tasks_in(sources[0]):
+        try:
+            preset = PRESETS.get(task, GENERIC_PRESET)
+            steps = args.steps or (QUICK_STEPS if args.quick else [preset.finetune_steps, 5 * preset.finetune_steps])
+            methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+            result = run(sources, task, sorted(set(steps)), args.workers, args.cache_dir, methods)
+        except ValueError as exc:
+            parser.error(str(exc))
+        config = {"sources": [str(p) for p in sources], "task": task, "steps": result["steps"],
+                  "workers": args.workers, "wall_seconds": round(result["wall_s"], 1)}
+        write_and_report(f"finetune_lengths_{task}", args.quick, result, config=config, out_dir=args.out,
+                         markdown=markdown(task, result))
     return 0
 
 

@@ -140,6 +140,9 @@ def results_markdown(out: Path, runs: list[dict[str, Any]] | None, quick: bool, 
         if md:
             parts += [md, ""]
         parts += notes(sq)
+    for path in sorted(out.glob(f"finetune_lengths_*{'_quick' if quick else ''}.md")):
+        if quick or not path.stem.endswith("_quick"):
+            parts += [path.read_text().strip(), ""]
     md = _read_md(out, "scaling_quick" if quick else "scaling", prefix)
     if md:
         parts += [md, ""]
