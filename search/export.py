@@ -204,17 +204,17 @@ def export_trial(record: TrialRecord, task: Any, space: Any, settings: Any, dire
 
     policy = record.policy
     base = task.base_model()
-    # a promoted trial's metrics come from its rung's fine-tune: rebuild it that way
+    # a promoted trial's metrics come from its rung's fine-tune (and samples): rebuild and score it that way
     built = settings.replace(**record.eval_overrides) if record.eval_overrides else settings
     model = build_pruned(policy, task, built, groups=space.groups, round_to=space.round_to, base=base)
-    remeasured = evaluate_model(model, task, settings)
+    remeasured = evaluate_model(model, task, built)
     exported = remeasured
     if finetune_steps > 0:
         ft = settings.replace(recovery="finetune", finetune_steps=finetune_steps)
         with seeded(settings):
             model = recover("finetune", model, base=base, task=task, settings=ft,
                             calibration=calibration_batches(task, ft)).eval()
-        exported = evaluate_model(model, task, settings)
+        exported = evaluate_model(model, task, built)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "policy.json").write_text(json.dumps(policy.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     torch.save(model.state_dict(), directory / "weights.pt")

@@ -51,6 +51,7 @@ class PromotionConfig:
     eta: float = 3.0                   # promote the best 1/eta of each rung per FLOPs level
     levels: int = 5                    # FLOPs levels (equal bins up to max_flops_ratio or 1)
     recovery: str = "finetune"         # the recovery of the promoted rungs
+    eval_samples: int | None = None    # validation samples a rung is scored on (None: as [evaluation])
 
     def __post_init__(self) -> None:
         steps = self.steps
@@ -65,6 +66,8 @@ class PromotionConfig:
             raise ValueError(f"eta must be > 1 (promote the best 1/eta), got {self.eta}")
         check_int("levels", self.levels, 1)
         check_str("recovery", self.recovery)
+        if self.eval_samples is not None:
+            check_int("eval_samples", self.eval_samples, 1)
 
     @property
     def enabled(self) -> bool:
@@ -72,14 +75,16 @@ class PromotionConfig:
 
     def overrides(self, rung: int) -> dict[str, Any]:
         """Evaluation-setting changes of ``rung`` (1..len(steps)) against the proxy's."""
-        return {"recovery": self.recovery, "finetune_steps": self.steps[rung - 1]}
+        samples = {} if self.eval_samples is None else {"eval_samples": self.eval_samples}
+        return {"recovery": self.recovery, "finetune_steps": self.steps[rung - 1], **samples}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"steps": list(self.steps), "eta": self.eta, "levels": self.levels, "recovery": self.recovery}
+        return {"steps": list(self.steps), "eta": self.eta, "levels": self.levels, "recovery": self.recovery,
+                "eval_samples": self.eval_samples}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PromotionConfig":
-        check_keys("[promotion]", data, ("steps", "eta", "levels", "recovery"))
+        check_keys("[promotion]", data, ("steps", "eta", "levels", "recovery", "eval_samples"))
         values = dict(data)
         if "steps" in values and isinstance(values["steps"], list):
             values["steps"] = tuple(values["steps"])

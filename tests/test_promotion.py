@@ -34,6 +34,7 @@ def _ladder(config: PromotionConfig = LADDER, **constraints) -> Ladder:
     ({"steps": [20], "eta": 1}, "eta must be > 1"),
     ({"steps": [20], "levels": 0}, "levels"),
     ({"steps": [20], "rungs": 2}, "unknown key"),
+    ({"steps": [20], "eval_samples": 0}, "eval_samples must be an integer >= 1"),
 ])
 def test_bad_promotion_tables_are_refused(data, message):
     with pytest.raises(ValueError, match=message):
@@ -44,6 +45,9 @@ def test_off_by_default_and_overrides_name_the_rung():
     assert not PromotionConfig().enabled
     assert LADDER.overrides(2) == {"recovery": "finetune", "finetune_steps": 60}
     assert PromotionConfig.from_dict(LADDER.to_dict()) == LADDER
+    wider = PromotionConfig(steps=(20,), eval_samples=2400)
+    assert wider.overrides(1) == {"recovery": "finetune", "finetune_steps": 20, "eval_samples": 2400}
+    assert PromotionConfig.from_dict(wider.to_dict()) == wider
 
 
 def test_score_is_the_first_objective_that_is_not_a_cost():
@@ -185,6 +189,7 @@ top_k = 1
 [promotion]
 steps = [4]
 levels = 2
+eval_samples = 48
 """
 
 
@@ -193,7 +198,9 @@ def test_a_real_study_records_the_fine_tuned_rung_exactly(tmp_path):
     from search.runner import run_study
     from tests.fakes import local_pool
 
-    config = load_config(tiny_config(tmp_path, n_trials=10, searchers=GA_AND_RANDOM))
+    path = tiny_config(tmp_path, n_trials=10, searchers=GA_AND_RANDOM)
+    path.write_text(path.read_text().replace("batch_size = 32", "batch_size = 32\neval_samples = 16"))
+    config = load_config(path)
 
     def factory(prepared, address):
         return local_pool(prepared.task, prepared.space, prepared.config.evaluation)
@@ -202,6 +209,7 @@ def test_a_real_study_records_the_fine_tuned_rung_exactly(tmp_path):
     promoted = [r for r in summary.records if r.promotion]
     assert promoted and all(r.fidelity == "full" for r in promoted)   # GA's cheap trials stay proxies
     record = promoted[0]
+    assert record.eval_overrides["eval_samples"] == 48   # the rung is scored on more samples than the proxy's 16
     from tests.fakes import tiny_task
     from spaces.space import SearchSpace
 
