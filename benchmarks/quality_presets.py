@@ -43,6 +43,7 @@ class TaskPreset:
     masking_targets: tuple[float, ...] = (0.15, 0.25, 0.35, 0.45)
     options: Mapping[str, Any] = field(default_factory=dict)   # task options
     finetune_levels: tuple[float, ...] | None = None           # levels whose models are fine-tuned; None = all
+    rung_eval_samples: int | None = None   # validation samples a promotion rung is scored on (None: the proxy's)
     space: Mapping[str, Any] = field(default_factory=lambda: {"ratio_min": 0.2, "ratio_max": 1.0})
 
     def __post_init__(self) -> None:
@@ -83,6 +84,7 @@ PRESETS: dict[str, TaskPreset] = {
     "shapes": TaskPreset(levels=(0.15, 0.3), max_flops_ratio=0.3,
                          evaluation={"recovery": "cap_nobn", "eval_samples": 500},
                          space={"ratio_min": 0.1, "ratio_max": 0.8}, finetune_steps=80, finetune_levels=(0.15,),
+                         rung_eval_samples=2400,
                          masking_steps=5, masking_targets=(0.1, 0.15, 0.2, 0.25, 0.3)),
     # tokens: a transformer (evaluators.tokens), different in kind from the two CNN tasks:
     # heads, MLP widths and the residual stream are the groups. ratio_min 0.15 keeps >= 1 of
@@ -95,7 +97,7 @@ PRESETS: dict[str, TaskPreset] = {
     "tokens": TaskPreset(levels=(0.15, 0.3), max_flops_ratio=0.3,
                          evaluation={"recovery": "cap_nobn", "eval_samples": 1000},
                          space={"ratio_min": 0.15, "ratio_max": 0.9}, finetune_steps=100,
-                         finetune_recovery="cap_finetune", finetune_lr=0.003,
+                         finetune_recovery="cap_finetune", finetune_lr=0.003, rung_eval_samples=2000,
                          masking_steps=5, masking_targets=(0.1, 0.15, 0.2, 0.25, 0.3)),
 }
 GENERIC_PRESET = TaskPreset(levels=(0.3, 0.5), max_flops_ratio=0.5)
@@ -227,9 +229,12 @@ def _promotion(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     # fine-tune is the only proxy that orders similar-size policies well).
     # FLOPs levels 0.05 wide: every reported level's bound is a level edge, so trials just
     # under a reported level do not compete with larger ones for promotion.
+    # A rung is scored on the whole validation split (rung_eval_samples), as the final
+    # fine-tune is: on shapes the proxy's 500 samples leave a +-2 point noise per score.
+    samples = {} if preset.rung_eval_samples is None else {"eval_samples": preset.rung_eval_samples}
     return {"promotion": {"steps": [QUICK["finetune_steps"] if quick else preset.finetune_steps],
                           "eta": 3, "levels": max(1, round(preset.max_flops_ratio / 0.05)),
-                          "recovery": preset.finetune_recovery}}
+                          "recovery": preset.finetune_recovery, **samples}}
 
 
 @register_method("tpe_promoted")
