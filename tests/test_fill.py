@@ -117,6 +117,15 @@ def test_a_study_with_fill_runs_and_refuses_a_resume_with_other_levels(tmp_path)
     flops = sorted(r.metrics.flops_ratio for r in records)
     # every trial sits on (just under) one of the two levels, never between them far below
     assert all(0.3 < f <= 0.4 + 1e-12 or 0.6 < f <= 0.7 + 1e-12 for f in flops), flops
+    # the export rebuilds the filled policy the trials recorded
+    from search.export import export_study
+
+    exported = export_study(config, formats=())
+    policies = {r.number: r.policy for r in records}
+    assert exported.metrics
+    for number, info in exported.metrics.items():
+        directory = next(p for p in exported.directories if p.name == f"trial-{number}")
+        assert Policy.from_json((directory / "policy.json").read_text()) == policies[number]
     changed = load_config(tiny_config(tmp_path, n_trials=8, extra="\n[fill]\nlevels = [0.5, 0.7]\n"))
     with pytest.raises(ConfigError, match="fill"):
         run_study(changed, pool_factory=lambda prepared, _a: FakePool(prepared.space), progress=False)
