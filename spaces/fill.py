@@ -3,10 +3,10 @@
 A searcher proposes ratios on the space's grid, so its policies land anywhere below a
 FLOPs budget: on shapes a TPE study's best model at <= 15% FLOPs sat at 13.2-14.2% while
 uniform pruning's continuous ratio sits at 14.8%, and near such budgets every percent of
-FLOPs is worth points of accuracy (uniform at 13.4% fine-tuned to 63.3%, at 14.8% to
-67.0%; `benchmarks/results/fill/`). With ``[fill]`` every proposal is projected onto the
-budget before it is evaluated: all its ratios are multiplied by the one factor that brings
-its FLOPs ratio up to the smallest level at or above it (bisection; FLOPs rise
+FLOPs is worth points of accuracy (uniform at 13.4% fine-tuned to 65.1-65.9%, at 14.8% to
+67.6-68.2%; `benchmarks/results/finetune_lengths/`). With ``[fill]`` every proposal is
+projected onto the budget before it is evaluated: all its ratios are multiplied by the one
+factor that brings its FLOPs ratio up to the smallest level at or above it (bisection; FLOPs rise
 monotonically with the factor), each capped at the space's ``ratio_max``. The searcher
 still chooses the *shape* (how the budget is shared between groups); the fill spends the
 whole budget. A policy above every level is left as it is.
