@@ -140,8 +140,9 @@ def results_markdown(out: Path, runs: list[dict[str, Any]] | None, quick: bool, 
         if md:
             parts += [md, ""]
         parts += notes(sq)
-    for path in sorted(out.glob(f"finetune_lengths_*{'_quick' if quick else ''}.md")):
-        if quick or not path.stem.endswith("_quick"):
+    # finetune_lengths writes one file per task, here or in a folder of its own (--out)
+    for path in sorted(out.rglob(f"finetune_lengths_*{'_quick' if quick else ''}.md")):
+        if (quick or not path.stem.endswith("_quick")) and (quick or "quick" not in path.relative_to(out).parts):
             parts += [path.read_text().strip(), ""]
     md = _read_md(out, "scaling_quick" if quick else "scaling", prefix)
     if md:

@@ -198,6 +198,12 @@ def test_results_page_states_missed_targets_first_and_collects_each_result(tmp_p
     page = results_markdown(tmp_path, [], False, ["search_quality"])
     assert "## Search quality" in page and "](search_quality_digits_pareto.png)" in page  # outside the repo: as written
     assert "search_quality 1.5 min" in page and "- **Missed** (digits): b" in page
+    (tmp_path / "finetune_lengths").mkdir()
+    (tmp_path / "finetune_lengths" / "finetune_lengths_shapes.md").write_text("## Short and long fine-tune: shapes")
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "finetune_lengths_digits_quick.md").write_text("## Short and long fine-tune: digits")
+    page = results_markdown(tmp_path, [], False, ["search_quality"])
+    assert "fine-tune: shapes" in page and "fine-tune: digits" not in page   # a full page never shows quick ones
 
 
 def test_global_pruning_baselines_are_compared_but_never_the_best_searcher():
