@@ -142,7 +142,8 @@ def results_markdown(out: Path, runs: list[dict[str, Any]] | None, quick: bool, 
         parts += notes(sq)
     # finetune_lengths writes one file per task, here or in a folder of its own (--out)
     for path in sorted(out.rglob(f"finetune_lengths_*{'_quick' if quick else ''}.md")):
-        if (quick or not path.stem.endswith("_quick")) and (quick or "quick" not in path.relative_to(out).parts):
+        smoke = path.stem.endswith("_quick") or "quick" in path.relative_to(out).parts
+        if quick or not smoke:   # a full page never shows smoke runs
             parts += [path.read_text().strip(), ""]
     md = _read_md(out, "scaling_quick" if quick else "scaling", prefix)
     if md:

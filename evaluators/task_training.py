@@ -171,26 +171,12 @@ def cached_weights(path: Path, train: Callable[[], dict[str, Tensor]]) -> dict[s
     return state
 
 
-def trained_task(
-    name: str,
-    x: Tensor,
-    y: Tensor,
-    *,
-    build: Callable[[], nn.Module],
-    num_classes: int,
-    opts: Mapping,
-    config: dict,
-    cache_dir: Path,
-    augment: Augment | None = None,
-    state: Mapping[str, Tensor] | None = None,
-    **scoring: Any,
-) -> Task:
-    """A :class:`Task` over ``(x, y)`` split by ``opts["split"]`` and ``opts["seed"]``
-    (``trained_splits_task``)."""
+def trained_task(name: str, x: Tensor, y: Tensor, *, opts: Mapping, **rest: Any) -> Task:
+    """A :class:`Task` over ``(x, y)`` split by ``opts["split"]`` and ``opts["seed"]``;
+    ``rest`` are ``trained_splits_task``'s other keywords."""
     # a copy of the first sample: a view would carry the whole of x's storage when pickled
     return trained_splits_task(name, split_data(x, y, tuple(opts["split"]), opts["seed"]), take(x, torch.arange(1)),
-                               build=build, num_classes=num_classes, opts=opts, config=config, cache_dir=cache_dir,
-                               augment=augment, state=state, **scoring)
+                               opts=opts, **rest)
 
 
 def trained_splits_task(
