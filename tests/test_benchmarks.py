@@ -349,3 +349,17 @@ def test_finetune_lengths_merges_the_methods_of_several_runs_that_agree_on_the_b
         merged_task([first, other], "shapes")
     with pytest.raises(ValueError, match="no results for task 'tokens'"):
         merged_task([first], "tokens")
+
+
+def test_finetune_lengths_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
+    from benchmarks.finetune_lengths import main
+
+    source = _quality_file(tmp_path, "a.json", ["tpe"])
+    out = tmp_path / "out"
+    for argv, words in (([], "no such file"), (["--from", str(source), "--steps", "0"], "--steps must be >= 1"),
+                        (["--from", str(source), "--task", "shapes", "--methods", "nope"], "nope not in the source"),
+                        (["--from", str(source), "--task", "tokens"], "no results for task 'tokens'")):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--out", str(out)])
+        assert exc.value.code == 2 and words in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
