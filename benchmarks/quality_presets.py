@@ -237,11 +237,6 @@ def _promotion(preset: TaskPreset, quick: bool) -> dict[str, Any]:
                           "recovery": preset.finetune_recovery, **samples}}
 
 
-@register_method("tpe_promoted")
-def _tpe_promoted(preset: TaskPreset, quick: bool) -> list[dict[str, Any]]:
-    return _tpe(preset, quick)
-
-
 STUDY_TABLES["tpe_promoted"] = _promotion
 
 
@@ -250,16 +245,9 @@ def _fill(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     return {"fill": {"levels": list(preset.levels)}}
 
 
-@register_method("tpe_filled")
-def _tpe_filled(preset: TaskPreset, quick: bool) -> list[dict[str, Any]]:
-    return _tpe(preset, quick)
-
-
-@register_method("tpe_filled_promoted")
-def _tpe_filled_promoted(preset: TaskPreset, quick: bool) -> list[dict[str, Any]]:
-    return _tpe(preset, quick)
-
-
+# TPE's searchers, each with study tables of its own
+for _variant in ("tpe_promoted", "tpe_filled", "tpe_filled_promoted"):
+    register_method(_variant)(_tpe)
 STUDY_TABLES["tpe_filled"] = _fill
 STUDY_TABLES["tpe_filled_promoted"] = lambda preset, quick: {**_fill(preset, quick), **_promotion(preset, quick)}
 
