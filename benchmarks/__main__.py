@@ -26,11 +26,11 @@ from benchmarks.common import RESULTS_DIR, ROOT, write_result
 from benchmarks.results_page import load_result, results_markdown
 
 SCRIPTS = ("eval_throughput", "methods", "latency", "watermark", "search_quality", "finetune_lengths", "scaling",
-           "proxy_correlation")
+           "proxy_correlation", "headroom")
 # Run by --quick and by --only, not by the full run: their full modes (proxy_correlation
-# ~25 min; finetune_lengths' 5x fine-tunes of every chosen model ~20 min per task) would
-# take `make bench` past its 45-minute budget (README: Results).
-SEPARATE = ("finetune_lengths", "proxy_correlation")
+# ~25 min; finetune_lengths' 5x fine-tunes of every chosen model ~20 min per task; headroom's
+# ~200 fine-tunes on shapes ~30 min) would take `make bench` past its 45-minute budget (README: Results).
+SEPARATE = ("finetune_lengths", "proxy_correlation", "headroom")
 
 
 def available_scripts() -> list[str]:

@@ -76,25 +76,16 @@ def level_models_only(per_seed: Mapping[str, Any]) -> dict[str, Any]:
 def finetune_columns(cfgs: Sequence[BenchConfig], per_seed: Mapping[str, Any]) -> list[tuple[dict, dict]]:
     """Per config (one fine-tune length each): ``quality_run.finetune`` of a copy of
     ``per_seed``'s level models, all on one pool; ``[(per_seed copy, timing)]``."""
-    from benchmarks.quality_run import SharedPool, finetune
-    from evaluators.pool import EvaluatorPool, ensure_ray
-    from evaluators.settings import EvalSettings
+    from benchmarks.quality_run import SharedPool, evaluation_pool, finetune
     from search.setup import load_task_and_space
 
     first = cfgs[0]
     task, space = load_task_and_space(first.study_config(first.searchers[0], first.seeds[0], Path(".")))
-    ensure_ray(None, num_cpus=first.workers)
-    pool = EvaluatorPool(task, groups=space.groups, round_to=space.round_to,
-                         settings=EvalSettings(**first.evaluation(first.seeds[0])), workers=first.workers,
-                         threads_per_worker=1, window=2)
     out = []
-    try:
-        pool.wait_ready(timeout=600)
+    with evaluation_pool(first, task, space) as pool:
         for cfg in cfgs:
             copy_ = copy.deepcopy(dict(per_seed))
             out.append((copy_, finetune(cfg, SharedPool(pool), copy_)))
-    finally:
-        pool.close()
     return out
 
 

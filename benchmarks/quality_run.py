@@ -8,13 +8,14 @@ fine-tunes are plain evaluations on the same ``EvaluatorPool``, so its actors st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,24 @@ def evaluate_all(pool: SharedPool, jobs: Sequence[tuple[Any, Any, Any]], desc: s
                 out[tag] = metrics
                 bar.update(1)
     return out
+
+
+@contextlib.contextmanager
+def evaluation_pool(cfg: BenchConfig, task: Any, space: Any) -> Iterator[EvaluatorPool]:
+    """An ``EvaluatorPool`` of ``cfg.workers`` one-thread actors on local Ray (started with as
+    many CPUs), ready, closed on exit: what the fine-tune-only benchmarks evaluate on."""
+    from evaluators.pool import EvaluatorPool, ensure_ray
+    from evaluators.settings import EvalSettings
+
+    ensure_ray(None, num_cpus=cfg.workers)
+    pool = EvaluatorPool(task, groups=space.groups, round_to=space.round_to,
+                         settings=EvalSettings(**cfg.evaluation(cfg.seeds[0])), workers=cfg.workers,
+                         threads_per_worker=1, window=2)
+    try:
+        pool.wait_ready(timeout=600)
+        yield pool
+    finally:
+        pool.close()
 
 
 def uniform_policies(space: Any, levels: Sequence[float]) -> list[Any]:

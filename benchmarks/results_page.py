@@ -140,11 +140,9 @@ def results_markdown(out: Path, runs: list[dict[str, Any]] | None, quick: bool, 
         if md:
             parts += [md, ""]
         parts += notes(sq)
-    # finetune_lengths writes one file per task, here or in a folder of its own (--out)
-    for path in sorted(out.rglob(f"finetune_lengths_*{'_quick' if quick else ''}.md")):
-        smoke = path.stem.endswith("_quick") or "quick" in path.relative_to(out).parts
-        if quick or not smoke:   # a full page never shows smoke runs
-            parts += [path.read_text().strip(), ""]
+    # finetune_lengths writes one file per task; both it and headroom may write into a folder of their own (--out)
+    parts += _collected(out, "finetune_lengths_*", quick)
+    parts += _collected(out, "headroom", quick)
     md = _read_md(out, "scaling_quick" if quick else "scaling", prefix)
     if md:
         parts += [md, ""]
@@ -169,6 +167,17 @@ def results_markdown(out: Path, runs: list[dict[str, Any]] | None, quick: bool, 
         name = "methods_quick.md" if quick else "methods.md"
         parts += ["## Pruning methods", "", f"Criterion x recovery tables: [{prefix}{name}]({prefix}{name}).", ""]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _collected(out: Path, stem: str, quick: bool) -> list[str]:
+    """The markdown tables ``<stem>[_quick].md`` (a glob) found anywhere under ``out``; a
+    full page never shows smoke runs (a ``_quick`` file or one under a ``quick`` folder)."""
+    parts = []
+    for path in sorted(out.rglob(f"{stem}{'_quick' if quick else ''}.md")):
+        smoke = path.stem.endswith("_quick") or "quick" in path.relative_to(out).parts
+        if quick or not smoke:
+            parts += [path.read_text().strip(), ""]
+    return parts
 
 
 def notes(sq: dict[str, Any]) -> list[str]:

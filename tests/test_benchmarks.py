@@ -202,8 +202,12 @@ def test_results_page_states_missed_targets_first_and_collects_each_result(tmp_p
     (tmp_path / "finetune_lengths" / "finetune_lengths_shapes.md").write_text("## Short and long fine-tune: shapes")
     (tmp_path / "quick").mkdir()
     (tmp_path / "quick" / "finetune_lengths_digits_quick.md").write_text("## Short and long fine-tune: digits")
+    (tmp_path / "headroom").mkdir()
+    (tmp_path / "headroom" / "headroom.md").write_text("## Headroom over uniform pruning: shapes")
+    (tmp_path / "quick" / "headroom_quick.md").write_text("## Headroom over uniform pruning: digits")
     page = results_markdown(tmp_path, [], False, ["search_quality"])
     assert "fine-tune: shapes" in page and "fine-tune: digits" not in page   # a full page never shows quick ones
+    assert "pruning: shapes" in page and "pruning: digits" not in page
 
 
 def test_global_pruning_baselines_are_compared_but_never_the_best_searcher():

@@ -129,7 +129,7 @@ def test_make_bench_leaves_the_full_run_out_but_quick_and_only_run_it(tmp_path, 
         ran.append([])
         assert bench.main([*argv, "--out", str(tmp_path)]) == 0
     full, quick, only = ran
-    assert "proxy_correlation" not in full and "finetune_lengths" not in full and "search_quality" in full
-    assert "proxy_correlation" in quick and only == ["proxy_correlation"]
+    assert not {"proxy_correlation", "finetune_lengths", "headroom"} & set(full) and "search_quality" in full
+    assert {"proxy_correlation", "headroom"} <= set(quick) and only == ["proxy_correlation"]
     # the quick run fine-tunes what its search_quality run chose: it must come after it
     assert quick.index("finetune_lengths") > quick.index("search_quality")

@@ -1,0 +1,234 @@
+"""Headroom: how far the best allocation in a task's space beats uniform pruning after fine-tuning.
+
+A searcher can only beat uniform pruning after fine-tuning if some policy in its space does.
+Per reported FLOPs level, this draws ``--candidates`` policies from the task preset's space
+(half over the whole ratio range, half near the uniform policy), scales each to the level
+(the same projection as ``[fill]``), and fine-tunes each once with the study seed: a
+*screen*, what a promotion rung of that length sees. The screen's ``--top`` candidates are
+then fine-tuned again with ``--finetune-seeds`` fresh seeds, as are the baselines (uniform,
+Torch-Pruning global magnitude pruning): the same recovery, lr, KD and seeds as the
+search-quality fine-tune.
+
+- *screen pick*: the screen's best candidate scored on the fresh seeds — what a search that
+  fine-tuned every candidate once and kept the best would hand the user (no selection bias).
+- *best of top*: the best of the top candidates on the fresh seeds — optimistic, since it is
+  selected on the seeds it is scored on.
+
+Both are upper bounds on what a searcher ranking by a cheaper proxy finds among as many
+candidates. One study seed: the headroom is a property of the task and space, not of a run.
+
+    python -m benchmarks.headroom --task shapes --out benchmarks/results/headroom
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from benchmarks.common import base_parser, setup_logging, write_and_report  # noqa: E402
+from benchmarks.quality_presets import GENERIC_PRESET, PRESETS, BenchConfig  # noqa: E402
+
+log = logging.getLogger("benchmarks.headroom")
+BASELINE_NAMES = ("uniform", "global_magnitude")
+QUICK = {"task": "digits", "candidates": 3, "top": 1, "finetune_seeds": 1, "steps": [5, 10]}
+_SHRINK = 0.9   # a draw above the level is shrunk by this factor until it is within it
+
+
+def at_level(space: Any, policy: Any, level: float) -> Any:
+    """``policy`` scaled to FLOPs ratio ``level``: shrunk (ratios floored at ``ratio_min``)
+    while above it, then grown by ``spaces.fill.BudgetFill`` up to it.
+
+    Raises ``ValueError`` when even every group at ``ratio_min`` is above the level."""
+    from spaces.fill import BudgetFill
+    from spaces.policy import Policy
+
+    if space.min_flops_ratio > level + 1e-12:
+        raise ValueError(f"FLOPs level {level:g} is below the space's smallest model ({space.min_flops_ratio:.4f})")
+    while space.flops_ratio(policy) > level + 1e-12:
+        policy = Policy(ratios={n: max(space.ratio_min, r * _SHRINK) for n, r in policy.ratios.items()},
+                        method=policy.method, recovery=policy.recovery)
+    return BudgetFill(space, (level,)).project(policy)
+
+
+def candidates(space: Any, level: float, n: int, seed: int, spread: float = 0.35) -> list[Any]:
+    """``n`` distinct policies at ``level``: even draws uniform over the space's ratio range,
+    odd draws the uniform policy with each ratio multiplied by ``exp(N(0, spread))``."""
+    import numpy as np
+
+    from spaces.policy import Policy
+
+    rng = np.random.default_rng(seed)
+    names, method = space.group_names, space.methods[0]
+    centre = min(space.ratio_max, max(space.ratio_min, space.uniform_ratio_within(level)))
+    out: dict[str, Any] = {}
+    for i in range(50 * n):   # duplicates are rare; the bound only stops a degenerate space
+        if len(out) == n:
+            break
+        if i % 2 == 0:
+            draw = rng.uniform(space.ratio_min, space.ratio_max, size=len(names))
+        else:
+            draw = np.clip(centre * np.exp(rng.normal(0.0, spread, size=len(names))), space.ratio_min, space.ratio_max)
+        policy = at_level(space, Policy(ratios=dict(zip(names, map(float, draw))), method=method), level)
+        out.setdefault(policy.key(), policy)
+    return list(out.values())
+
+
+def baselines(task: Any, space: Any, level: float) -> dict[str, Any]:
+    """The baseline policies at ``level``: uniform (largest ratio within it) and global magnitude."""
+    from benchmarks.quality_run import global_policies
+
+    (_, magnitude), = [(t, p) for t, p in global_policies("global_magnitude", task, space, [level]) if t == level]
+    return {"uniform": space.uniform(space.uniform_ratio_within(level)), "global_magnitude": magnitude}
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summarize(screen: Sequence[Mapping[str, Any]], confirmed: Sequence[Mapping[str, Any]],
+              base: Mapping[str, Sequence[float]]) -> dict[str, Any]:
+    """One level and length: the baselines' means, the screen pick and the best of the top,
+    each against the better baseline (``confirmed`` in screen order, best first)."""
+    means = {name: _mean(acc) for name, acc in base.items()}
+    better = max(means, key=means.__getitem__)
+    pick = confirmed[0]
+    best = max(confirmed, key=lambda c: _mean(c["accuracies"]))
+    return {"baselines": means, "better_baseline": better,
+            "screen_pick": _mean(pick["accuracies"]), "screen_pick_delta": _mean(pick["accuracies"]) - means[better],
+            "best_of_top": _mean(best["accuracies"]), "best_of_top_delta": _mean(best["accuracies"]) - means[better],
+            "screen_max": max(s["accuracy"] for s in screen),
+            "screen_above_better_baseline": sum(s["accuracy"] > means[better] for s in screen) / len(screen)}
+
+
+def run(task_name: str, n: int, top: int, finetune_seeds: int, steps: Sequence[int], seed: int, workers: int,
+        cache_dir: str | None, quick: bool) -> dict[str, Any]:
+    from benchmarks.quality_run import SharedPool, evaluate_all, evaluation_pool
+    from evaluators.evaluate import evaluate_model
+    from evaluators.settings import EvalSettings
+    from search.setup import load_task_and_space
+
+    start = time.perf_counter()
+    preset = PRESETS.get(task_name, GENERIC_PRESET)
+    extra = {"cache_dir": cache_dir} if cache_dir else {}
+    cfgs = {s: BenchConfig(task=task_name, preset=replace(preset, finetune_steps=s), seeds=(seed,), quick=quick,
+                           finetune_seeds=finetune_seeds, workers=workers, methods=("uniform",), **extra)
+            for s in steps}
+    first = cfgs[steps[0]]
+    task, space = load_task_and_space(first.study_config("random", seed, Path(".")))
+    pools = {lv: candidates(space, lv, n, seed + int(1000 * lv)) for lv in preset.levels}
+    bases = {lv: baselines(task, space, lv) for lv in preset.levels}
+
+    def screen_settings(s: int) -> EvalSettings:   # a promotion rung's fine-tune: the study seed
+        return EvalSettings(**{**cfgs[s].finetune_settings(seed, 0), "seed": seed})
+
+    with evaluation_pool(first, task, space) as pool:
+        shared = SharedPool(pool)
+        jobs = [(("screen", lv, s, i), p, screen_settings(s))
+                for lv, pols in pools.items() for s in steps for i, p in enumerate(pols)]
+        jobs += [(("base", lv, s, name, k), p, EvalSettings(**cfgs[s].finetune_settings(seed, k)))
+                 for lv, named in bases.items() for s in steps for name, p in named.items() for k in range(finetune_seeds)]
+        got = evaluate_all(shared, jobs, f"{task_name} screen")
+        ranked = {(lv, s): sorted(range(len(pools[lv])), key=lambda i: -_score(got[("screen", lv, s, i)]))[:top]
+                  for lv in pools for s in steps}
+        fresh = [(("top", lv, s, i, k), pools[lv][i], EvalSettings(**cfgs[s].finetune_settings(seed, k)))
+                 for (lv, s), idx in ranked.items() for i in idx for k in range(finetune_seeds)]
+        got.update(evaluate_all(shared, fresh, f"{task_name} confirm"))
+    base_accuracy = float(evaluate_model(task.base_model(), task, EvalSettings(threads=1)).accuracy)
+    levels: dict[str, Any] = {}
+    for lv, pols in pools.items():
+        for s in steps:
+            screen = [{"policy": p.to_dict(), "flops_ratio": got[("screen", lv, s, i)].flops_ratio,
+                       "accuracy": _score(got[("screen", lv, s, i)])} for i, p in enumerate(pols)]
+            confirmed = [{**screen[i], "screen": screen[i]["accuracy"],
+                          "accuracies": [_score(got[("top", lv, s, i, k)]) for k in range(finetune_seeds)]}
+                         for i in ranked[(lv, s)]]
+            base = {name: [_score(got[("base", lv, s, name, k)]) for k in range(finetune_seeds)] for name in bases[lv]}
+            levels.setdefault(str(lv), {})[str(s)] = {
+                **summarize(screen, confirmed, base), "baseline_runs": base,
+                "baseline_flops": {name: got[("base", lv, s, name, 0)].flops_ratio for name in bases[lv]},
+                "confirmed": confirmed, "screen": sorted(screen, key=lambda r: -r["accuracy"])}
+    return {"task": task_name, "base_accuracy": base_accuracy, "seed": seed, "candidates": n, "top": top,
+            "finetune_seeds": finetune_seeds, "steps": list(steps), "space": {"ratio_min": space.ratio_min,
+            "ratio_max": space.ratio_max, "groups": len(space.groups)}, "levels": levels,
+            "finetunes": len(jobs) + len(fresh), "wall_s": time.perf_counter() - start}
+
+
+def _score(metrics: Any) -> float:
+    """A fine-tune's accuracy; a failed one scores -1 (ranked last) and is logged."""
+    if not metrics.ok:
+        log.warning("a fine-tune failed: %s", metrics.error)
+        return -1.0
+    return float(metrics.accuracy)
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    n, top, f = result["candidates"], result["top"], result["finetune_seeds"]
+    lines = [f"## Headroom over uniform pruning: {result['task']}", "",
+             f"Base {100 * result['base_accuracy']:.1f}%. Per FLOPs level, {n} policies of the preset's space "
+             f"(ratios {result['space']['ratio_min']}-{result['space']['ratio_max']}; half drawn over the range, half "
+             f"near uniform; each scaled to the level) fine-tuned once with the study seed (the screen); the screen's "
+             f"top {top} and the baselines fine-tuned again with {f} fresh seed(s) (mean). Screen pick: the screen's "
+             f"best on the fresh seeds (unbiased); best of top {top}: selected on the fresh seeds themselves "
+             f"(optimistic). Δ: against the better baseline. {result['finetunes']} fine-tunes, "
+             f"{result['wall_s'] / 60:.1f} min.", "",
+             "| FLOPs <= | fine-tune steps | uniform | global magnitude | screen pick | Δ | best of top | Δ | "
+             "screened above better baseline |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for level, by_steps in result["levels"].items():
+        for steps, r in by_steps.items():
+            b = r["baselines"]
+            lines.append(f"| {100 * float(level):g}% | {steps} | {100 * b['uniform']:.1f} | "
+                         f"{100 * b['global_magnitude']:.1f} | {100 * r['screen_pick']:.1f} | "
+                         f"{100 * r['screen_pick_delta']:+.1f} | {100 * r['best_of_top']:.1f} | "
+                         f"{100 * r['best_of_top_delta']:+.1f} | {100 * r['screen_above_better_baseline']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--task", default=None, help="task preset (default shapes; quick: digits)")
+    parser.add_argument("--candidates", type=int, default=None, help="policies screened per level (default 24)")
+    parser.add_argument("--top", type=int, default=None, help="screened policies re-fine-tuned (default 3)")
+    parser.add_argument("--finetune-seeds", type=int, default=None, help="fresh fine-tune seeds (default 3)")
+    parser.add_argument("--steps", type=int, action="append", default=None,
+                        help="fine-tune steps of one column (repeatable; default: the preset's and 5x it)")
+    parser.add_argument("--seed", type=int, default=0, help="study seed: candidate draws and the screen (default 0)")
+    parser.add_argument("--workers", type=int, default=2, help="evaluation workers (default %(default)s)")
+    parser.add_argument("--cache-dir", default=None, help="task model cache (default: studies/cache)")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    quick = args.quick
+    task = args.task or (QUICK["task"] if quick else "shapes")
+    n = args.candidates if args.candidates is not None else (QUICK["candidates"] if quick else 24)
+    top = args.top if args.top is not None else (QUICK["top"] if quick else 3)
+    seeds = args.finetune_seeds if args.finetune_seeds is not None else (QUICK["finetune_seeds"] if quick else 3)
+    preset = PRESETS.get(task, GENERIC_PRESET)
+    steps = sorted(set(args.steps or (QUICK["steps"] if quick else [preset.finetune_steps, 5 * preset.finetune_steps])))
+    for name, value, low in (("--candidates", n, 1), ("--top", top, 1), ("--finetune-seeds", seeds, 1),
+                             ("--steps", min(steps), 1), ("--seed", args.seed, 0), ("--workers", args.workers, 1)):
+        if value < low:
+            parser.error(f"{name} must be >= {low}, got {value}")
+    if top > n:
+        parser.error(f"--top {top} is more than --candidates {n}")
+    from evaluators.tasks import available_tasks
+    if task not in available_tasks():
+        parser.error(f"--task {task!r} is not a task (known: {', '.join(available_tasks())})")
+    try:
+        result = run(task, n, top, seeds, steps, args.seed, args.workers, args.cache_dir, quick)
+    except ValueError as exc:
+        parser.error(str(exc))
+    config = {"task": task, "candidates": n, "top": top, "finetune_seeds": seeds, "steps": steps, "seed": args.seed,
+              "workers": args.workers, "wall_seconds": round(result["wall_s"], 1)}
+    write_and_report("headroom", quick, result, config=config, out_dir=args.out, markdown=markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
