@@ -132,7 +132,7 @@ def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
 
 #: methods run only when asked for (``--methods``): their studies cost several times a
 #: proxy-only study's, which the full ``make bench`` budget (45 min) has no room for
-OPT_IN = frozenset({"tpe_promoted", "tpe_filled", "tpe_filled_promoted"})
+OPT_IN = frozenset({"tpe_promoted", "tpe_filled", "tpe_filled_promoted", "tpe_filled_laddered"})
 
 
 def available_methods() -> tuple[str, ...]:
@@ -245,11 +245,21 @@ def _fill(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     return {"fill": {"levels": list(preset.levels)}}
 
 
+def _ladder(preset: TaskPreset, quick: bool) -> dict[str, Any]:
+    # Two rungs, the preset's fine-tune and 5x it (finetune_lengths' two columns), each
+    # scored on the mean of 2 fine-tune seeds: on shapes one 80-step fine-tune moves by
+    # +-1.6 points with its seed (headroom.json), more than the gaps it is asked to rank.
+    table = _promotion(preset, quick)["promotion"]
+    short = table["steps"][0]
+    return {"promotion": {**table, "steps": [short, 5 * short], "repeats": 2}}
+
+
 # TPE's searchers, each with study tables of its own
-for _variant in ("tpe_promoted", "tpe_filled", "tpe_filled_promoted"):
+for _variant in ("tpe_promoted", "tpe_filled", "tpe_filled_promoted", "tpe_filled_laddered"):
     register_method(_variant)(_tpe)
 STUDY_TABLES["tpe_filled"] = _fill
 STUDY_TABLES["tpe_filled_promoted"] = lambda preset, quick: {**_fill(preset, quick), **_promotion(preset, quick)}
+STUDY_TABLES["tpe_filled_laddered"] = lambda preset, quick: {**_fill(preset, quick), **_ladder(preset, quick)}
 
 
 # -- one task's benchmark ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -71,6 +72,19 @@ def _measure(
     }
 
 
+def _averaged(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The first run's measurements with every task value the mean over ``runs`` (a value
+    missing from a run is left out of its mean)."""
+    first = runs[0]
+    if len(runs) == 1:
+        return first
+    values = {}
+    for name in first["values"]:
+        got = [r["values"].get(name) for r in runs if r["values"].get(name) is not None]
+        values[name] = sum(got) / len(got) if got else None
+    return {**first, "values": values, "accuracy": values.get("accuracy")}
+
+
 def evaluate(
     policy: Policy,
     task: Task,
@@ -101,8 +115,14 @@ def evaluate(
                 groups = discover_groups(base, to_device(task.example_inputs, device))
             if base_cost is None:
                 base_cost = model_cost(base, task.example_inputs)
-            pruned = build_pruned(policy, task, settings, groups=groups, round_to=round_to, base=base, timings=timings)
-            values = _measure(pruned, task, settings, base, base_cost, timings)
+            runs = []
+            for j in range(settings.repeats):
+                run, spent = (settings if j == 0 else settings.replace(seed=settings.seed + j)), {}
+                pruned = build_pruned(policy, task, run, groups=groups, round_to=round_to, base=base, timings=spent)
+                runs.append(_measure(pruned, task, run, base, base_cost, spent))
+                for phase, seconds in spent.items():   # each phase's time summed over the repeats
+                    timings[phase] = timings.get(phase, 0.0) + seconds
+            values = _averaged(runs)
         return Metrics(
             **values, eval_seconds=time.perf_counter() - start, fidelity=settings.fidelity, timings=timings
         )

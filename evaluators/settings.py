@@ -25,6 +25,10 @@ class EvalSettings:
     ``device`` (``evaluators.devices``): where pruning, recovery, measurement and timing
     run; ``"auto"`` is CUDA when the evaluating process sees a GPU. Only the name is
     checked here; whether the device exists is checked where the work runs.
+
+    ``repeats``: the pruned model is recovered and measured that many times, with seeds
+    ``seed``, ``seed + 1``, ...; the task's values are their mean. For recoveries that
+    draw random batches (fine-tunes), whose result moves by a point or more with the seed.
     """
 
     recovery: str = "adaptive_bn"      # a name in the recovery registry
@@ -41,6 +45,7 @@ class EvalSettings:
     threads: int = 1
     device: str = "auto"               # "auto" | "cpu" | "cuda" | "cuda:N"
     seed: int = 0
+    repeats: int = 1                   # recover-and-measure runs, seeds seed .. seed + repeats - 1, averaged
     fidelity: str = "full"             # copied into Metrics.fidelity (e.g. "cheap" for GA step 1)
 
     def __post_init__(self) -> None:
@@ -67,6 +72,7 @@ class EvalSettings:
         check_int("threads", self.threads, 1)
         check_device("device", self.device)
         check_int("seed", self.seed, 0)
+        check_int("repeats", self.repeats, 1)
         check_str("fidelity", self.fidelity)
 
     @property

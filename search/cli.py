@@ -263,7 +263,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     for n in summary.trials:
         m = summary.metrics[n]
         drop = m["drop"]["accuracy_drop"]
-        print(f"  trial-{n}: proxy {_measured(m['remeasured'], True)} (recorded {_measured(m['recorded'])}), "
+        repeats = m.get("recorded_repeats", 1)
+        over = f", the mean of {repeats} fine-tunes; this model is the first" if repeats > 1 else ""
+        print(f"  trial-{n}: proxy {_measured(m['remeasured'], True)} (recorded {_measured(m['recorded'])}{over}), "
               f"exported {_measured(m['exported'])} {m['exported_fidelity']}"
               + (f" (drop vs base {drop:+.4f})" if drop is not None else "")
               + f", flops_ratio {m['exported']['flops_ratio']:.4f}")

@@ -226,6 +226,8 @@ def export_trial(record: TrialRecord, task: Any, space: Any, settings: Any, dire
         "task": task.name,
         "round_to": space.round_to,
         "recorded": record.metrics.to_dict() if record.metrics else None,
+        # a rung with repeats records the mean of that many fine-tunes; the model built here is its first seed's
+        "recorded_repeats": built.repeats,
         "remeasured": remeasured.to_dict(),
         "export_finetune_steps": finetune_steps,
         "exported_fidelity": exported_fidelity(finetune_steps),

@@ -52,6 +52,7 @@ class PromotionConfig:
     levels: int = 5                    # FLOPs levels (equal bins up to max_flops_ratio or 1)
     recovery: str = "finetune"         # the recovery of the promoted rungs
     eval_samples: int | None = None    # validation samples a rung is scored on (None: as [evaluation])
+    repeats: int = 1                   # fine-tunes per rung evaluation (seeds seed, seed + 1, ...), averaged
 
     def __post_init__(self) -> None:
         steps = self.steps
@@ -68,6 +69,7 @@ class PromotionConfig:
         check_str("recovery", self.recovery)
         if self.eval_samples is not None:
             check_int("eval_samples", self.eval_samples, 1)
+        check_int("repeats", self.repeats, 1)
 
     @property
     def enabled(self) -> bool:
@@ -76,15 +78,16 @@ class PromotionConfig:
     def overrides(self, rung: int) -> dict[str, Any]:
         """Evaluation-setting changes of ``rung`` (1..len(steps)) against the proxy's."""
         samples = {} if self.eval_samples is None else {"eval_samples": self.eval_samples}
-        return {"recovery": self.recovery, "finetune_steps": self.steps[rung - 1], **samples}
+        repeats = {} if self.repeats == 1 else {"repeats": self.repeats}
+        return {"recovery": self.recovery, "finetune_steps": self.steps[rung - 1], **samples, **repeats}
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": list(self.steps), "eta": self.eta, "levels": self.levels, "recovery": self.recovery,
-                "eval_samples": self.eval_samples}
+                "eval_samples": self.eval_samples, "repeats": self.repeats}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PromotionConfig":
-        check_keys("[promotion]", data, ("steps", "eta", "levels", "recovery", "eval_samples"))
+        check_keys("[promotion]", data, ("steps", "eta", "levels", "recovery", "eval_samples", "repeats"))
         values = dict(data)
         if "steps" in values and isinstance(values["steps"], list):
             values["steps"] = tuple(values["steps"])

@@ -172,6 +172,8 @@ CASES = [
     Case("promotion-eta-one", "eta must be > 1", old="[space]", new="[promotion]\nsteps = [20]\neta = 1\n[space]"),
     Case("promotion-eval-samples-zero", "eval_samples must be an integer >= 1", old="[space]",
          new="[promotion]\nsteps = [20]\neval_samples = 0\n[space]"),
+    Case("promotion-repeats-zero", "repeats must be an integer >= 1", old="[space]",
+         new="[promotion]\nsteps = [20]\nrepeats = 0\n[space]"),
     # -- budget fill -------------------------------------------------------------------------
     Case("fill-level-out-of-range", "[fill]: levels must be FLOPs ratios in (0, 1], got 1.5", old="[space]",
          new="[fill]\nlevels = [1.5]\n[space]"),

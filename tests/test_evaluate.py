@@ -65,6 +65,18 @@ def test_evaluate_is_deterministic_given_the_seed(digits):
     assert (c.accuracy, c.flops, c.params, c.flops_ratio) == (a.accuracy, a.flops, a.params, a.flops_ratio)
 
 
+def test_repeats_average_the_runs_of_consecutive_seeds(digits):
+    _, _, space = digits
+    policy = space.uniform(0.5)
+    tune = FAST.replace(recovery="finetune", finetune_steps=3, seed=5)
+    runs = [_eval(digits, policy, tune.replace(seed=s)) for s in (5, 6)]
+    assert runs[0].accuracy != runs[1].accuracy   # the seed moves a fine-tune's result
+    both = _eval(digits, policy, tune.replace(repeats=2))
+    assert both.ok and both.accuracy == pytest.approx((runs[0].accuracy + runs[1].accuracy) / 2)
+    assert both.values["accuracy"] == both.accuracy and both.flops == runs[0].flops
+    assert {"prune", "recover", "accuracy"} <= set(both.timings) and both.eval_seconds >= sum(both.timings.values())
+
+
 def test_latency_and_fidelity_and_eval_samples(digits):
     _, _, space = digits
     settings = FAST.replace(measure_latency=True, latency=LatencyConfig(runs=3, batch=2), eval_samples=37,
@@ -121,7 +133,7 @@ def test_evaluate_model_measures_an_already_pruned_model(digits):
 @pytest.mark.parametrize("field, value", [
     ("recovery", "magic"), ("calibration_samples", 0), ("bn_batches", 0), ("finetune_steps", -1),
     ("finetune_lr", 0.0), ("temperature", -1.0), ("batch_size", 0), ("eval_samples", 0),
-    ("latency", "fast"), ("threads", 0), ("seed", -1), ("fidelity", ""),
+    ("latency", "fast"), ("threads", 0), ("seed", -1), ("fidelity", ""), ("repeats", 0),
     ("kd", "yes"), ("threads", 1.5), ("batch_size", True),
 ])
 def test_settings_reject_bad_values_naming_them(field, value):

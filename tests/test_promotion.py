@@ -35,6 +35,7 @@ def _ladder(config: PromotionConfig = LADDER, **constraints) -> Ladder:
     ({"steps": [20], "levels": 0}, "levels"),
     ({"steps": [20], "rungs": 2}, "unknown key"),
     ({"steps": [20], "eval_samples": 0}, "eval_samples must be an integer >= 1"),
+    ({"steps": [20], "repeats": 0}, "repeats must be an integer >= 1"),
 ])
 def test_bad_promotion_tables_are_refused(data, message):
     with pytest.raises(ValueError, match=message):
@@ -48,6 +49,9 @@ def test_off_by_default_and_overrides_name_the_rung():
     wider = PromotionConfig(steps=(20,), eval_samples=2400)
     assert wider.overrides(1) == {"recovery": "finetune", "finetune_steps": 20, "eval_samples": 2400}
     assert PromotionConfig.from_dict(wider.to_dict()) == wider
+    repeated = PromotionConfig(steps=(20,), repeats=2)
+    assert repeated.overrides(1) == {"recovery": "finetune", "finetune_steps": 20, "repeats": 2}
+    assert PromotionConfig.from_dict(repeated.to_dict()) == repeated
 
 
 def test_score_is_the_first_objective_that_is_not_a_cost():
@@ -227,6 +231,34 @@ def test_a_real_study_records_the_fine_tuned_rung_exactly(tmp_path):
     exported = export_study(config, formats=())
     for number, info in exported.metrics.items():
         assert info["remeasured"]["accuracy"] == pytest.approx(info["recorded"]["accuracy"])
+
+
+def test_a_rung_with_repeats_records_their_mean_and_exports_its_first_seeds_model(tmp_path):
+    from evaluators.evaluate import evaluate
+    from search.export import export_study
+    from search.runner import run_study
+    from tests.fakes import local_pool, tiny_task
+
+    path = tiny_config(tmp_path, n_trials=8, searchers=GA_AND_RANDOM.replace("eval_samples = 48", "repeats = 2"))
+    config = load_config(path)
+    summary = run_study(config, pool_factory=lambda p, _a: local_pool(p.task, p.space, p.config.evaluation),
+                        progress=False)
+    exported = export_study(config, formats=())
+    record = next(r for r in summary.front if r.promotion and r.number in exported.metrics)
+    assert record.eval_overrides["repeats"] == 2
+    task, space = tiny_task(), summary_space(config)
+    rung = config.evaluation.replace(**record.eval_overrides)
+    seeds = [evaluate(record.policy, task, rung.replace(repeats=1, seed=rung.seed + j), groups=space.groups).accuracy
+             for j in range(2)]
+    assert record.metrics.accuracy == pytest.approx(sum(seeds) / 2)
+    info = exported.metrics[record.number]
+    assert info["recorded_repeats"] == 2 and info["remeasured"]["accuracy"] == pytest.approx(seeds[0])
+
+
+def summary_space(config):
+    from search.setup import load_task_and_space
+
+    return load_task_and_space(config)[1]
 
 
 def test_an_improving_searcher_gets_at_most_a_third_promoted_per_level():
