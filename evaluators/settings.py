@@ -26,8 +26,8 @@ class EvalSettings:
     run; ``"auto"`` is CUDA when the evaluating process sees a GPU. Only the name is
     checked here; whether the device exists is checked where the work runs.
 
-    ``repeats``: the pruned model is recovered and measured that many times, with seeds
-    ``seed``, ``seed + 1``, ...; the task's values are their mean. For recoveries that
+    ``repeats``: the policy is built (pruned and recovered) and measured that many times,
+    with seeds ``seed``, ``seed + 1``, ...; the task's values are their mean. For recoveries that
     draw random batches (fine-tunes), whose result moves by a point or more with the seed.
     """
 
@@ -45,7 +45,7 @@ class EvalSettings:
     threads: int = 1
     device: str = "auto"               # "auto" | "cpu" | "cuda" | "cuda:N"
     seed: int = 0
-    repeats: int = 1                   # recover-and-measure runs, seeds seed .. seed + repeats - 1, averaged
+    repeats: int = 1                   # build-and-measure runs, seeds seed .. seed + repeats - 1, averaged
     fidelity: str = "full"             # copied into Metrics.fidelity (e.g. "cheap" for GA step 1)
 
     def __post_init__(self) -> None:
