@@ -80,12 +80,16 @@ def candidates(space: Any, level: float, n: int, seed: int, spread: float = 0.35
     return list(out.values())
 
 
-def baselines(task: Any, space: Any, level: float) -> dict[str, Any]:
-    """The baseline policies at ``level``: uniform (largest ratio within it) and global magnitude."""
-    from benchmarks.quality_run import global_policies
+def baselines(task: Any, space: Any, levels: Sequence[float]) -> dict[float, dict[str, Any]]:
+    """The baseline policies at each level: uniform (largest ratio within it) and global
+    magnitude (one ranking of the base model's channels for every level)."""
+    from benchmarks.quality_run import global_space
+    from evaluators.heuristics import heuristic_policies
 
-    (_, magnitude), = [(t, p) for t, p in global_policies("global_magnitude", task, space, [level]) if t == level]
-    return {"uniform": space.uniform(space.uniform_ratio_within(level)), "global_magnitude": magnitude}
+    magnitude = heuristic_policies("global_magnitude", global_space(space), levels, model=task.base_model(),
+                                   example_inputs=task.example_inputs, on_grid=False)
+    return {lv: {"uniform": space.uniform(space.uniform_ratio_within(lv)), "global_magnitude": p}
+            for lv, p in zip(levels, magnitude)}
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -123,7 +127,7 @@ def run(task_name: str, n: int, top: int, finetune_seeds: int, steps: Sequence[i
     first = cfgs[steps[0]]
     task, space = load_task_and_space(first.study_config("random", seed, Path(".")))
     pools = {lv: candidates(space, lv, n, seed + int(1000 * lv)) for lv in preset.levels}
-    bases = {lv: baselines(task, space, lv) for lv in preset.levels}
+    bases = baselines(task, space, preset.levels)
 
     def screen_settings(s: int) -> EvalSettings:   # a promotion rung's fine-tune: the study seed
         return EvalSettings(**{**cfgs[s].finetune_settings(seed, 0), "seed": seed})

@@ -105,6 +105,11 @@ def uniform_policies(space: Any, levels: Sequence[float]) -> list[Any]:
     return [space.uniform(r) for r in ratios]
 
 
+def global_space(space: Any) -> Any:
+    """The space global pruning chooses in: each group keeps 5-100% of its channels, by L2 norm."""
+    return space.with_config(ratio_min=0.05, ratio_max=1.0, ratio_step=0.05, methods=("l2",))
+
+
 def global_policies(method: str, task: Any, space: Any, levels: Sequence[float]) -> list[tuple[float, Any]]:
     """Torch-Pruning global pruning (``method``: an ``evaluators.heuristics`` name) at the
     FLOPs ratios of the uniform sweep's grid points and at each level: ``(target, policy)``.
@@ -115,8 +120,7 @@ def global_policies(method: str, task: Any, space: Any, levels: Sequence[float])
     from evaluators.heuristics import heuristic_policies
 
     targets = sorted(set(levels) | {space.flops_ratio(space.uniform(r)) for r in space.levels})
-    wide = space.with_config(ratio_min=0.05, ratio_max=1.0, ratio_step=0.05, methods=("l2",))
-    policies = heuristic_policies(method, wide, targets, model=task.base_model(), example_inputs=task.example_inputs,
+    policies = heuristic_policies(method, global_space(space), targets, model=task.base_model(), example_inputs=task.example_inputs,
                                   on_grid=False)
     return list(zip(targets, policies))
 
