@@ -117,7 +117,9 @@ def evaluate(
                 base_cost = model_cost(base, task.example_inputs)
             runs = []
             for j in range(settings.repeats):
-                run, spent = (settings if j == 0 else settings.replace(seed=settings.seed + j)), {}
+                # a repeat rebuilds the same architecture: its latency is the first's, timed once
+                run = settings if j == 0 else settings.replace(seed=settings.seed + j, measure_latency=False)
+                spent: dict[str, float] = {}
                 pruned = build_pruned(policy, task, run, groups=groups, round_to=round_to, base=base, timings=spent)
                 runs.append(_measure(pruned, task, run, base, base_cost, spent))
                 for phase, seconds in spent.items():   # each phase's time summed over the repeats

@@ -77,6 +77,17 @@ def test_repeats_average_the_runs_of_consecutive_seeds(digits):
     assert {"prune", "recover", "accuracy"} <= set(both.timings) and both.eval_seconds >= sum(both.timings.values())
 
 
+def test_repeats_time_the_latency_once(digits, monkeypatch):
+    from evaluators import timing
+    _, _, space = digits
+    calls = []
+    real = timing.measure_paired_ms
+    monkeypatch.setattr(timing, "measure_paired_ms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    settings = FAST.replace(measure_latency=True, latency=LatencyConfig(runs=2, batch=2), repeats=3)
+    m = _eval(digits, space.uniform(0.7), settings)
+    assert m.ok and m.latency_ms > 0 and len(calls) == 1
+
+
 def test_latency_and_fidelity_and_eval_samples(digits):
     _, _, space = digits
     settings = FAST.replace(measure_latency=True, latency=LatencyConfig(runs=3, batch=2), eval_samples=37,
