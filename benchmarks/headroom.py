@@ -1,8 +1,9 @@
 """Headroom: how far the best allocation in a task's space beats uniform pruning after fine-tuning.
 
 A searcher can only beat uniform pruning after fine-tuning if some policy in its space does.
-Per reported FLOPs level, this draws ``--candidates`` policies from the task preset's space
-(half over the whole ratio range, half near the uniform policy), scales each to the level
+Per reported FLOPs level (``--levels``), this draws ``--candidates`` policies from the task
+preset's space, or another ratio range (``--ratio-range``), half over the whole range and
+half near the uniform policy, scales each to the level
 (the same projection as ``[fill]``), and fine-tunes each once with the study seed: a
 *screen*, what a promotion rung of that length sees. The screen's ``--top`` candidates are
 then fine-tuned again with ``--finetune-seeds`` fresh seeds, as are the baselines (uniform,
@@ -112,14 +113,19 @@ def summarize(screen: Sequence[Mapping[str, Any]], confirmed: Sequence[Mapping[s
 
 
 def run(task_name: str, n: int, top: int, finetune_seeds: int, steps: Sequence[int], seed: int, workers: int,
-        cache_dir: str | None, quick: bool) -> dict[str, Any]:
-    from benchmarks.quality_run import SharedPool, evaluate_all, evaluation_pool
-    from evaluators.evaluate import evaluate_model
+        cache_dir: str | None, quick: bool, levels: Sequence[float] | None = None,
+        ratio_range: tuple[float, float] | None = None) -> dict[str, Any]:
+    from benchmarks.quality_run import SharedPool, base_accuracy, evaluate_all, evaluation_pool
     from evaluators.settings import EvalSettings
     from search.setup import load_task_and_space
 
     start = time.perf_counter()
     preset = PRESETS.get(task_name, GENERIC_PRESET)
+    if levels:
+        preset = replace(preset, levels=tuple(levels), finetune_levels=None,
+                         max_flops_ratio=max(preset.max_flops_ratio, *levels))
+    if ratio_range:
+        preset = replace(preset, space={**preset.space, "ratio_min": ratio_range[0], "ratio_max": ratio_range[1]})
     extra = {"cache_dir": cache_dir} if cache_dir else {}
     cfgs = {s: BenchConfig(task=task_name, preset=replace(preset, finetune_steps=s), seeds=(seed,), quick=quick,
                            finetune_seeds=finetune_seeds, workers=workers, methods=("uniform",), **extra)
@@ -144,7 +150,6 @@ def run(task_name: str, n: int, top: int, finetune_seeds: int, steps: Sequence[i
         fresh = [(("top", lv, s, i, k), pools[lv][i], EvalSettings(**cfgs[s].finetune_settings(seed, k)))
                  for (lv, s), idx in ranked.items() for i in idx for k in range(finetune_seeds)]
         got.update(evaluate_all(shared, fresh, f"{task_name} confirm"))
-    base_accuracy = float(evaluate_model(task.base_model(), task, EvalSettings(threads=1)).accuracy)
     levels: dict[str, Any] = {}
     for lv, pols in pools.items():
         for s in steps:
@@ -158,7 +163,7 @@ def run(task_name: str, n: int, top: int, finetune_seeds: int, steps: Sequence[i
                 **summarize(screen, confirmed, base), "baseline_runs": base,
                 "baseline_flops": {name: got[("base", lv, s, name, 0)].flops_ratio for name in bases[lv]},
                 "confirmed": confirmed, "screen": sorted(screen, key=lambda r: -r["accuracy"])}
-    return {"task": task_name, "base_accuracy": base_accuracy, "seed": seed, "candidates": n, "top": top,
+    return {"task": task_name, "base_accuracy": base_accuracy(task), "seed": seed, "candidates": n, "top": top,
             "finetune_seeds": finetune_seeds, "steps": list(steps), "space": {"ratio_min": space.ratio_min,
             "ratio_max": space.ratio_max, "groups": len(space.groups)}, "levels": levels,
             "finetunes": len(jobs) + len(fresh), "wall_s": time.perf_counter() - start}
@@ -175,7 +180,7 @@ def _score(metrics: Any) -> float:
 def markdown(result: Mapping[str, Any]) -> str:
     n, top, f = result["candidates"], result["top"], result["finetune_seeds"]
     lines = [f"## Headroom over uniform pruning: {result['task']}", "",
-             f"Base {100 * result['base_accuracy']:.1f}%. Per FLOPs level, {n} policies of the preset's space "
+             f"Base {100 * result['base_accuracy']:.1f}%. Per FLOPs level, {n} policies "
              f"(ratios {result['space']['ratio_min']}-{result['space']['ratio_max']}; half drawn over the range, half "
              f"near uniform; each scaled to the level) fine-tuned once with the study seed (the screen); the screen's "
              f"top {top} and the baselines fine-tuned again with {f} fresh seed(s) (mean). Screen pick: the screen's "
@@ -204,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, action="append", default=None,
                         help="fine-tune steps of one column (repeatable; default: the preset's and 5x it)")
     parser.add_argument("--seed", type=int, default=0, help="study seed: candidate draws and the screen (default 0)")
+    parser.add_argument("--levels", type=float, nargs="+", default=None,
+                        help="FLOPs levels to measure (default: the preset's)")
+    parser.add_argument("--ratio-range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="remaining-ratio range of the drawn policies (default: the preset's space)")
     parser.add_argument("--workers", type=int, default=2, help="evaluation workers (default %(default)s)")
     parser.add_argument("--cache-dir", default=None, help="task model cache (default: studies/cache)")
     args = parser.parse_args(argv)
@@ -221,15 +230,21 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{name} must be >= {low}, got {value}")
     if top > n:
         parser.error(f"--top {top} is more than --candidates {n}")
+    if args.levels and any(not 0.0 < lv <= 1.0 for lv in args.levels):
+        parser.error(f"--levels must be FLOPs ratios in (0, 1], got {' '.join(map(str, args.levels))}")
+    if args.ratio_range and not 0.0 < args.ratio_range[0] < args.ratio_range[1] <= 1.0:
+        parser.error(f"--ratio-range must be 0 < MIN < MAX <= 1, got {' '.join(map(str, args.ratio_range))}")
     from evaluators.tasks import available_tasks
     if task not in available_tasks():
         parser.error(f"--task {task!r} is not a task (known: {', '.join(available_tasks())})")
     try:
-        result = run(task, n, top, seeds, steps, args.seed, args.workers, args.cache_dir, quick)
+        result = run(task, n, top, seeds, steps, args.seed, args.workers, args.cache_dir, quick,
+                     levels=args.levels, ratio_range=tuple(args.ratio_range) if args.ratio_range else None)
     except ValueError as exc:
         parser.error(str(exc))
     config = {"task": task, "candidates": n, "top": top, "finetune_seeds": seeds, "steps": steps, "seed": args.seed,
-              "workers": args.workers, "wall_seconds": round(result["wall_s"], 1)}
+              "levels": args.levels, "ratio_range": args.ratio_range, "workers": args.workers,
+              "wall_seconds": round(result["wall_s"], 1)}
     write_and_report("headroom", quick, result, config=config, out_dir=args.out, markdown=markdown(result))
     return 0
 

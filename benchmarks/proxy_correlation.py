@@ -194,7 +194,7 @@ def run_task(name: str, cfg: Mapping[str, Any], workers: int, seed: int = 0) -> 
     """Every policy under every proxy and the reference on one task; raw records and summary."""
     import torch
 
-    from evaluators.evaluate import evaluate_model
+    from benchmarks.quality_run import base_accuracy
     from evaluators.latency_table import spanning_policies
     from evaluators.settings import EvalSettings
 
@@ -218,7 +218,7 @@ def run_task(name: str, cfg: Mapping[str, Any], workers: int, seed: int = 0) -> 
     flops = [r["flops_ratio"] for r in records]
     return {
         "task": name, "space": SPACES[name], "policies": len(policies),
-        "base_accuracy": evaluate_model(task.base_model(), task, EvalSettings(threads=1)).accuracy,
+        "base_accuracy": base_accuracy(task),
         "validation_samples": len(task.validation[1]), "flops_range": [min(flops), max(flops)],
         "settings": {k: s.to_dict() for k, s in settings.items()}, "proxies": proxies,
         "summary": summarize(records, proxies, cfg["bootstrap"], cfg["bins"]),

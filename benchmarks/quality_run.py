@@ -165,19 +165,24 @@ class Checkpoint:
             self.path.unlink()
 
 
-def task_info(cfg: BenchConfig, task: Any, space: Any, load_s: float) -> dict[str, Any]:
-    """The task's base model and space, as the report describes them."""
+def base_accuracy(task: Any) -> float:
+    """The unpruned base model's accuracy on the whole validation split (one thread)."""
     from evaluators.evaluate import evaluate_model
     from evaluators.settings import EvalSettings
 
-    base_metrics = evaluate_model(task.base_model(), task, EvalSettings(threads=1))
+    return float(evaluate_model(task.base_model(), task, EvalSettings(threads=1)).accuracy)
+
+
+def task_info(cfg: BenchConfig, task: Any, space: Any, load_s: float) -> dict[str, Any]:
+    """The task's base model and space, as the report describes them."""
+    accuracy = base_accuracy(task)
     info = {
         "task": cfg.task, "task_options": dict(cfg.preset.options), "load_s": load_s,
-        "base_accuracy": base_metrics.accuracy, "base_mflops": space.base_cost.flops / 1e6,
+        "base_accuracy": accuracy, "base_mflops": space.base_cost.flops / 1e6,
         "groups": len(space.groups), "validation_samples": len(task.validation[1]),
         "train_samples": len(task.train[1]), "uniform_min_flops_ratio": space.flops_ratio(space.uniform(space.ratio_min)),
     }
-    log.info("%s: base accuracy %.4f, %.1f MFLOPs, %d groups", cfg.task, base_metrics.accuracy,
+    log.info("%s: base accuracy %.4f, %.1f MFLOPs, %d groups", cfg.task, accuracy,
              info["base_mflops"], info["groups"])
     return info
 

@@ -56,6 +56,11 @@ def test_the_screen_pick_is_the_screens_best_scored_on_fresh_seeds_against_the_b
     (["--steps", "0"], "--steps must be >= 1"),
     (["--finetune-seeds", "0"], "--finetune-seeds must be >= 1"),
     (["--task", "nope"], "--task 'nope' is not a task"),
+    (["--levels", "0"], "--levels must be FLOPs ratios in (0, 1]"),
+    (["--levels", "0.3", "1.5"], "--levels must be FLOPs ratios in (0, 1]"),
+    (["--ratio-range", "0.8", "0.5"], "--ratio-range must be 0 < MIN < MAX <= 1"),
+    (["--ratio-range", "0.1", "1.2"], "--ratio-range must be 0 < MIN < MAX <= 1"),
+    (["--quick", "--levels", "0.001"], "below the space's smallest model"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, argv, words):
     out = tmp_path / "out"
@@ -66,14 +71,17 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ar
     assert not out.exists()
 
 
-def test_a_tiny_real_run_writes_every_level_and_length(tmp_path):
-    assert headroom.main(["--quick", "--candidates", "2", "--steps", "2", "--out", str(tmp_path)]) == 0
+def test_a_tiny_real_run_writes_every_asked_level_and_length(tmp_path):
+    assert headroom.main(["--quick", "--candidates", "2", "--steps", "2", "--levels", "0.4", "0.6",
+                          "--ratio-range", "0.3", "1.0", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "headroom_quick.json").read_text())["results"]
-    assert data["task"] == "digits" and data["steps"] == [2]
+    assert data["task"] == "digits" and data["steps"] == [2] and sorted(data["levels"]) == ["0.4", "0.6"]
+    assert (data["space"]["ratio_min"], data["space"]["ratio_max"]) == (0.3, 1.0)
     for level, by_steps in data["levels"].items():
         row = by_steps["2"]
         assert set(row["baselines"]) == {"uniform", "global_magnitude"}
         assert len(row["screen"]) == 2 and len(row["confirmed"]) == 1
         assert all(s["flops_ratio"] <= float(level) + 1e-9 for s in row["screen"])
+        assert all(0.3 - 1e-9 <= r <= 1.0 for s in row["screen"] for r in s["policy"]["ratios"].values())
         assert 0.0 <= row["screen_pick"] <= 1.0
     assert "## Headroom over uniform pruning: digits" in (tmp_path / "headroom_quick.md").read_text()
