@@ -16,7 +16,8 @@ them and adds what needs the registries (objective, method and recovery names)::
     [constraints]  max_flops_ratio, max_params_ratio, max_latency_ms, max_latency_ratio,
                    min_accuracy, and max_<m>/min_<m> for a metric m the task declares
     [[searchers]]  kind, name (default: kind), share; [searchers.options] per kind
-    [promotion]    search.promotion.PromotionConfig: steps, eta, levels, recovery
+    [promotion]    search.promotion.PromotionConfig: steps, eta, levels, recovery,
+                   eval_samples, repeats
     [fill]         spaces.fill.FillConfig: levels (every proposal grown to the FLOPs level above it)
     [export]       dir, finetune_steps, formats
     [watermark]    spaces.watermark.WatermarkConfig

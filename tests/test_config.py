@@ -184,3 +184,36 @@ def test_malformed_storage_urls(url, match):
         pytest.skip("the MySQL driver is installed here")
     with pytest.raises(ConfigError, match=match):
         parse_storage(url)
+
+
+def test_the_study_readme_names_every_key_of_every_section():
+    """studies/README.md's section table lists each section's keys: a key a config accepts
+    but the table leaves out is a key users cannot find."""
+    from dataclasses import fields
+
+    from evaluators.latency_table import LatencyConfig
+    from evaluators.settings import EvalSettings
+    from search.config import _SECTIONS, ExportSection, SearcherSection, StudySection, TaskSection
+    from search.promotion import PromotionConfig
+    from spaces.fill import FillConfig
+    from spaces.space import SpaceConfig
+    from spaces.watermark import WatermarkConfig
+
+    classes = {"study": StudySection, "task": TaskSection, "space": SpaceConfig, "evaluation": EvalSettings,
+               "constraints": ConstraintsSection, "searchers": SearcherSection, "export": ExportSection,
+               "watermark": WatermarkConfig, "latency": LatencyConfig, "promotion": PromotionConfig,
+               "fill": FillConfig}
+    # not keys of the table: [latency] holds the latency settings, a key is read from key_file,
+    # task bounds are max_<m>/min_<m> of the task's metrics
+    internal = {("evaluation", "latency"), ("watermark", "key"), ("constraints", "task_bounds")}
+    assert set(classes) == set(_SECTIONS)
+    rows = {}
+    for line in (ROOT / "studies" / "README.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("| `[") and "]`" in line:
+            rows[line.split("`")[1].strip("[]")] = line
+    for section, cls in classes.items():
+        assert section in rows, f"studies/README.md has no row for [{section}]"
+        named = [f"`{f.name}`" for f in fields(cls)], [f"`[{section}.{f.name}]`" for f in fields(cls)]
+        missing = [f.name for f, key, table in zip(fields(cls), *named)
+                   if (section, f.name) not in internal and key not in rows[section] and table not in rows[section]]
+        assert not missing, f"[{section}] keys missing from studies/README.md: {missing}"
