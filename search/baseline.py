@@ -31,12 +31,15 @@ BASE_FIELDS = ("accuracy", "flops", "params", "latency_ms", "values")
 def measure_base(config: StudyConfig, task: Any) -> dict[str, Any] | None:
     """The unpruned model's metrics on the study's evaluation setting (None, with a warning
     in the log, when the base model cannot be measured: every trial would then fail too)."""
-    from evaluators.evaluate import evaluate_model, validation_batches
+    from evaluators.evaluate import evaluate_model
 
     settings = config.evaluation
     try:
         metrics = evaluate_model(task.base_model(), task, settings)
-        samples = sum(int(len(y)) for _, y in validation_batches(task, settings))
+        # counted without a second read of the split (a Dataset's length, capped as the scoring is)
+        samples = task.sample_count("validation")
+        if settings.eval_samples is not None:
+            samples = min(samples, settings.eval_samples)
     except Exception as exc:  # a broken task shows up in every trial's error as well
         log.warning("the unpruned base model could not be measured: %s: %s", type(exc).__name__, exc)
         return None

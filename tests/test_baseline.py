@@ -4,6 +4,7 @@ the Pareto table and pareto.png, and read back without measuring again."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import optuna
@@ -112,3 +113,19 @@ def test_pareto_plot_marks_the_base(study, tmp_path, monkeypatch):
     assert path.stat().st_size > 0
     label = f"unpruned base ({base['accuracy']:.4f})"
     assert seen[label] == [[1.0, pytest.approx(base["accuracy"])]]
+
+
+def test_measuring_the_base_reads_the_validation_split_once_and_counts_what_it_scores(tmp_path, monkeypatch):
+    """A split larger than memory is decoded as it is read: one scoring pass, not a second one to count."""
+    from evaluators.tasks import Task
+
+    config = load_config(tiny_config(tmp_path, n_trials=2))
+    task, _ = load_task_and_space(config)
+    reads = []
+    real = Task.stream
+    monkeypatch.setattr(Task, "stream", lambda self, split, *a, **k: reads.append(split) or real(self, split, *a, **k))
+    whole = search.baseline.measure_base(config, task)
+    assert reads == ["validation"] and whole["eval_samples"] == task.sample_count("validation")
+    capped = dataclasses.replace(config, evaluation=config.evaluation.replace(eval_samples=7))
+    assert search.baseline.measure_base(capped, task)["eval_samples"] == 7
+
