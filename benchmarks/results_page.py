@@ -170,13 +170,15 @@ def results_markdown(out: Path, runs: list[dict[str, Any]] | None, quick: bool, 
 
 
 def _collected(out: Path, stem: str, quick: bool) -> list[str]:
-    """The markdown tables ``<stem>[_quick].md`` (a glob) found anywhere under ``out``; a
-    full page never shows smoke runs (a ``_quick`` file or one under a ``quick`` folder)."""
+    """The markdown tables ``<stem>[_quick].md`` (a glob) found anywhere under ``out``, each
+    under its heading with a link to its file (several runs share a heading); a full page
+    never shows smoke runs (a ``_quick`` file or one under a ``quick`` folder)."""
     parts = []
     for path in sorted(out.rglob(f"{stem}{'_quick' if quick else ''}.md")):
-        smoke = path.stem.endswith("_quick") or "quick" in path.relative_to(out).parts
-        if quick or not smoke:
-            parts += [path.read_text().strip(), ""]
+        rel = path.relative_to(out)
+        if quick or not (path.stem.endswith("_quick") or "quick" in rel.parts):
+            heading, _, body = path.read_text().strip().partition("\n")
+            parts += [heading, "", f"From [`{rel.as_posix()}`]({rel.as_posix()}).", body.strip(), ""]
     return parts
 
 
