@@ -120,8 +120,8 @@ def global_policies(method: str, task: Any, space: Any, levels: Sequence[float])
     from evaluators.heuristics import heuristic_policies
 
     targets = sorted(set(levels) | {space.flops_ratio(space.uniform(r)) for r in space.levels})
-    policies = heuristic_policies(method, global_space(space), targets, model=task.base_model(), example_inputs=task.example_inputs,
-                                  on_grid=False)
+    policies = heuristic_policies(method, global_space(space), targets, model=task.base_model(),
+                                  example_inputs=task.example_inputs, on_grid=False)
     return list(zip(targets, policies))
 
 

@@ -128,4 +128,3 @@ def test_measuring_the_base_reads_the_validation_split_once_and_counts_what_it_s
     assert reads == ["validation"] and whole["eval_samples"] == task.sample_count("validation")
     capped = dataclasses.replace(config, evaluation=config.evaluation.replace(eval_samples=7))
     assert search.baseline.measure_base(capped, task)["eval_samples"] == 7
-
