@@ -162,24 +162,29 @@ def open_storage(spec: StorageSpec, *, read_only: bool = False) -> optuna.storag
     return optuna.storages.get_storage(rdb)
 
 
-def _open_rdb(url: str, read_only: bool, attempts: int = 5) -> optuna.storages.RDBStorage:
-    """``RDBStorage(url)``, retried while another launcher creates the tables.
+def _open_rdb(url: str, read_only: bool, patience_s: float = 20.0) -> optuna.storages.RDBStorage:
+    """``RDBStorage(url)``, retried while another launcher creates the schema.
 
     Launchers started together on a fresh server database race to create Optuna's schema
     (PostgreSQL: "duplicate key value violates unique constraint pg_type_typname_nsp_index"
-    on ``CREATE TYPE``); the loser's retry finds the schema there.
+    on ``CREATE TABLE``); the loser's retry finds the schema there. Read-only openers retry
+    too: Optuna stamps the schema version (``alembic_version``) even when it skips creating
+    tables, so an inspector that arrives between another launcher's tables and its stamp
+    races it the same way.
     """
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-    for attempt in range(attempts):
+    deadline = time.monotonic() + patience_s
+    attempt = 0
+    while True:
         try:
             return optuna.storages.RDBStorage(url, skip_table_creation=read_only)
         except (IntegrityError, ProgrammingError, optuna.exceptions.StorageInternalError) as exc:
-            if read_only or attempt == attempts - 1:
+            attempt += 1
+            if time.monotonic() >= deadline:
                 raise
             log.info("storage schema being created by another launcher (%s); retrying", type(exc).__name__)
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
+            time.sleep(min(0.1 * attempt, 1.0))
 
 
 def close_storage(storage: optuna.storages.BaseStorage) -> None:
@@ -204,8 +209,8 @@ def inspect_storage(spec: StorageSpec) -> Iterator[optuna.storages.BaseStorage |
         yield None
         return
     if spec.kind == "rdb" and not _rdb_has_optuna_tables(spec.url):
-        # A fresh server database (no Optuna tables yet) holds no study; Optuna cannot open
-        # it read-only ("relation version_info does not exist").
+        # A fresh server database (no complete Optuna schema yet) holds no study; Optuna
+        # cannot open it read-only ("relation version_info does not exist").
         yield None
         return
     sidecars = [Path(f"{spec.path}{s}") for s in ("-wal", "-shm")] if spec.kind == "sqlite" else []
@@ -234,12 +239,18 @@ def inspect_storage(spec: StorageSpec) -> Iterator[optuna.storages.BaseStorage |
                     p.unlink()
 
 
+# Optuna's last step in a new database is stamping ``alembic_version`` (table and row in
+# one transaction): until it is there another launcher is still creating the schema.
+_COMPLETE_RDB_SCHEMA = frozenset({"studies", "trials", "version_info", "alembic_version"})
+
+
 def _rdb_has_optuna_tables(url: str) -> bool:
+    """Whether a server database holds Optuna's complete schema (not one being created)."""
     import sqlalchemy
 
     engine = sqlalchemy.create_engine(url)
     try:
-        return "version_info" in sqlalchemy.inspect(engine).get_table_names()
+        return _COMPLETE_RDB_SCHEMA <= set(sqlalchemy.inspect(engine).get_table_names())
     finally:
         engine.dispose()
 

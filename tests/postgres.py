@@ -62,3 +62,22 @@ def postgres_server() -> Iterator[str]:
     finally:
         subprocess.run(_as_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]), capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_url_or_skip() -> Iterator[str]:
+    """``postgres_server()`` for a test: skipped where no server binaries exist, except
+    under CI (``.ci/run`` installs them, so a missing server there is a failure)."""
+    import pytest
+
+    try:
+        server = postgres_server()
+        url = server.__enter__()
+    except FileNotFoundError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+    try:
+        yield url
+    finally:
+        server.__exit__(None, None, None)

@@ -265,19 +265,10 @@ def shared_storage(request, tmp_path):
     elif request.param == "journal":
         yield f"{tmp_path}/shared.journal"
     else:
-        from tests.postgres import postgres_server
+        from tests.postgres import postgres_url_or_skip
 
-        try:
-            server = postgres_server()
-            url = server.__enter__()
-        except FileNotFoundError as exc:
-            if os.environ.get("CI"):
-                raise
-            pytest.skip(str(exc))
-        try:
+        with postgres_url_or_skip() as url:
             yield url
-        finally:
-            server.__exit__(None, None, None)
 
 
 @pytest.mark.slow

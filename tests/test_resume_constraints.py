@@ -185,16 +185,9 @@ def test_every_other_change_is_refused_naming_it_and_how_to_go_on(tmp_path, caps
 @pytest.mark.slow
 def test_rejudging_on_postgresql(tmp_path, capsys, monkeypatch):
     """The rewrite uses only Optuna's storage API: a server database re-judges the same way."""
-    from tests.postgres import postgres_server
+    from tests.postgres import postgres_url_or_skip
 
-    try:
-        server = postgres_server()
-        url = server.__enter__()
-    except FileNotFoundError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(exc))
-    try:
+    with postgres_url_or_skip() as url:
         monkeypatch.setattr(search.runner, "default_pool", _fake)
         path = tiny_config(tmp_path, n_trials=12, constraints="max_flops_ratio = 0.5")
         path.write_text(path.read_text().replace(f'storage = "sqlite:///{tmp_path}/tiny.db"', f'storage = "{url}"'))
@@ -208,5 +201,3 @@ def test_rejudging_on_postgresql(tmp_path, capsys, monkeypatch):
         records = load_records(config)
         assert len(records) == 12
         _check_front(records, config)
-    finally:
-        server.__exit__(None, None, None)
