@@ -124,7 +124,9 @@ def markdown(task: str, result: Mapping[str, Any]) -> str:
 
 
 def run(paths: Sequence[Path], task: str, steps: Sequence[int], workers: int, cache_dir: str | None,
-        methods: Sequence[str] | None = None) -> dict[str, Any]:
+        methods: Sequence[str] | None = None, finetune_seeds: int | None = None) -> dict[str, Any]:
+    """Fine-tune the models ``paths`` chose for ``task`` at every length of ``steps``, each with
+    ``finetune_seeds`` seeds (default: as many as the source run used)."""
     start = time.perf_counter()
     source = merged_task(paths, task)
     if methods is not None:
@@ -136,7 +138,7 @@ def run(paths: Sequence[Path], task: str, steps: Sequence[int], workers: int, ca
     preset = replace(PRESETS.get(task, GENERIC_PRESET), finetune_levels=None)   # every reported level
     seeds = tuple(sorted(int(s) for s in source["per_seed"][UNIFORM]))
     cfgs = [BenchConfig(task=task, preset=replace(preset, finetune_steps=s), seeds=seeds,
-                        finetune_seeds=int(source.get("finetune_seeds", 1)), workers=workers,
+                        finetune_seeds=finetune_seeds or int(source.get("finetune_seeds", 1)), workers=workers,
                         methods=tuple(source["per_seed"]), **({"cache_dir": cache_dir} if cache_dir else {}))
             for s in steps]
     tuned = finetune_columns(cfgs, level_models_only(source["per_seed"]))
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fine-tune steps of one column (repeatable; default: the preset's and 5x it; quick: 5, 10)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated methods of the source files to fine-tune (default: all; baselines always)")
+    parser.add_argument("--finetune-seeds", type=int, default=None,
+                        help="fine-tunes per chosen model, averaged (default: as many as the source run)")
     parser.add_argument("--workers", type=int, default=2, help="evaluation workers (default %(default)s)")
     parser.add_argument("--cache-dir", default=None, help="task model cache (default: studies/cache)")
     args = parser.parse_args(argv)
@@ -174,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     for steps in args.steps or ():
         if steps < 1:
             parser.error(f"--steps must be >= 1, got {steps}")
+    if args.finetune_seeds is not None and args.finetune_seeds < 1:
+        parser.error(f"--finetune-seeds must be >= 1, got {args.finetune_seeds}")
     sources = args.sources or [Path(args.out) / f"{result_name('search_quality', args.quick)}.json"]
     for path in sources:
         if not path.is_file():
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             preset = PRESETS.get(task, GENERIC_PRESET)
             steps = args.steps or (QUICK_STEPS if args.quick else [preset.finetune_steps, 5 * preset.finetune_steps])
             methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-            result = run(sources, task, sorted(set(steps)), args.workers, args.cache_dir, methods)
+            result = run(sources, task, sorted(set(steps)), args.workers, args.cache_dir, methods, args.finetune_seeds)
         except ValueError as exc:
             parser.error(str(exc))
         config = {"sources": [str(p) for p in sources], "task": task, "steps": result["steps"],

@@ -337,7 +337,8 @@ def _quality_file(tmp_path, name, methods, uniform_policy=0.4):
 
     per_seed = {m: {"0": run(uniform_policy if m == UNIFORM else 0.3)} for m in (UNIFORM, *methods)}
     path = tmp_path / name
-    path.write_text(json.dumps({"results": {"tasks": {"shapes": {"per_seed": per_seed, "base_accuracy": 0.9}}}}))
+    path.write_text(json.dumps({"results": {"tasks": {"shapes": {"per_seed": per_seed, "base_accuracy": 0.9,
+                                                                  "finetune_seeds": 2}}}}))
     return path
 
 
@@ -363,8 +364,26 @@ def test_finetune_lengths_bad_input_exits_2_and_writes_nothing(tmp_path, capsys)
     out = tmp_path / "out"
     for argv, words in (([], "no such file"), (["--from", str(source), "--steps", "0"], "--steps must be >= 1"),
                         (["--from", str(source), "--task", "shapes", "--methods", "nope"], "nope not in the source"),
-                        (["--from", str(source), "--task", "tokens"], "no results for task 'tokens'")):
+                        (["--from", str(source), "--task", "tokens"], "no results for task 'tokens'"),
+                        (["--from", str(source), "--finetune-seeds", "0"], "--finetune-seeds must be >= 1")):
         with pytest.raises(SystemExit) as exc:
             main([*argv, "--out", str(out)])
         assert exc.value.code == 2 and words in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_finetune_lengths_takes_the_source_runs_fine_tune_seeds_unless_told(tmp_path, monkeypatch):
+    import benchmarks.finetune_lengths as fl
+
+    source = _quality_file(tmp_path, "a.json", ["tpe"])
+    seen = []
+
+    def columns(cfgs, per_seed):
+        seen.append([cfg.finetune_seeds for cfg in cfgs])
+        raise RuntimeError("stop before fine-tuning")
+
+    monkeypatch.setattr(fl, "finetune_columns", columns)
+    for given in (None, 4):
+        with pytest.raises(RuntimeError, match="stop before"):
+            fl.run([source], "shapes", [5, 10], workers=1, cache_dir=None, finetune_seeds=given)
+    assert seen == [[2, 2], [4, 4]]   # the source file's 2, then the 4 asked for
