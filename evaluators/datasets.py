@@ -68,9 +68,14 @@ def collate(items: Sequence[tuple[Inputs, Any]]) -> Batch:
     return inputs, torch.stack(targets) if isinstance(targets[0], Tensor) else torch.as_tensor(targets)
 
 
+def samples_read(length: int, limit: int | None) -> int:
+    """How many of a split's ``length`` samples a read of at most ``limit`` takes."""
+    return length if limit is None else min(limit, length)
+
+
 def sample_order(length: int, limit: int | None, seed: int | None) -> Tensor:
     """The indices read: a ``seed``-shuffled order (``None``: stored order), ``limit`` at most."""
-    n = length if limit is None else min(limit, length)
+    n = samples_read(length, limit)
     if seed is None:
         return torch.arange(n)
     return torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:n]

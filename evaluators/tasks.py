@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 
 from evaluators.batch import Batch, Inputs, check_inputs
-from evaluators.datasets import Split, is_pair, read_batches, read_samples, split_length
+from evaluators.datasets import Split, is_pair, read_batches, read_samples, samples_read, split_length
 from evaluators.metrics import MAXIMIZE, MINIMIZE, OBJECTIVES, TaskValue
 from spaces.checks import check_int
 from spaces.registry import Registry
@@ -148,9 +148,10 @@ class Task:
         """The samples ``index`` of ``split`` as one batch (e.g. a fine-tune's random draws)."""
         return read_samples(self.split(split), index)
 
-    def sample_count(self, split: str) -> int:
-        """Samples in ``split``."""
-        return split_length(self.split(split))
+    def sample_count(self, split: str, limit: int | None = None) -> int:
+        """Samples in ``split``; with ``limit``: how many a read of at most ``limit`` takes
+        (what a scoring pass with ``eval_samples = limit`` scores), without reading them."""
+        return samples_read(split_length(self.split(split)), limit)
 
     def sample_counts(self) -> dict[str, int]:
         """Samples in each split."""

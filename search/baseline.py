@@ -36,10 +36,7 @@ def measure_base(config: StudyConfig, task: Any) -> dict[str, Any] | None:
     settings = config.evaluation
     try:
         metrics = evaluate_model(task.base_model(), task, settings)
-        # counted without a second read of the split (a Dataset's length, capped as the scoring is)
-        samples = task.sample_count("validation")
-        if settings.eval_samples is not None:
-            samples = min(samples, settings.eval_samples)
+        samples = task.sample_count("validation", settings.eval_samples)   # no second read of the split
     except Exception as exc:  # a broken task shows up in every trial's error as well
         log.warning("the unpruned base model could not be measured: %s: %s", type(exc).__name__, exc)
         return None

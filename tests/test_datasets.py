@@ -55,6 +55,10 @@ def test_a_dataset_split_gives_the_pair_split_batches(limit, seed):
     # a sample-count subset reads only those samples: nothing is decoded ahead
     assert lazy.validation.reads == min(limit or 64, 64)
     assert lazy.sample_counts() == task.sample_counts() == {s: 64 for s in SPLITS}
+    # the count of a limited read, known without reading
+    read = sum(len(y) for _, y in task.batches("validation", 16, limit=limit, seed=seed))
+    lazy.validation.reads = 0
+    assert lazy.sample_count("validation", limit) == read and lazy.validation.reads == 0
 
 
 def test_loader_processes_give_the_same_batches():
