@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,41 @@ log = logging.getLogger("benchmarks.headroom")
 BASELINE_NAMES = ("uniform", "global_magnitude")
 QUICK = {"task": "digits", "candidates": 3, "top": 1, "finetune_seeds": 1, "steps": [5, 10]}
 _SHRINK = 0.9   # a draw above the level is shrunk by this factor until it is within it
+
+
+@dataclass(frozen=True)
+class HeadroomRun:
+    """One headroom measurement: the task, what is drawn and screened, what is re-fine-tuned.
+    ``ValueError`` (one line, in the command line's words) for settings that cannot run."""
+
+    task: str
+    steps: tuple[int, ...]               # fine-tune lengths, one column each
+    candidates: int = 24                 # policies screened per level
+    top: int = 3                         # screened policies re-fine-tuned
+    finetune_seeds: int = 3
+    seed: int = 0                        # study seed: candidate draws and the screen
+    workers: int = 2
+    cache_dir: str | None = None
+    quick: bool = False
+    levels: tuple[float, ...] | None = None          # default: the preset's
+    ratio_range: tuple[float, float] | None = None   # default: the preset's space
+
+    def __post_init__(self) -> None:
+        for name, value, low in (("--candidates", self.candidates, 1), ("--top", self.top, 1),
+                                 ("--finetune-seeds", self.finetune_seeds, 1), ("--steps", min(self.steps), 1),
+                                 ("--seed", self.seed, 0), ("--workers", self.workers, 1)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if self.top > self.candidates:
+            raise ValueError(f"--top {self.top} is more than --candidates {self.candidates}")
+        if self.levels and any(not 0.0 < lv <= 1.0 for lv in self.levels):
+            raise ValueError(f"--levels must be FLOPs ratios in (0, 1], got {' '.join(map(str, self.levels))}")
+        if self.ratio_range and not 0.0 < self.ratio_range[0] < self.ratio_range[1] <= 1.0:
+            raise ValueError(f"--ratio-range must be 0 < MIN < MAX <= 1, got {' '.join(map(str, self.ratio_range))}")
+        from evaluators.tasks import available_tasks
+
+        if self.task not in available_tasks():
+            raise ValueError(f"--task {self.task!r} is not a task (known: {', '.join(available_tasks())})")
 
 
 def at_level(space: Any, policy: Any, level: float) -> Any:
@@ -112,27 +147,27 @@ def summarize(screen: Sequence[Mapping[str, Any]], confirmed: Sequence[Mapping[s
             "screen_above_better_baseline": sum(s["accuracy"] > means[better] for s in screen) / len(screen)}
 
 
-def run(task_name: str, n: int, top: int, finetune_seeds: int, steps: Sequence[int], seed: int, workers: int,
-        cache_dir: str | None, quick: bool, levels: Sequence[float] | None = None,
-        ratio_range: tuple[float, float] | None = None) -> dict[str, Any]:
+def run(spec: HeadroomRun) -> dict[str, Any]:
     from benchmarks.quality_run import SharedPool, base_accuracy, evaluate_all, evaluation_pool
     from evaluators.settings import EvalSettings
     from search.setup import load_task_and_space
 
     start = time.perf_counter()
+    task_name, steps, seed, finetune_seeds = spec.task, spec.steps, spec.seed, spec.finetune_seeds
     preset = PRESETS.get(task_name, GENERIC_PRESET)
-    if levels:
-        preset = replace(preset, levels=tuple(levels), finetune_levels=None,
-                         max_flops_ratio=max(preset.max_flops_ratio, *levels))
-    if ratio_range:
-        preset = replace(preset, space={**preset.space, "ratio_min": ratio_range[0], "ratio_max": ratio_range[1]})
-    extra = {"cache_dir": cache_dir} if cache_dir else {}
-    cfgs = {s: BenchConfig(task=task_name, preset=replace(preset, finetune_steps=s), seeds=(seed,), quick=quick,
-                           finetune_seeds=finetune_seeds, workers=workers, methods=("uniform",), **extra)
+    if spec.levels:
+        preset = replace(preset, levels=tuple(spec.levels), finetune_levels=None,
+                         max_flops_ratio=max(preset.max_flops_ratio, *spec.levels))
+    if spec.ratio_range:
+        preset = replace(preset, space={**preset.space, "ratio_min": spec.ratio_range[0],
+                                        "ratio_max": spec.ratio_range[1]})
+    extra = {"cache_dir": spec.cache_dir} if spec.cache_dir else {}
+    cfgs = {s: BenchConfig(task=task_name, preset=replace(preset, finetune_steps=s), seeds=(seed,), quick=spec.quick,
+                           finetune_seeds=finetune_seeds, workers=spec.workers, methods=("uniform",), **extra)
             for s in steps}
     first = cfgs[steps[0]]
     task, space = load_task_and_space(first.study_config("random", seed, Path(".")))
-    pools = {lv: candidates(space, lv, n, seed + int(1000 * lv)) for lv in preset.levels}
+    pools = {lv: candidates(space, lv, spec.candidates, seed + int(1000 * lv)) for lv in preset.levels}
     bases = baselines(task, space, preset.levels)
 
     def screen_settings(s: int) -> EvalSettings:   # a promotion rung's fine-tune: the study seed
@@ -145,7 +180,7 @@ def run(task_name: str, n: int, top: int, finetune_seeds: int, steps: Sequence[i
         jobs += [(("base", lv, s, name, k), p, EvalSettings(**cfgs[s].finetune_settings(seed, k)))
                  for lv, named in bases.items() for s in steps for name, p in named.items() for k in range(finetune_seeds)]
         got = evaluate_all(shared, jobs, f"{task_name} screen")
-        ranked = {(lv, s): sorted(range(len(pools[lv])), key=lambda i: -_score(got[("screen", lv, s, i)]))[:top]
+        ranked = {(lv, s): sorted(range(len(pools[lv])), key=lambda i: -_score(got[("screen", lv, s, i)]))[:spec.top]
                   for lv in pools for s in steps}
         fresh = [(("top", lv, s, i, k), pools[lv][i], EvalSettings(**cfgs[s].finetune_settings(seed, k)))
                  for (lv, s), idx in ranked.items() for i in idx for k in range(finetune_seeds)]
@@ -163,7 +198,8 @@ def run(task_name: str, n: int, top: int, finetune_seeds: int, steps: Sequence[i
                 **summarize(screen, confirmed, base), "baseline_runs": base,
                 "baseline_flops": {name: got[("base", lv, s, name, 0)].flops_ratio for name in bases[lv]},
                 "confirmed": confirmed, "screen": sorted(screen, key=lambda r: -r["accuracy"])}
-    return {"task": task_name, "base_accuracy": base_accuracy(task), "seed": seed, "candidates": n, "top": top,
+    return {"task": task_name, "base_accuracy": base_accuracy(task), "seed": seed, "candidates": spec.candidates,
+            "top": spec.top,
             "finetune_seeds": finetune_seeds, "steps": list(steps), "space": {"ratio_min": space.ratio_min,
             "ratio_max": space.ratio_max, "groups": len(space.groups)}, "levels": levels,
             "finetunes": len(jobs) + len(fresh), "wall_s": time.perf_counter() - start}
@@ -219,32 +255,21 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     quick = args.quick
     task = args.task or (QUICK["task"] if quick else "shapes")
-    n = args.candidates if args.candidates is not None else (QUICK["candidates"] if quick else 24)
-    top = args.top if args.top is not None else (QUICK["top"] if quick else 3)
-    seeds = args.finetune_seeds if args.finetune_seeds is not None else (QUICK["finetune_seeds"] if quick else 3)
     preset = PRESETS.get(task, GENERIC_PRESET)
-    steps = sorted(set(args.steps or (QUICK["steps"] if quick else [preset.finetune_steps, 5 * preset.finetune_steps])))
-    for name, value, low in (("--candidates", n, 1), ("--top", top, 1), ("--finetune-seeds", seeds, 1),
-                             ("--steps", min(steps), 1), ("--seed", args.seed, 0), ("--workers", args.workers, 1)):
-        if value < low:
-            parser.error(f"{name} must be >= {low}, got {value}")
-    if top > n:
-        parser.error(f"--top {top} is more than --candidates {n}")
-    if args.levels and any(not 0.0 < lv <= 1.0 for lv in args.levels):
-        parser.error(f"--levels must be FLOPs ratios in (0, 1], got {' '.join(map(str, args.levels))}")
-    if args.ratio_range and not 0.0 < args.ratio_range[0] < args.ratio_range[1] <= 1.0:
-        parser.error(f"--ratio-range must be 0 < MIN < MAX <= 1, got {' '.join(map(str, args.ratio_range))}")
-    from evaluators.tasks import available_tasks
-    if task not in available_tasks():
-        parser.error(f"--task {task!r} is not a task (known: {', '.join(available_tasks())})")
     try:
-        result = run(task, n, top, seeds, steps, args.seed, args.workers, args.cache_dir, quick,
-                     levels=args.levels, ratio_range=tuple(args.ratio_range) if args.ratio_range else None)
+        spec = HeadroomRun(
+            task=task, quick=quick, seed=args.seed, workers=args.workers, cache_dir=args.cache_dir,
+            candidates=args.candidates if args.candidates is not None else (QUICK["candidates"] if quick else 24),
+            top=args.top if args.top is not None else (QUICK["top"] if quick else 3),
+            finetune_seeds=args.finetune_seeds if args.finetune_seeds is not None else (QUICK["finetune_seeds"] if quick else 3),
+            steps=tuple(sorted(set(args.steps or (QUICK["steps"] if quick else
+                                                  [preset.finetune_steps, 5 * preset.finetune_steps])))),
+            levels=tuple(args.levels) if args.levels else None,
+            ratio_range=tuple(args.ratio_range) if args.ratio_range else None)
+        result = run(spec)
     except ValueError as exc:
         parser.error(str(exc))
-    config = {"task": task, "candidates": n, "top": top, "finetune_seeds": seeds, "steps": steps, "seed": args.seed,
-              "levels": args.levels, "ratio_range": args.ratio_range, "workers": args.workers,
-              "wall_seconds": round(result["wall_s"], 1)}
+    config = {**asdict(spec), "wall_seconds": round(result["wall_s"], 1)}
     write_and_report("headroom", quick, result, config=config, out_dir=args.out, markdown=markdown(result))
     return 0
 
