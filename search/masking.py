@@ -1,7 +1,8 @@
 """The dynamic-channel-masking searcher: each proposal is the outcome of one masking run.
 
 A run (``search.masking_core.learn_ratios``) trains soft channel masks and per-group ratios
-on the task towards one FLOPs target; its rounded ratios become a Policy that the runner
+on the task towards one FLOPs target, starting from the allocation of option ``start`` (a
+heuristic of ``evaluators.heuristics`` at that target: uniform by default); its rounded ratios become a Policy that the runner
 records and evaluates with the same pool and recovery as every other searcher, so results
 are comparable. Runs cycle through ``targets`` x ``lambdas`` (then again with the next
 seed) until the budget is spent; with ``all_targets`` a run also proposes its learned

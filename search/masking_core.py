@@ -1,7 +1,8 @@
 """Dynamic channel masking (after Li et al. 2020, "AutoPruning with Dynamic Channel Masking").
 
 Every channel group gets a learnable remaining ratio ``r_g = r_min + (r_max - r_min) *
-sigmoid(theta_g)`` over the space's ratio range. Its channels are ranked by an importance
+sigmoid(theta_g)`` over the space's ratio range, initialised at the ``start`` heuristic's
+allocation scaled to the target (uniform by default; or Torch-Pruning global pruning's). Its channels are ranked by an importance
 criterion (re-ranked every few steps as the weights move) and channel ``c`` of ``C`` is
 multiplied by the soft mask ``sigmoid((r_g * C - rank_c - 0.5) / tau)``, so the ratio is
 differentiable; ``tau`` anneals towards a hard mask. The loss is the task loss (+ optional
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from evaluators.batch import Batch, call
+from evaluators.heuristics import HEURISTICS, available_heuristics, heuristic_policies
 from evaluators.importance import make_importance
 from evaluators.losses import cross_entropy, kd_loss
 
@@ -56,6 +58,7 @@ class MaskingSchedule:
     kd: bool = True                # distil from the unpruned model
     temperature: float = 4.0
     tolerance: float = 0.01        # final FLOPs-ratio tolerance after snapping
+    start: str = "uniform"         # initial allocation: a heuristic at the target (evaluators.heuristics)
 
     def __post_init__(self) -> None:
         check_int("masking steps", self.steps, 1)
@@ -69,6 +72,8 @@ class MaskingSchedule:
         check_bool("masking kd", self.kd)
         check_number("masking temperature", self.temperature, positive=True)
         check_number("masking tolerance", self.tolerance, 0.0)
+        if self.start not in HEURISTICS:
+            raise ValueError(f"masking start must be one of {', '.join(available_heuristics())}, got {self.start!r}")
 
     def schedule(self) -> "MaskingSchedule":
         """Just the schedule's fields (of a subclass: its run config or searcher options)."""
@@ -193,21 +198,31 @@ class _MaskedStudent:
             self.criterion.prepare(self.student, list(heldout), None)
         self.channels = torch.tensor([float(g.channels) for g in self.groups])
         self.base_flops = float(space.base_cost.flops)
-        self.theta = nn.Parameter(torch.full((len(self.groups),), self._initial_logit()))
+        self.theta = nn.Parameter(self._initial_logits(model, example_inputs))
         self.weights = [p for p in self.student.parameters() if p.requires_grad]
         self.w_opt = torch.optim.SGD(self.weights, lr=config.weight_lr, momentum=0.9)
         # plain SGD, not Adam: Adam would normalise away the per-group FLOPs gradient scale
         # that makes expensive groups shrink faster than cheap ones
         self.r_opt = torch.optim.SGD([self.theta], lr=config.ratio_lr, momentum=0.9)
 
-    def _initial_logit(self) -> float:
-        # Every group starts at the uniform ratio that meets the target: the search then
-        # trades channels between groups instead of spending its steps shrinking the model.
+    def _initial_logits(self, model: nn.Module, example_inputs: Any) -> torch.Tensor:
+        # Every group starts at the start heuristic's allocation scaled to the target: the
+        # search then trades channels between groups instead of spending its steps shrinking
+        # the model. uniform: one ratio; global_magnitude / global_lamp: Torch-Pruning's
+        # global ranking of the base model's channels.
         r_min, r_max = self.space.ratio_min, self.space.ratio_max
-        full = Policy(ratios={g.name: 1.0 for g in self.groups})
-        start = scale_to_target(self.space, full, self.config.target).ratio(self.groups[0].name)
-        p = min(max((start - r_min) / (r_max - r_min), 1e-3), 1 - 1e-3) if r_min < r_max else 0.5
-        return math.log(p / (1 - p))
+        if self.config.start == "uniform":
+            start = Policy(ratios={g.name: 1.0 for g in self.groups})
+        else:
+            (start,) = heuristic_policies(self.config.start, self.space,
+                                          [max(self.config.target, self.space.min_flops_ratio)],
+                                          model=model, example_inputs=example_inputs, on_grid=False)
+        start = scale_to_target(self.space, start, self.config.target)
+        logits = []
+        for g in self.groups:
+            p = min(max((start.ratio(g.name) - r_min) / (r_max - r_min), 1e-3), 1 - 1e-3) if r_min < r_max else 0.5
+            logits.append(math.log(p / (1 - p)))
+        return torch.tensor(logits)
 
     def ratios(self) -> torch.Tensor:
         r_min, r_max = self.space.ratio_min, self.space.ratio_max

@@ -32,6 +32,23 @@ def test_exported_policy_meets_the_flops_target(digits, target):
     assert np.std(list(info["learned_ratios"].values())) > 0.01
 
 
+@pytest.mark.parametrize("start", ["uniform", "global_magnitude"])
+def test_a_run_starts_from_its_start_heuristics_allocation_at_the_target(digits, start):
+    from evaluators.heuristics import heuristic_policies
+    from search.masking_core import scale_to_target
+
+    task, model, space = digits
+    batches = task.batches("train", 64, seed=0)[:1]
+    frozen = MaskingConfig(target=0.4, steps=1, ratio_lr=1e-9, weight_lr=1e-9, start=start, seed=0)
+    _, info = learn_ratios(model, space, batches, batches, task.example_inputs, frozen)
+    (heuristic,) = heuristic_policies(start, space, [0.4], model=model, example_inputs=task.example_inputs,
+                                      on_grid=False)
+    expected = scale_to_target(space, heuristic, 0.4)
+    learned = info["learned_ratios"]
+    assert learned == pytest.approx(dict(expected.ratios), abs=2e-3)   # the ratios hardly moved
+    assert (len(set(round(r, 3) for r in learned.values())) > 1) == (start != "uniform")
+
+
 def test_snap_to_target_moves_only_along_the_grid(digits):
     _, _, space = digits
     snapped = snap_to_target(space, space.uniform(0.63), 0.4, tolerance=0.01)
@@ -41,7 +58,7 @@ def test_snap_to_target_moves_only_along_the_grid(digits):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"target": 0.0}, "target"), ({"target": 1.5}, "target"), ({"lam": -1.0}, "lambda"),
-    ({"steps": 0}, "steps"), ({"tau_start": 0.1, "tau_end": 1.0}, "tau"),
+    ({"steps": 0}, "steps"), ({"tau_start": 0.1, "tau_end": 1.0}, "tau"), ({"start": "magnitude"}, "masking start"),
 ])
 def test_bad_masking_config_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -50,7 +67,7 @@ def test_bad_masking_config_is_refused(kwargs, match):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"targets": (0.5, 1.2)}, "target"), ({"lambdas": (-0.5,)}, "lambda"), ({"steps": -3}, "steps"), ({"targets": ()}, "target"),
-    ({"all_targets": "yes"}, "all_targets"),
+    ({"all_targets": "yes"}, "all_targets"), ({"start": "lamp"}, "masking start must be one of global_lamp"),
 ])
 def test_bad_searcher_options_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
