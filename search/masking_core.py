@@ -2,8 +2,9 @@
 
 Every channel group gets a learnable remaining ratio ``r_g = r_min + (r_max - r_min) *
 sigmoid(theta_g)`` over the space's ratio range, initialised at the ``start`` heuristic's
-allocation scaled to the target (uniform by default; or Torch-Pruning global pruning's). Its channels are ranked by an importance
-criterion (re-ranked every few steps as the weights move) and channel ``c`` of ``C`` is
+allocation scaled to the target (uniform by default, or Torch-Pruning global pruning's).
+Its channels are ranked by an importance criterion (re-ranked every few steps as the
+weights move) and channel ``c`` of ``C`` is
 multiplied by the soft mask ``sigmoid((r_g * C - rank_c - 0.5) / tau)``, so the ratio is
 differentiable; ``tau`` anneals towards a hard mask. The loss is the task loss (+ optional
 distillation from the unpruned model) plus ``lambda * |FLOPs(r) / FLOPs_0 - target|`` where
