@@ -132,7 +132,8 @@ def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
 
 #: methods run only when asked for (``--methods``): their studies cost several times a
 #: proxy-only study's, which the full ``make bench`` budget (45 min) has no room for
-OPT_IN = frozenset({"tpe_promoted", "tpe_filled", "tpe_filled_promoted", "tpe_filled_laddered"})
+OPT_IN = frozenset({"tpe_promoted", "tpe_filled", "tpe_filled_promoted", "tpe_filled_laddered",
+                    "masking_global_start", "masking_two_starts_promoted"})
 
 
 def available_methods() -> tuple[str, ...]:
@@ -347,3 +348,21 @@ class BenchConfig:
         p = self.preset
         return {**self.evaluation(seed), "recovery": p.finetune_recovery, "finetune_steps": p.finetune_steps,
                 "finetune_lr": p.finetune_lr, "kd": True, "eval_samples": None, "seed": seed + 1000 * (k + 1)}
+
+
+# Masking from other starts: every run from Torch-Pruning global magnitude pruning's
+# allocation at its target; or runs alternating between the uniform and that start, the
+# better of the two chosen per FLOPs level by the promotion rung's fine-tune (on shapes the
+# uniform start did better after fine-tuning, on tokens the global one).
+@register_method("masking_global_start")
+def _masking_global_start(preset: TaskPreset, quick: bool) -> list[dict[str, Any]]:
+    return [{"kind": "masking", "options": {**_masking_options(preset, quick), "starts": ["global_magnitude"]}}]
+
+
+@register_method("masking_two_starts_promoted")
+def _masking_two_starts(preset: TaskPreset, quick: bool) -> list[dict[str, Any]]:
+    return [{"kind": "masking", "options": {**_masking_options(preset, quick),
+                                            "starts": ["uniform", "global_magnitude"]}}]
+
+
+STUDY_TABLES["masking_two_starts_promoted"] = _promotion

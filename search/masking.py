@@ -1,10 +1,10 @@
 """The dynamic-channel-masking searcher: each proposal is the outcome of one masking run.
 
 A run (``search.masking_core.learn_ratios``) trains soft channel masks and per-group ratios
-on the task towards one FLOPs target, starting from the allocation of option ``start`` (a
-heuristic of ``evaluators.heuristics`` at that target: uniform by default); its rounded ratios become a Policy that the runner
+on the task towards one FLOPs target, starting from the allocation of one of option ``starts``
+(a heuristic of ``evaluators.heuristics`` at that target: uniform by default); its rounded ratios become a Policy that the runner
 records and evaluates with the same pool and recovery as every other searcher, so results
-are comparable. Runs cycle through ``targets`` x ``lambdas`` (then again with the next
+are comparable. Runs cycle through ``targets`` x ``lambdas`` x ``starts`` (then again with the next
 seed) until the budget is spent; with ``all_targets`` a run also proposes its learned
 allocation rescaled to every other target (one trained run, a policy per target). Each run
 is a Ray task of ``threads`` CPUs when Ray is initialised (``parallel`` of them at once:
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from search.base import Outcome, Proposal, RayResources, Searcher, SearcherContext, register_searcher
-from search.masking_core import MaskingConfig, MaskingSchedule, check_target, learn_ratios, policy_at_target
+from search.masking_core import (MaskingConfig, MaskingSchedule, check_start, check_target, learn_ratios,
+                                 policy_at_target)
 from spaces.checks import check_bool, check_int, check_number_list, check_str
 from spaces.policy import Policy
 
@@ -40,6 +41,7 @@ class MaskingOptions(MaskingSchedule):
 
     targets: tuple[float, ...] = (0.3, 0.5, 0.7)
     lambdas: tuple[float, ...] = (20.0,)
+    starts: tuple[str, ...] = ("uniform",)   # initial allocations (heuristics at each run's target), cycled
     method: str | None = None          # ranking criterion; default: the space's first method
     batch_size: int = 64
     parallel: int = 2                  # masking runs in flight at once (Ray tasks)
@@ -56,15 +58,19 @@ class MaskingOptions(MaskingSchedule):
         if not lambdas:
             raise ValueError("masking needs at least one lambda")
         object.__setattr__(self, "lambdas", lambdas)
+        if isinstance(self.starts, str) or not isinstance(self.starts, (list, tuple)) or not self.starts:
+            raise ValueError(f"masking starts must be a non-empty list of heuristic names, got {self.starts!r}")
+        object.__setattr__(self, "starts", tuple(check_start(s) for s in self.starts))
         if self.method is not None:
             check_str("masking method", self.method)
         for key in ("batch_size", "parallel", "threads"):
             check_int(f"masking {key}", getattr(self, key), 1)
         check_bool("masking option all_targets", self.all_targets)
 
-    def config(self, target: float, lam: float, seed: int, method: str = "l1") -> MaskingConfig:
-        """The run at ``target`` and ``lam`` (criterion: ``method`` unless the options name one)."""
-        return MaskingConfig(**vars(self.schedule()), target=target, lam=lam, seed=seed, method=self.method or method)
+    def config(self, target: float, lam: float, seed: int, method: str = "l1", start: str = "uniform") -> MaskingConfig:
+        """The run at ``target`` and ``lam`` from ``start`` (criterion: ``method`` unless the options name one)."""
+        return MaskingConfig(**vars(self.schedule()), target=target, lam=lam, seed=seed, method=self.method or method,
+                             start=start)
 
 
 def _run(task: Any, space: Any, config: MaskingConfig, batch_size: int, threads: int) -> tuple[str, dict]:
@@ -123,11 +129,11 @@ class MaskingSearcher(Searcher):
         self._ready: collections.deque[Proposal] = collections.deque()  # released, not yet asked for
 
     def _run_stream(self) -> Iterator[tuple[int, MaskingConfig]]:
-        combos = list(itertools.product(self.options.targets, self.options.lambdas))
+        combos = list(itertools.product(self.options.targets, self.options.lambdas, self.options.starts))
         for index in itertools.count():
             cycle, pos = divmod(index, len(combos))
-            target, lam = combos[pos]
-            yield index, self.options.config(target, lam, self.context.seed + cycle, self.space.methods[0])
+            target, lam, start = combos[pos]
+            yield index, self.options.config(target, lam, self.context.seed + cycle, self.space.methods[0], start)
 
     def _launch(self, index: int, config: MaskingConfig) -> None:
         import ray
@@ -204,6 +210,7 @@ class MaskingSearcher(Searcher):
     def _proposals(self, index: int, config: MaskingConfig, policy_json: str, info: dict) -> list[Proposal]:
         """The proposals of finished run ``index``: its own policy, then (all_targets) the rescaled ones."""
         meta = {"masking_run": index, "masking_lambda": config.lam, "masking_seed": config.seed,
+                "masking_start": config.start,
                 "learned_flops_ratio": round(float(info["learned_flops_ratio"]), 6)}
         released = [Proposal(policy=Policy.from_json(policy_json), generation=index,
                              meta={**meta, "masking_target": config.target})]

@@ -59,7 +59,6 @@ class MaskingSchedule:
     kd: bool = True                # distil from the unpruned model
     temperature: float = 4.0
     tolerance: float = 0.01        # final FLOPs-ratio tolerance after snapping
-    start: str = "uniform"         # initial allocation: a heuristic at the target (evaluators.heuristics)
 
     def __post_init__(self) -> None:
         check_int("masking steps", self.steps, 1)
@@ -73,12 +72,17 @@ class MaskingSchedule:
         check_bool("masking kd", self.kd)
         check_number("masking temperature", self.temperature, positive=True)
         check_number("masking tolerance", self.tolerance, 0.0)
-        if self.start not in HEURISTICS:
-            raise ValueError(f"masking start must be one of {', '.join(available_heuristics())}, got {self.start!r}")
 
     def schedule(self) -> "MaskingSchedule":
         """Just the schedule's fields (of a subclass: its run config or searcher options)."""
         return MaskingSchedule(**{f.name: getattr(self, f.name) for f in fields(MaskingSchedule)})
+
+
+def check_start(start: Any) -> str:
+    """A run's start: the name of a heuristic (``evaluators.heuristics``)."""
+    if start not in HEURISTICS:
+        raise ValueError(f"masking start must be one of {', '.join(available_heuristics())}, got {start!r}")
+    return start
 
 
 def check_target(target: Any) -> float:
@@ -96,9 +100,11 @@ class MaskingConfig(MaskingSchedule):
     lam: float = 20.0              # weight of the FLOPs penalty, >= 0
     method: str = "l1"
     seed: int = 0
+    start: str = "uniform"         # initial allocation: this heuristic's at the target
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_start(self.start)
         check_target(self.target)
         check_number("masking lambda", self.lam, 0.0)
         check_str("masking method", self.method)

@@ -67,7 +67,8 @@ def test_bad_masking_config_is_refused(kwargs, match):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"targets": (0.5, 1.2)}, "target"), ({"lambdas": (-0.5,)}, "lambda"), ({"steps": -3}, "steps"), ({"targets": ()}, "target"),
-    ({"all_targets": "yes"}, "all_targets"), ({"start": "lamp"}, "masking start must be one of global_lamp"),
+    ({"all_targets": "yes"}, "all_targets"), ({"starts": ["lamp"]}, "masking start must be one of global_lamp"),
+    ({"starts": "uniform"}, "non-empty list"), ({"starts": []}, "non-empty list"),
 ])
 def test_bad_searcher_options_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -87,6 +88,17 @@ def test_all_targets_proposes_one_rescaled_policy_per_target_from_each_run():
         assert abs(space.flops_ratio(p.policy) - p.meta["masking_target"]) <= 0.06
     assert [p.meta["masking_target"] for p in done[:3]] == [0.3, 0.5, 0.7]
     assert all("masking_learned_at" in p.meta for p in done[1:3]) and "masking_learned_at" not in done[0].meta
+
+
+def test_runs_cycle_through_the_starts_after_targets_and_lambdas():
+    from tests.fakes import Harness, tiny_space
+
+    h = Harness(tiny_space())
+    options = {"targets": [0.3, 0.5], "starts": ["uniform", "global_magnitude"], "steps": 2, "parallel": 1}
+    done = h.run(h.searcher("masking", seed=0, options=options), 5)
+    assert [(p.meta["masking_target"], p.meta["masking_start"]) for p in done] == [
+        (0.3, "uniform"), (0.3, "global_magnitude"), (0.5, "uniform"), (0.5, "global_magnitude"), (0.3, "uniform")]
+    assert [p.meta["masking_seed"] for p in done] == [0, 0, 0, 0, 1]   # the next cycle, the next seed
 
 
 @pytest.mark.parametrize("model_name", ["tokens", "mha"])
