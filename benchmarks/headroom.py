@@ -199,8 +199,7 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
                 "baseline_flops": {name: got[("base", lv, s, name, 0)].flops_ratio for name in bases[lv]},
                 "confirmed": confirmed, "screen": sorted(screen, key=lambda r: -r["accuracy"])}
     return {"task": task_name, "base_accuracy": base_accuracy(task), "seed": seed, "candidates": spec.candidates,
-            "top": spec.top,
-            "finetune_seeds": finetune_seeds, "steps": list(steps), "space": {"ratio_min": space.ratio_min,
+            "top": spec.top, "finetune_seeds": finetune_seeds, "steps": list(steps), "space": {"ratio_min": space.ratio_min,
             "ratio_max": space.ratio_max, "groups": len(space.groups)}, "levels": levels,
             "finetunes": len(jobs) + len(fresh), "wall_s": time.perf_counter() - start}
 

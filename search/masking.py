@@ -1,16 +1,17 @@
 """The dynamic-channel-masking searcher: each proposal is the outcome of one masking run.
 
 A run (``search.masking_core.learn_ratios``) trains soft channel masks and per-group ratios
-on the task towards one FLOPs target, starting from the allocation of one of option ``starts``
-(a heuristic of ``evaluators.heuristics`` at that target: uniform by default); its rounded ratios become a Policy that the runner
-records and evaluates with the same pool and recovery as every other searcher, so results
-are comparable. Runs cycle through ``targets`` x ``lambdas`` x ``starts`` (then again with the next
-seed) until the budget is spent; with ``all_targets`` a run also proposes its learned
-allocation rescaled to every other target (one trained run, a policy per target). Each run
-is a Ray task of ``threads`` CPUs when Ray is initialised (``parallel`` of them at once:
-``ray_resources``), else it runs in-process; a task yields a marker as soon as it starts, so
-``pending_since`` tells how long runs have waited for Ray CPUs with none training. Results are released in run order, so the sequence of proposals is the same
-whatever order the tasks finish in.
+on the task towards one FLOPs target, starting from the allocation of one of option
+``starts`` (a heuristic of ``evaluators.heuristics`` at that target: uniform by default);
+its rounded ratios become a Policy that the runner records and evaluates with the same pool
+and recovery as every other searcher, so results are comparable. Runs cycle through
+``targets`` x ``lambdas`` x ``starts`` (then again with the next seed) until the budget is
+spent; with ``all_targets`` a run also proposes its learned allocation rescaled to every
+other target (one trained run, a policy per target). Each run is a Ray task of ``threads``
+CPUs when Ray is initialised (``parallel`` of them at once: ``ray_resources``), else it runs
+in-process; a task yields a marker as soon as it starts, so ``pending_since`` tells how long
+runs have waited for Ray CPUs with none training. Results are released in run order, so the
+sequence of proposals is the same whatever order the tasks finish in.
 """
 
 from __future__ import annotations

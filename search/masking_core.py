@@ -4,10 +4,10 @@ Every channel group gets a learnable remaining ratio ``r_g = r_min + (r_max - r_
 sigmoid(theta_g)`` over the space's ratio range, initialised at the ``start`` heuristic's
 allocation scaled to the target (uniform by default, or Torch-Pruning global pruning's).
 Its channels are ranked by an importance criterion (re-ranked every few steps as the
-weights move) and channel ``c`` of ``C`` is
-multiplied by the soft mask ``sigmoid((r_g * C - rank_c - 0.5) / tau)``, so the ratio is
-differentiable; ``tau`` anneals towards a hard mask. The loss is the task loss (+ optional
-distillation from the unpruned model) plus ``lambda * |FLOPs(r) / FLOPs_0 - target|`` where
+weights move) and channel ``c`` of ``C`` is multiplied by the soft mask
+``sigmoid((r_g * C - rank_c - 0.5) / tau)``, so the ratio is differentiable; ``tau``
+anneals towards a hard mask. The loss is the task loss (+ optional distillation from the
+unpruned model) plus ``lambda * |FLOPs(r) / FLOPs_0 - target|`` where
 FLOPs(r) is the space's exact cost model evaluated on real-valued kept counts. Weights are
 updated on training batches and ratios on held-out batches, alternately. The student runs
 with batch statistics in its norm layers, so a masked channel is charged what it costs once
@@ -218,7 +218,7 @@ class _MaskedStudent:
         # the model. uniform: one ratio; global_magnitude / global_lamp: Torch-Pruning's
         # global ranking of the base model's channels.
         r_min, r_max = self.space.ratio_min, self.space.ratio_max
-        if self.config.start == "uniform":
+        if self.config.start == "uniform":   # the same allocation as the heuristic's, without its FLOPs search
             start = Policy(ratios={g.name: 1.0 for g in self.groups})
         else:
             (start,) = heuristic_policies(self.config.start, self.space,

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -70,14 +70,11 @@ def postgres_url_or_skip() -> Iterator[str]:
     under CI (``.ci/run`` installs them, so a missing server there is a failure)."""
     import pytest
 
-    try:
-        server = postgres_server()
-        url = server.__enter__()
-    except FileNotFoundError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(exc))
-    try:
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(postgres_server())
+        except FileNotFoundError as exc:
+            if os.environ.get("CI"):
+                raise
+            pytest.skip(str(exc))
         yield url
-    finally:
-        server.__exit__(None, None, None)

@@ -52,6 +52,7 @@ BAD = [
     ("unknown-searcher", 'kind = "random"', 'kind = "annealing"', []),
     ("unknown-sampler", 'kind = "random"', 'kind = "cmaes"', []),
     ("unknown-searcher-option", 'kind = "random"', 'kind = "tpe"\n[searchers.options]\nstartup = 3', []),
+    ("unknown-masking-start", 'kind = "random"', 'kind = "masking"\n[searchers.options]\nstarts = ["lamp"]', []),
     ("n-trials-zero", "n_trials = 6", "n_trials = 0", []),
     ("n-trials-negative-flag", "", "", ["--n-trials", "-2"]),
     ("unreachable-constraint", "max_flops_ratio = 0.7", "max_flops_ratio = 0.01", []),
