@@ -8,7 +8,10 @@ half near the uniform policy, scales each to the level
 *screen*, what a promotion rung of that length sees. The screen's ``--top`` candidates are
 then fine-tuned again with ``--finetune-seeds`` fresh seeds, as are the baselines (uniform,
 Torch-Pruning global magnitude pruning): the same recovery, lr, KD and seeds as the
-search-quality fine-tune.
+search-quality fine-tune. ``--criteria`` adds the uniform policy with each named importance
+criterion as a further row (``uniform_<criterion>``), fine-tuned with the same fresh seeds:
+the headroom a search over ``[space] methods`` has, since every candidate and baseline
+otherwise uses the space's first criterion (or L2, global pruning's).
 
 - *screen pick*: the screen's best candidate scored on the fresh seeds — what a search that
   fine-tuned every candidate once and kept the best would hand the user (no selection bias).
@@ -58,6 +61,7 @@ class HeadroomRun:
     quick: bool = False
     levels: tuple[float, ...] | None = None          # default: the preset's
     ratio_range: tuple[float, float] | None = None   # default: the preset's space
+    criteria: tuple[str, ...] = ()                    # uniform policies with these criteria, as extra rows
 
     def __post_init__(self) -> None:
         for name, value, low in (("--candidates", self.candidates, 1), ("--top", self.top, 1),
@@ -71,8 +75,13 @@ class HeadroomRun:
             raise ValueError(f"--levels must be FLOPs ratios in (0, 1], got {' '.join(map(str, self.levels))}")
         if self.ratio_range and not 0.0 < self.ratio_range[0] < self.ratio_range[1] <= 1.0:
             raise ValueError(f"--ratio-range must be 0 < MIN < MAX <= 1, got {' '.join(map(str, self.ratio_range))}")
+        from evaluators.importance import available_importances
         from evaluators.tasks import available_tasks
 
+        unknown = [c for c in self.criteria if c not in available_importances()]
+        if unknown:
+            raise ValueError(f"--criteria {unknown[0]!r} is not an importance criterion "
+                             f"(known: {', '.join(available_importances())})")
         if self.task not in available_tasks():
             raise ValueError(f"--task {self.task!r} is not a task (known: {', '.join(available_tasks())})")
 
@@ -116,15 +125,17 @@ def candidates(space: Any, level: float, n: int, seed: int, spread: float = 0.35
     return list(out.values())
 
 
-def baselines(task: Any, space: Any, levels: Sequence[float]) -> dict[float, dict[str, Any]]:
+def baselines(task: Any, space: Any, levels: Sequence[float], criteria: Sequence[str] = ()) -> dict[float, dict[str, Any]]:
     """The baseline policies at each level: uniform (largest ratio within it) and global
-    magnitude (one ranking of the base model's channels for every level)."""
+    magnitude (one ranking of the base model's channels for every level), then the uniform
+    policy with each of ``criteria`` as ``uniform_<criterion>``."""
     from benchmarks.quality_run import global_space
     from evaluators.heuristics import heuristic_policies
 
     magnitude = heuristic_policies("global_magnitude", global_space(space), levels, model=task.base_model(),
                                    example_inputs=task.example_inputs, on_grid=False)
-    return {lv: {"uniform": space.uniform(space.uniform_ratio_within(lv)), "global_magnitude": p}
+    return {lv: {"uniform": space.uniform(space.uniform_ratio_within(lv)), "global_magnitude": p,
+                 **{f"uniform_{c}": space.uniform(space.uniform_ratio_within(lv), method=c) for c in criteria}}
             for lv, p in zip(levels, magnitude)}
 
 
@@ -135,16 +146,19 @@ def _mean(values: Sequence[float]) -> float:
 def summarize(screen: Sequence[Mapping[str, Any]], confirmed: Sequence[Mapping[str, Any]],
               base: Mapping[str, Sequence[float]]) -> dict[str, Any]:
     """One level and length: the baselines' means, the screen pick and the best of the top,
-    each against the better baseline (``confirmed`` in screen order, best first)."""
+    each against the better of uniform and global magnitude pruning (``confirmed`` in screen
+    order, best first); any other row of ``base`` (a criterion's uniform policy) is compared
+    with the same baseline in ``criteria_delta``."""
     means = {name: _mean(acc) for name, acc in base.items()}
-    better = max(means, key=means.__getitem__)
+    better = max(BASELINE_NAMES, key=means.__getitem__)
     pick = confirmed[0]
     best = max(confirmed, key=lambda c: _mean(c["accuracies"]))
     return {"baselines": means, "better_baseline": better,
             "screen_pick": _mean(pick["accuracies"]), "screen_pick_delta": _mean(pick["accuracies"]) - means[better],
             "best_of_top": _mean(best["accuracies"]), "best_of_top_delta": _mean(best["accuracies"]) - means[better],
             "screen_max": max(s["accuracy"] for s in screen),
-            "screen_above_better_baseline": sum(s["accuracy"] > means[better] for s in screen) / len(screen)}
+            "screen_above_better_baseline": sum(s["accuracy"] > means[better] for s in screen) / len(screen),
+            "criteria_delta": {name: m - means[better] for name, m in means.items() if name not in BASELINE_NAMES}}
 
 
 def run(spec: HeadroomRun) -> dict[str, Any]:
@@ -161,6 +175,9 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
     if spec.ratio_range:
         preset = replace(preset, space={**preset.space, "ratio_min": spec.ratio_range[0],
                                         "ratio_max": spec.ratio_range[1]})
+    if spec.criteria:   # the space's first criterion stays first: candidates and uniform use it
+        first_methods = list(preset.space.get("methods", ["l1"]))
+        preset = replace(preset, space={**preset.space, "methods": list(dict.fromkeys(first_methods + list(spec.criteria)))})
     extra = {"cache_dir": spec.cache_dir} if spec.cache_dir else {}
     cfgs = {s: BenchConfig(task=task_name, preset=replace(preset, finetune_steps=s), seeds=(seed,), quick=spec.quick,
                            finetune_seeds=finetune_seeds, workers=spec.workers, methods=("uniform",), **extra)
@@ -168,7 +185,7 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
     first = cfgs[steps[0]]
     task, space = load_task_and_space(first.study_config("random", seed, Path(".")))
     pools = {lv: candidates(space, lv, spec.candidates, seed + int(1000 * lv)) for lv in preset.levels}
-    bases = baselines(task, space, preset.levels)
+    bases = baselines(task, space, preset.levels, spec.criteria)
 
     def screen_settings(s: int) -> EvalSettings:   # a promotion rung's fine-tune: the study seed
         return EvalSettings(**{**cfgs[s].finetune_settings(seed, 0), "seed": seed})
@@ -200,7 +217,8 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
                 "confirmed": confirmed, "screen": sorted(screen, key=lambda r: -r["accuracy"])}
     return {"task": task_name, "base_accuracy": base_accuracy(task), "seed": seed, "candidates": spec.candidates,
             "top": spec.top, "finetune_seeds": finetune_seeds, "steps": list(steps), "space": {"ratio_min": space.ratio_min,
-            "ratio_max": space.ratio_max, "groups": len(space.groups)}, "levels": levels,
+            "ratio_max": space.ratio_max, "groups": len(space.groups), "criterion": space.methods[0]},
+            "criteria": list(spec.criteria), "levels": levels,
             "finetunes": len(jobs) + len(fresh), "wall_s": time.perf_counter() - start}
 
 
@@ -232,6 +250,17 @@ def markdown(result: Mapping[str, Any]) -> str:
                          f"{100 * b['global_magnitude']:.1f} | {100 * r['screen_pick']:.1f} | "
                          f"{100 * r['screen_pick_delta']:+.1f} | {100 * r['best_of_top']:.1f} | "
                          f"{100 * r['best_of_top_delta']:+.1f} | {100 * r['screen_above_better_baseline']:.0f}% |")
+    if result.get("criteria"):
+        names = [f"uniform_{c}" for c in result["criteria"]]
+        lines += ["", f"Uniform pruning with other importance criteria (the rows above use "
+                  f"`{result['space']['criterion']}`; global magnitude ranks by L2), the same fresh seeds; "
+                  "Δ against the better of uniform and global magnitude:", "",
+                  "| FLOPs <= | fine-tune steps | " + " | ".join(f"{n} | Δ" for n in names) + " |",
+                  "|---|---|" + "---|---|" * len(names)]
+        for level, by_steps in result["levels"].items():
+            for steps, r in by_steps.items():
+                cells = " | ".join(f"{100 * r['baselines'][n]:.1f} | {100 * r['criteria_delta'][n]:+.1f}" for n in names)
+                lines.append(f"| {100 * float(level):g}% | {steps} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -248,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="FLOPs levels to measure (default: the preset's)")
     parser.add_argument("--ratio-range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                         help="remaining-ratio range of the drawn policies (default: the preset's space)")
+    parser.add_argument("--criteria", nargs="+", default=(),
+                        help="importance criteria whose uniform policies are fine-tuned as extra rows (e.g. taylor fpgm)")
     parser.add_argument("--workers", type=int, default=2, help="evaluation workers (default %(default)s)")
     parser.add_argument("--cache-dir", default=None, help="task model cache (default: studies/cache)")
     args = parser.parse_args(argv)
@@ -264,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             steps=tuple(sorted(set(args.steps or (QUICK["steps"] if quick else
                                                   [preset.finetune_steps, 5 * preset.finetune_steps])))),
             levels=tuple(args.levels) if args.levels else None,
-            ratio_range=tuple(args.ratio_range) if args.ratio_range else None)
+            ratio_range=tuple(args.ratio_range) if args.ratio_range else None,
+            criteria=tuple(dict.fromkeys(args.criteria)))
         result = run(spec)
     except ValueError as exc:
         parser.error(str(exc))

@@ -48,6 +48,15 @@ def test_the_screen_pick_is_the_screens_best_scored_on_fresh_seeds_against_the_b
     assert got["screen_pick"] == pytest.approx(0.75) and got["screen_pick_delta"] == pytest.approx(-0.01)
     assert got["best_of_top"] == pytest.approx(0.79) and got["best_of_top_delta"] == pytest.approx(0.03)
     assert got["screen_max"] == 0.80 and got["screen_above_better_baseline"] == pytest.approx(2 / 3)
+    assert got["criteria_delta"] == {}
+
+
+def test_a_criterion_row_is_compared_with_the_better_baseline_and_never_becomes_it():
+    screen, confirmed = [{"accuracy": 0.80}], [{"accuracy": 0.80, "accuracies": [0.74]}]
+    got = headroom.summarize(screen, confirmed, {"uniform": [0.75], "global_magnitude": [0.70], "uniform_taylor": [0.78]})
+    assert got["better_baseline"] == "uniform"
+    assert got["screen_pick_delta"] == pytest.approx(-0.01)
+    assert got["criteria_delta"] == {"uniform_taylor": pytest.approx(0.03)}
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -61,6 +70,7 @@ def test_the_screen_pick_is_the_screens_best_scored_on_fresh_seeds_against_the_b
     (["--ratio-range", "0.8", "0.5"], "--ratio-range must be 0 < MIN < MAX <= 1"),
     (["--ratio-range", "0.1", "1.2"], "--ratio-range must be 0 < MIN < MAX <= 1"),
     (["--quick", "--levels", "0.001"], "below the space's smallest model"),
+    (["--criteria", "l1", "nope"], "--criteria 'nope' is not an importance criterion"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, argv, words):
     out = tmp_path / "out"
@@ -73,15 +83,18 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ar
 
 def test_a_tiny_real_run_writes_every_asked_level_and_length(tmp_path):
     assert headroom.main(["--quick", "--candidates", "2", "--steps", "2", "--levels", "0.4", "0.6",
-                          "--ratio-range", "0.3", "1.0", "--out", str(tmp_path)]) == 0
+                          "--ratio-range", "0.3", "1.0", "--criteria", "fpgm", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "headroom_quick.json").read_text())["results"]
     assert data["task"] == "digits" and data["steps"] == [2] and sorted(data["levels"]) == ["0.4", "0.6"]
     assert (data["space"]["ratio_min"], data["space"]["ratio_max"]) == (0.3, 1.0)
     for level, by_steps in data["levels"].items():
         row = by_steps["2"]
-        assert set(row["baselines"]) == {"uniform", "global_magnitude"}
+        assert set(row["baselines"]) == {"uniform", "global_magnitude", "uniform_fpgm"}
+        assert set(row["criteria_delta"]) == {"uniform_fpgm"}
+        assert row["baseline_flops"]["uniform_fpgm"] == pytest.approx(row["baseline_flops"]["uniform"])
         assert len(row["screen"]) == 2 and len(row["confirmed"]) == 1
         assert all(s["flops_ratio"] <= float(level) + 1e-9 for s in row["screen"])
         assert all(0.3 - 1e-9 <= r <= 1.0 for s in row["screen"] for r in s["policy"]["ratios"].values())
         assert 0.0 <= row["screen_pick"] <= 1.0
-    assert "## Headroom over uniform pruning: digits" in (tmp_path / "headroom_quick.md").read_text()
+    md = (tmp_path / "headroom_quick.md").read_text()
+    assert "## Headroom over uniform pruning: digits" in md and "| uniform_fpgm | Δ |" in md
