@@ -166,7 +166,7 @@ def _masking_options(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     # steps than the searcher's default keep the 3-seed benchmark within its time budget.
     # all_targets: one trained run proposes its allocation at every target (a trial per target).
     return {"targets": list(preset.masking_targets[:1] if quick else preset.masking_targets),
-            "steps": QUICK["masking_steps"] if quick else preset.masking_steps, "rerank_every": 5,
+            "steps": preset.masking_steps, "rerank_every": 5,
             "parallel": 2, "all_targets": True}
 
 

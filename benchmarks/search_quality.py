@@ -80,8 +80,9 @@ def resolve_task(name: str) -> str | None:
 def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_trials: int | None, workers: int,
         methods: Sequence[str] | None, task_options: Mapping[str, Any], cache_dir: str,
         out_dir: Path, requested: bool, checkpoint: Checkpoint | None = None, finetune_seeds: int = 1,
-        hv_points: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every task's benchmark: ``(results, config)`` as the JSON file holds them."""
+        hv_points: int = 0, masking_steps: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every task's benchmark: ``(results, config)`` as the JSON file holds them.
+    ``masking_steps`` replaces every preset's (and ``--quick``'s) masking steps."""
     results: dict[str, Any] = {"tasks": {}, "targets": []}
     budget = QUICK if quick else FULL
     config: dict[str, Any] = {"quick": quick, "workers": workers, "reference_point": list(REFERENCE_POINT),
@@ -100,7 +101,9 @@ def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_tri
         if task_options:
             preset = replace(preset, options={**preset.options, **task_options})
         if quick:
-            preset = replace(preset, finetune_steps=QUICK["finetune_steps"])
+            preset = replace(preset, finetune_steps=QUICK["finetune_steps"], masking_steps=QUICK["masking_steps"])
+        if masking_steps is not None:
+            preset = replace(preset, masking_steps=masking_steps)
         cfg = BenchConfig(task=name, preset=preset, seeds=tuple(config["seeds"]), n_trials=config["n_trials"],
                           finetune_seeds=finetune_seeds, hv_points=hv_points,
                           workers=workers, methods=tuple(methods or default_methods()), cache_dir=cache_dir,
@@ -173,6 +176,9 @@ def _parser() -> Any:
                              "for a fine-tuned hypervolume (default %(default)s: none)")
     parser.add_argument("--finetune-seeds", type=int, default=1,
                         help="fine-tunes per chosen model, averaged (default %(default)s)")
+    parser.add_argument("--masking-steps", type=int, default=None,
+                        help="training steps of every masking run (default: the task preset's; quick: "
+                             f"{QUICK['masking_steps']}; the searcher's own default is 150)")
     parser.add_argument("--cache-dir", default=str(ROOT / "studies" / "cache"), help="task model cache")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the studies an interrupted run saved in <out>/<name>.partial.json")
@@ -201,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--finetune-seeds must be >= 1, got {args.finetune_seeds}")
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.masking_steps is not None and args.masking_steps < 1:
+        parser.error(f"--masking-steps must be >= 1, got {args.masking_steps}")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     if methods is not None and UNIFORM not in methods:
         methods = [UNIFORM, *methods]
@@ -212,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     results, config = run(tasks, quick=args.quick, seeds=range(args.seeds) if args.seeds else None,
                           n_trials=args.trials, workers=args.workers, methods=methods, task_options=task_options,
                           cache_dir=args.cache_dir, out_dir=out, requested=args.task is not None,
-                          checkpoint=checkpoint, finetune_seeds=args.finetune_seeds, hv_points=args.hv_points)
+                          checkpoint=checkpoint, finetune_seeds=args.finetune_seeds, hv_points=args.hv_points,
+                          masking_steps=args.masking_steps)
     config["wall_seconds"] = round(sum(r.get("wall_s", 0.0) for r in results["tasks"].values()), 1)
     if args.merge:
         merge_previous(out / f"{name}.json", results, config)

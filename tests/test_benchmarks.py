@@ -387,3 +387,40 @@ def test_finetune_lengths_takes_the_source_runs_fine_tune_seeds_unless_told(tmp_
         with pytest.raises(RuntimeError, match="stop before"):
             fl.run([source], "shapes", [5, 10], workers=1, cache_dir=None, finetune_seeds=given)
     assert seen == [[2, 2], [4, 4]]   # the source file's 2, then the 4 asked for
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--masking-steps", "0"], "--masking-steps must be >= 1, got 0"),
+    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["--finetune-seeds", "0"], "--finetune-seeds must be >= 1, got 0"),
+    (["--hv-points", "-1"], "--hv-points must be >= 0, got -1"),
+    (["--task-options", "[1]"], "--task-options must be a JSON object"),
+])
+def test_search_quality_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, argv, words):
+    from benchmarks.search_quality import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and words in err[-1]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("quick, asked, expected", [(False, None, 5), (False, 40, 40), (True, None, 2), (True, 7, 7)])
+def test_search_quality_masking_steps_reach_every_masking_run(tmp_path, monkeypatch, quick, asked, expected):
+    import benchmarks.search_quality as sq
+
+    seen = []
+
+    def bench_task(cfg, out_dir, checkpoint):
+        seen.append(cfg)
+        return {"targets": []}
+
+    monkeypatch.setattr(sq, "bench_task", bench_task)
+    _, config = sq.run(["shapes"], quick=quick, seeds=[0], n_trials=4, workers=1, methods=["uniform", "masking"],
+                       task_options={}, cache_dir=str(tmp_path), out_dir=tmp_path, requested=True,
+                       masking_steps=asked)
+    (masking,) = seen[0].method_table()["masking"]
+    assert masking["options"]["steps"] == expected
+    assert config["tasks"]["shapes"]["preset"]["masking_steps"] == expected
