@@ -134,8 +134,9 @@ def baselines(task: Any, space: Any, levels: Sequence[float], criteria: Sequence
 
     magnitude = heuristic_policies("global_magnitude", global_space(space), levels, model=task.base_model(),
                                    example_inputs=task.example_inputs, on_grid=False)
-    return {lv: {"uniform": space.uniform(space.uniform_ratio_within(lv)), "global_magnitude": p,
-                 **{f"uniform_{c}": space.uniform(space.uniform_ratio_within(lv), method=c) for c in criteria}}
+    ratios = {lv: space.uniform_ratio_within(lv) for lv in levels}
+    return {lv: {"uniform": space.uniform(ratios[lv]), "global_magnitude": p,
+                 **{f"uniform_{c}": space.uniform(ratios[lv], method=c) for c in criteria}}
             for lv, p in zip(levels, magnitude)}
 
 
@@ -175,15 +176,14 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
     if spec.ratio_range:
         preset = replace(preset, space={**preset.space, "ratio_min": spec.ratio_range[0],
                                         "ratio_max": spec.ratio_range[1]})
-    if spec.criteria:   # the space's first criterion stays first: candidates and uniform use it
-        first_methods = list(preset.space.get("methods", ["l1"]))
-        preset = replace(preset, space={**preset.space, "methods": list(dict.fromkeys(first_methods + list(spec.criteria)))})
     extra = {"cache_dir": spec.cache_dir} if spec.cache_dir else {}
     cfgs = {s: BenchConfig(task=task_name, preset=replace(preset, finetune_steps=s), seeds=(seed,), quick=spec.quick,
                            finetune_seeds=finetune_seeds, workers=spec.workers, methods=("uniform",), **extra)
             for s in steps}
     first = cfgs[steps[0]]
     task, space = load_task_and_space(first.study_config("random", seed, Path(".")))
+    if spec.criteria:   # the space's own criterion stays first: candidates and uniform use it
+        space = space.with_config(methods=tuple(dict.fromkeys((*space.methods, *spec.criteria))))
     pools = {lv: candidates(space, lv, spec.candidates, seed + int(1000 * lv)) for lv in preset.levels}
     bases = baselines(task, space, preset.levels, spec.criteria)
 
