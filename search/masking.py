@@ -2,11 +2,12 @@
 
 A run (``search.masking_core.learn_ratios``) trains soft channel masks and per-group ratios
 on the task towards one FLOPs target, starting from the allocation of one of option
-``starts`` (a heuristic of ``evaluators.heuristics`` at that target: uniform by default);
+``starts`` (a heuristic of ``evaluators.heuristics`` at that target: uniform by default)
+and training for one of option ``steps`` (one length, or a list of them);
 its rounded ratios become a Policy that the runner records and evaluates with the same pool
 and recovery as every other searcher, so results are comparable. Runs cycle through
-``targets`` x ``lambdas`` x ``starts`` (then again with the next seed) until the budget is
-spent; with ``all_targets`` a run also proposes its learned allocation rescaled to every
+``targets`` x ``lambdas`` x ``starts`` x ``steps`` (then again with the next seed) until the
+budget is spent; with ``all_targets`` a run also proposes its learned allocation rescaled to every
 other target (one trained run, a policy per target). Each run is a Ray task of ``threads``
 CPUs when Ray is initialised (``parallel`` of them at once: ``ray_resources``), else it runs
 in-process; a task yields a marker as soon as it starts, so ``pending_since`` tells how long
@@ -27,7 +28,7 @@ from typing import Any
 from search.base import Outcome, Proposal, RayResources, Searcher, SearcherContext, register_searcher
 from search.masking_core import (MaskingConfig, MaskingSchedule, check_start, check_target, learn_ratios,
                                  policy_at_target)
-from spaces.checks import check_bool, check_int, check_number_list, check_str
+from spaces.checks import check_bool, check_int, check_number_list, check_str, check_str_list
 from spaces.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class MaskingOptions(MaskingSchedule):
     """Options of the ``masking`` searcher (``[searchers.options]`` in the study TOML): the
     schedule every run shares, which runs to make, and how to run them."""
 
+    steps: int | tuple[int, ...] = 150  # training steps of every run, or a list of lengths, cycled
     targets: tuple[float, ...] = (0.3, 0.5, 0.7)
     lambdas: tuple[float, ...] = (20.0,)
     starts: tuple[str, ...] = ("uniform",)   # initial allocations (heuristics at each run's target), cycled
@@ -59,18 +61,29 @@ class MaskingOptions(MaskingSchedule):
         if not lambdas:
             raise ValueError("masking needs at least one lambda")
         object.__setattr__(self, "lambdas", lambdas)
-        if isinstance(self.starts, str) or not isinstance(self.starts, (list, tuple)) or not self.starts:
-            raise ValueError(f"masking starts must be a non-empty list of heuristic names, got {self.starts!r}")
-        object.__setattr__(self, "starts", tuple(check_start(s) for s in self.starts))
+        starts = check_str_list("masking starts", self.starts)
+        if not starts:
+            raise ValueError("masking starts must be a non-empty list of heuristic names, got []")
+        object.__setattr__(self, "starts", tuple(check_start(s) for s in starts))
         if self.method is not None:
             check_str("masking method", self.method)
         for key in ("batch_size", "parallel", "threads"):
             check_int(f"masking {key}", getattr(self, key), 1)
         check_bool("masking option all_targets", self.all_targets)
 
-    def config(self, target: float, lam: float, seed: int, method: str = "l1", start: str = "uniform") -> MaskingConfig:
-        """The run at ``target`` and ``lam`` from ``start`` (criterion: ``method`` unless the options name one)."""
-        return MaskingConfig(**vars(self.schedule()), target=target, lam=lam, seed=seed, method=self.method or method,
+    def _check_steps(self) -> None:
+        """``steps``: one length for every run, or a non-empty list of lengths the runs cycle through."""
+        lengths = self.steps if isinstance(self.steps, (list, tuple)) else (self.steps,)
+        if not lengths:
+            raise ValueError("masking steps must be a number of steps or a non-empty list of them, got []")
+        object.__setattr__(self, "steps", tuple(check_int("masking steps", n, 1) for n in lengths))
+
+    def config(self, target: float, lam: float, seed: int, method: str = "l1", start: str = "uniform",
+               steps: int | None = None) -> MaskingConfig:
+        """The run at ``target`` and ``lam`` from ``start`` for ``steps`` (default: the first
+        length) steps (criterion: ``method`` unless the options name one)."""
+        schedule = self.schedule(steps=self.steps[0] if steps is None else steps)
+        return MaskingConfig(**vars(schedule), target=target, lam=lam, seed=seed, method=self.method or method,
                              start=start)
 
 
@@ -130,11 +143,12 @@ class MaskingSearcher(Searcher):
         self._ready: collections.deque[Proposal] = collections.deque()  # released, not yet asked for
 
     def _run_stream(self) -> Iterator[tuple[int, MaskingConfig]]:
-        combos = list(itertools.product(self.options.targets, self.options.lambdas, self.options.starts))
+        options = self.options
+        combos = list(itertools.product(options.targets, options.lambdas, options.starts, options.steps))
         for index in itertools.count():
             cycle, pos = divmod(index, len(combos))
-            target, lam, start = combos[pos]
-            yield index, self.options.config(target, lam, self.context.seed + cycle, self.space.methods[0], start)
+            target, lam, start, steps = combos[pos]
+            yield index, options.config(target, lam, self.context.seed + cycle, self.space.methods[0], start, steps)
 
     def _launch(self, index: int, config: MaskingConfig) -> None:
         import ray
@@ -211,7 +225,7 @@ class MaskingSearcher(Searcher):
     def _proposals(self, index: int, config: MaskingConfig, policy_json: str, info: dict) -> list[Proposal]:
         """The proposals of finished run ``index``: its own policy, then (all_targets) the rescaled ones."""
         meta = {"masking_run": index, "masking_lambda": config.lam, "masking_seed": config.seed,
-                "masking_start": config.start,
+                "masking_start": config.start, "masking_steps": config.steps,
                 "learned_flops_ratio": round(float(info["learned_flops_ratio"]), 6)}
         released = [Proposal(policy=Policy.from_json(policy_json), generation=index,
                              meta={**meta, "masking_target": config.target})]

@@ -61,7 +61,7 @@ class MaskingSchedule:
     tolerance: float = 0.01        # final FLOPs-ratio tolerance after snapping
 
     def __post_init__(self) -> None:
-        check_int("masking steps", self.steps, 1)
+        self._check_steps()
         check_number("masking tau_start", self.tau_start, positive=True)
         check_number("masking tau_end", self.tau_end, positive=True)
         if self.tau_end > self.tau_start:
@@ -73,9 +73,12 @@ class MaskingSchedule:
         check_number("masking temperature", self.temperature, positive=True)
         check_number("masking tolerance", self.tolerance, 0.0)
 
-    def schedule(self) -> "MaskingSchedule":
-        """Just the schedule's fields (of a subclass: its run config or searcher options)."""
-        return MaskingSchedule(**{f.name: getattr(self, f.name) for f in fields(MaskingSchedule)})
+    def _check_steps(self) -> None:
+        check_int("masking steps", self.steps, 1)
+
+    def schedule(self, **changes: Any) -> "MaskingSchedule":
+        """Just the schedule's fields (of a subclass: its run config or searcher options), with ``changes``."""
+        return MaskingSchedule(**{**{f.name: getattr(self, f.name) for f in fields(MaskingSchedule)}, **changes})
 
 
 def check_start(start: Any) -> str:

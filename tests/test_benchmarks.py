@@ -294,6 +294,22 @@ def test_the_promoted_method_sets_a_promotion_ladder_in_its_studies(tmp_path):
     assert [s.kind for s in promoted.searchers] == ["tpe"]
 
 
+def test_the_mixed_masking_methods_cycle_both_starts_and_two_lengths_under_rungs(tmp_path):
+    from benchmarks.quality_presets import MIXED_LENGTH_FACTOR, PRESETS
+
+    preset = PRESETS["tokens"]
+    cfg = BenchConfig(task="tokens", preset=preset, methods=(UNIFORM, "masking_mixed_promoted", "masking_mixed_laddered"))
+    promoted = cfg.study_config("masking_mixed_promoted", 0, tmp_path)
+    laddered = cfg.study_config("masking_mixed_laddered", 0, tmp_path)
+    for study in (promoted, laddered):
+        (searcher,) = study.searchers
+        assert searcher.kind == "masking" and searcher.options["starts"] == ["uniform", "global_magnitude"]
+        assert searcher.options["steps"] == [preset.masking_steps, MIXED_LENGTH_FACTOR * preset.masking_steps]
+    assert promoted.promotion.steps == (preset.finetune_steps,) and promoted.promotion.repeats == 1
+    assert laddered.promotion.steps == (preset.finetune_steps, 5 * preset.finetune_steps)
+    assert laddered.promotion.repeats == 2
+
+
 def test_several_fine_tune_seeds_are_averaged_and_kept():
     from benchmarks.quality_run import _finetuned
     from evaluators.metrics import Metrics

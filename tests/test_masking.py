@@ -68,7 +68,9 @@ def test_bad_masking_config_is_refused(kwargs, match):
 @pytest.mark.parametrize("kwargs,match", [
     ({"targets": (0.5, 1.2)}, "target"), ({"lambdas": (-0.5,)}, "lambda"), ({"steps": -3}, "steps"), ({"targets": ()}, "target"),
     ({"all_targets": "yes"}, "all_targets"), ({"starts": ["lamp"]}, "masking start must be one of global_lamp"),
-    ({"starts": "uniform"}, "non-empty list"), ({"starts": []}, "non-empty list"),
+    ({"starts": "uniform"}, "list of strings"), ({"starts": []}, "non-empty list"),
+    ({"steps": [5, 0]}, "steps"), ({"steps": []}, "non-empty list"), ({"steps": [5, "30"]}, "steps"),
+    ({"steps": 2.5}, "steps"),
 ])
 def test_bad_searcher_options_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -99,6 +101,24 @@ def test_runs_cycle_through_the_starts_after_targets_and_lambdas():
     assert [(p.meta["masking_target"], p.meta["masking_start"]) for p in done] == [
         (0.3, "uniform"), (0.3, "global_magnitude"), (0.5, "uniform"), (0.5, "global_magnitude"), (0.3, "uniform")]
     assert [p.meta["masking_seed"] for p in done] == [0, 0, 0, 0, 1]   # the next cycle, the next seed
+
+
+def test_runs_cycle_through_the_lengths_after_the_starts():
+    from tests.fakes import Harness, tiny_space
+
+    h = Harness(tiny_space())
+    options = {"targets": [0.3], "starts": ["uniform", "global_magnitude"], "steps": [2, 3], "parallel": 1}
+    done = h.run(h.searcher("masking", seed=0, options=options), 5)
+    assert [(p.meta["masking_start"], p.meta["masking_steps"]) for p in done] == [
+        ("uniform", 2), ("uniform", 3), ("global_magnitude", 2), ("global_magnitude", 3), ("uniform", 2)]
+    assert [p.meta["masking_seed"] for p in done] == [0, 0, 0, 0, 1]
+
+
+def test_one_length_or_a_list_of_lengths():
+    assert MaskingOptions(steps=7).steps == (7,)
+    assert MaskingOptions(steps=[5, 30]).steps == (5, 30)
+    assert MaskingOptions(steps=[5, 30]).config(0.3, 20.0, seed=0).steps == 5
+    assert MaskingOptions(steps=[5, 30]).config(0.3, 20.0, seed=0, steps=30).steps == 30
 
 
 @pytest.mark.parametrize("model_name", ["tokens", "mha"])
