@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ROOT
-from spaces.checks import check_int, check_number
+from search.masking_core import SNAPS
+from spaces.checks import check_choice, check_int, check_number
 from spaces.registry import Registry
 
 UNIFORM = "uniform"
@@ -40,6 +41,7 @@ class TaskPreset:
     finetune_lr: float = 0.01
     finetune_recovery: str = "finetune"   # the recovery of the identical final fine-tune (and of promotion rungs)
     masking_steps: int = 30
+    masking_snap: str = "nearest"   # masking option snap: "below" keeps each run's policy within its target
     masking_targets: tuple[float, ...] = (0.15, 0.25, 0.35, 0.45)
     options: Mapping[str, Any] = field(default_factory=dict)   # task options
     finetune_levels: tuple[float, ...] | None = None           # levels whose models are fine-tuned; None = all
@@ -52,6 +54,7 @@ class TaskPreset:
             raise ValueError(f"max_flops_ratio {self.max_flops_ratio!r} must be in (0, 1] and >= every level")
         check_int("finetune_steps", self.finetune_steps, minimum=1)
         check_int("masking_steps", self.masking_steps, minimum=1)
+        check_choice("masking_snap", self.masking_snap, SNAPS)
         check_number("finetune_lr", self.finetune_lr, positive=True)
         _check_levels("masking_targets", self.masking_targets)
         if self.finetune_levels is not None and not set(self.finetune_levels) <= set(self.levels):
@@ -167,7 +170,7 @@ def _masking_options(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     # steps than the searcher's default keep the 3-seed benchmark within its time budget.
     # all_targets: one trained run proposes its allocation at every target (a trial per target).
     return {"targets": list(preset.masking_targets[:1] if quick else preset.masking_targets),
-            "steps": preset.masking_steps, "rerank_every": 5,
+            "steps": preset.masking_steps, "rerank_every": 5, "snap": preset.masking_snap,
             "parallel": 2, "all_targets": True}
 
 

@@ -238,7 +238,8 @@ class MaskingSearcher(Searcher):
     def _rescaled(self, info: dict, config: MaskingConfig) -> list[tuple[float, Policy]]:
         """The run's learned allocation moved to each other target by one common factor (the
         way the run's own proposal is made): one trained run, a policy per FLOPs target."""
-        return [(t, policy_at_target(self.space, info["learned_ratios"], t, config.method, config.tolerance))
+        return [(t, policy_at_target(self.space, info["learned_ratios"], t, config.method, config.tolerance,
+                                     config.snap))
                 for t in self.options.targets if t != config.target]
 
     @property

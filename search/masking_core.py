@@ -15,7 +15,8 @@ the norms re-adapt, as the evaluation's recovery (adaptive BN, compensation) let
 
 The learned ratios are scaled by one common factor to the target's FLOPs (keeping the
 learned allocation), snapped to the space's grid and nudged (greedily, one grid step at a
-time, on the exact cost model) until the FLOPs ratio is within ``tolerance`` of the target.
+time, on the exact cost model) until the FLOPs ratio is within ``tolerance`` of the target
+(with ``snap = "below"``: at most the target, within ``tolerance`` under it).
 """
 
 from __future__ import annotations
@@ -38,12 +39,16 @@ from evaluators.losses import cross_entropy, kd_loss
 Loss = Callable[[Any, torch.Tensor], torch.Tensor]            # (output, targets) -> loss
 Distill = Callable[[Any, Any, float], torch.Tensor]           # (student, teacher, temperature) -> loss
 from evaluators.prune import unit_scores
-from spaces.checks import check_bool, check_int, check_number, check_str
+from spaces.checks import check_bool, check_choice, check_int, check_number, check_str
 from spaces.groups import build_graph, root_pruning_group
 from spaces.policy import Policy
 
 log = logging.getLogger(__name__)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+#: how a run's learned allocation is snapped to the grid at its target (``snap_to_target``)
+SNAPS = ("nearest", "below")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class MaskingSchedule:
     kd: bool = True                # distil from the unpruned model
     temperature: float = 4.0
     tolerance: float = 0.01        # final FLOPs-ratio tolerance after snapping
+    snap: str = "nearest"          # "nearest": within tolerance either side of the target; "below": at most the target
 
     def __post_init__(self) -> None:
         self._check_steps()
@@ -72,6 +78,7 @@ class MaskingSchedule:
         check_bool("masking kd", self.kd)
         check_number("masking temperature", self.temperature, positive=True)
         check_number("masking tolerance", self.tolerance, 0.0)
+        check_choice("masking snap", self.snap, SNAPS)
 
     def _check_steps(self) -> None:
         check_int("masking steps", self.steps, 1)
@@ -319,7 +326,7 @@ def learn_ratios(
     finally:
         run.close()
     learned = {g.name: float(v) for g, v in zip(space.groups, run.ratios().detach())}
-    policy = policy_at_target(space, learned, config.target, config.method, config.tolerance)
+    policy = policy_at_target(space, learned, config.target, config.method, config.tolerance, config.snap)
     info = {
         "learned_ratios": learned,
         "learned_flops_ratio": space.cost_model.predict(
@@ -332,7 +339,7 @@ def learn_ratios(
 
 
 def policy_at_target(space: Any, learned: Mapping[str, float], target: float, method: str,
-                     tolerance: float = 0.01) -> Policy:
+                     tolerance: float = 0.01, snap: str = "nearest") -> Policy:
     """The grid policy at ``target`` FLOPs for a run's learned (continuous) ratios.
 
     Few ratio steps leave the learned FLOPs off the target (the task loss pulls every ratio
@@ -341,7 +348,7 @@ def policy_at_target(space: Any, learned: Mapping[str, float], target: float, me
     The same allocation can be placed at any target this way (masking ``all_targets``).
     """
     raw = Policy(ratios={n: min(1.0, max(float(v), 1e-6)) for n, v in learned.items()}, method=method)
-    return snap_to_target(space, scale_to_target(space, raw, target), target, tolerance)
+    return snap_to_target(space, scale_to_target(space, raw, target), target, tolerance, below=snap == "below")
 
 
 def scale_to_target(space: Any, policy: Policy, target: float) -> Policy:
@@ -368,18 +375,26 @@ def scale_to_target(space: Any, policy: Policy, target: float) -> Policy:
     return Policy(ratios=dict(zip(names, scaled(hi).tolist())), method=policy.method)
 
 
-def snap_to_target(space: Any, policy: Policy, target: float, tolerance: float = 0.01) -> Policy:
+def snap_to_target(space: Any, policy: Policy, target: float, tolerance: float = 0.01, *,
+                   below: bool = False) -> Policy:
     """Snap ``policy`` to the grid, then move single groups one grid step at a time (the move
-    that brings the exact FLOPs ratio closest to ``target``) until within ``tolerance``."""
+    that brings the exact FLOPs ratio closest to ``target``) until within ``tolerance``;
+    with ``below``, until at most ``target`` and within ``tolerance`` under it (a target that
+    is a FLOPs budget: any ratio above it counts as further off than every one below)."""
     levels = list(space.levels)
     idx = {n: levels.index(space.snap(policy.ratio(n))) for n in space.group_names}
 
     def flops_ratio(ix: dict[str, int]) -> float:
         return space.flops_ratio(Policy(ratios={n: levels[i] for n, i in ix.items()}, method=policy.method))
 
+    def error(value: float) -> float:
+        if below and value > target:
+            return 1.0 + value - target
+        return abs(value - target)
+
     current = flops_ratio(idx)
     for _ in range(4 * len(levels) * len(idx)):  # each move strictly reduces the error
-        if abs(current - target) <= tolerance:
+        if error(current) <= tolerance:
             break
         direction = -1 if current > target else 1
         best = None
@@ -388,9 +403,9 @@ def snap_to_target(space: Any, policy: Policy, target: float, tolerance: float =
             if 0 <= j < len(levels):
                 trial = dict(idx, **{n: j})
                 value = flops_ratio(trial)
-                if best is None or abs(value - target) < abs(best[1] - target):
+                if best is None or error(value) < error(best[1]):
                     best = (trial, value)
-        if best is None or abs(best[1] - target) >= abs(current - target):
+        if best is None or error(best[1]) >= error(current):
             break
         idx, current = best
     return Policy(ratios={n: levels[i] for n, i in idx.items()}, method=policy.method)

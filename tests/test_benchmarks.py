@@ -411,6 +411,7 @@ def test_finetune_lengths_takes_the_source_runs_fine_tune_seeds_unless_told(tmp_
     (["--finetune-seeds", "0"], "--finetune-seeds must be >= 1, got 0"),
     (["--hv-points", "-1"], "--hv-points must be >= 0, got -1"),
     (["--task-options", "[1]"], "--task-options must be a JSON object"),
+    (["--masking-snap", "up"], "--masking-snap: invalid choice: 'up'"),
 ])
 def test_search_quality_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, argv, words):
     from benchmarks.search_quality import main
@@ -440,3 +441,23 @@ def test_search_quality_masking_steps_reach_every_masking_run(tmp_path, monkeypa
     (masking,) = seen[0].method_table()["masking"]
     assert masking["options"]["steps"] == expected
     assert config["tasks"]["shapes"]["preset"]["masking_steps"] == expected
+
+
+@pytest.mark.parametrize("asked, expected", [(None, "nearest"), ("below", "below")])
+def test_search_quality_masking_snap_reaches_every_masking_run(tmp_path, monkeypatch, asked, expected):
+    import benchmarks.search_quality as sq
+
+    seen = []
+
+    def bench_task(cfg, out_dir, checkpoint):
+        seen.append(cfg)
+        return {"targets": []}
+
+    monkeypatch.setattr(sq, "bench_task", bench_task)
+    _, config = sq.run(["tokens"], quick=False, seeds=[0], n_trials=4, workers=1,
+                       methods=["uniform", "masking", "masking_mixed_promoted"], task_options={},
+                       cache_dir=str(tmp_path), out_dir=tmp_path, requested=True, masking_snap=asked)
+    table = seen[0].method_table()
+    mixed = table["masking_mixed_promoted"]["searchers"][0]
+    assert table["masking"][0]["options"]["snap"] == mixed["options"]["snap"] == expected
+    assert config["tasks"]["tokens"]["preset"]["masking_snap"] == expected

@@ -56,8 +56,21 @@ def test_snap_to_target_moves_only_along_the_grid(digits):
     assert abs(space.flops_ratio(snapped) - 0.4) <= 0.01
 
 
+def test_snap_below_never_exceeds_the_target_where_nearest_may(digits):
+    _, _, space = digits
+    over = 0
+    for start in (0.2, 0.35, 0.5, 0.63, 0.8):
+        for target in (0.15, 0.3, 0.45):
+            below = space.flops_ratio(snap_to_target(space, space.uniform(start), target, 0.01, below=True))
+            nearest = space.flops_ratio(snap_to_target(space, space.uniform(start), target, 0.01))
+            assert target - 0.01 <= below <= target
+            assert abs(nearest - target) <= 0.01
+            over += nearest > target
+    assert over > 0   # the symmetric snap does overshoot on this grid
+
+
 @pytest.mark.parametrize("kwargs,match", [
-    ({"target": 0.0}, "target"), ({"target": 1.5}, "target"), ({"lam": -1.0}, "lambda"),
+    ({"snap": "up"}, "snap"), ({"target": 0.0}, "target"), ({"target": 1.5}, "target"), ({"lam": -1.0}, "lambda"),
     ({"steps": 0}, "steps"), ({"tau_start": 0.1, "tau_end": 1.0}, "tau"), ({"start": "magnitude"}, "masking start"),
 ])
 def test_bad_masking_config_is_refused(kwargs, match):
@@ -90,6 +103,17 @@ def test_all_targets_proposes_one_rescaled_policy_per_target_from_each_run():
         assert abs(space.flops_ratio(p.policy) - p.meta["masking_target"]) <= 0.06
     assert [p.meta["masking_target"] for p in done[:3]] == [0.3, 0.5, 0.7]
     assert all("masking_learned_at" in p.meta for p in done[1:3]) and "masking_learned_at" not in done[0].meta
+
+
+def test_snap_below_keeps_every_proposal_of_a_run_within_its_target():
+    from tests.fakes import Harness, tiny_space
+
+    space = tiny_space()
+    h = Harness(space)
+    options = {"targets": [0.3, 0.5, 0.7], "steps": 3, "parallel": 1, "all_targets": True, "snap": "below"}
+    done = h.run(h.searcher("masking", seed=0, options=options), 6)
+    for p in done:
+        assert p.meta["masking_target"] - 0.06 <= space.flops_ratio(p.policy) <= p.meta["masking_target"]
 
 
 def test_runs_cycle_through_the_starts_after_targets_and_lambdas():
