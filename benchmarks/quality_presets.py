@@ -169,8 +169,10 @@ def _masking_options(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     # Masking runs are trained, so each trial costs steps x (a forward/backward pass); fewer
     # steps than the searcher's default keep the 3-seed benchmark within its time budget.
     # all_targets: one trained run proposes its allocation at every target (a trial per target).
+    # snap only when not the searcher's default, so default studies keep their configuration
+    snap = {} if preset.masking_snap == "nearest" else {"snap": preset.masking_snap}
     return {"targets": list(preset.masking_targets[:1] if quick else preset.masking_targets),
-            "steps": preset.masking_steps, "rerank_every": 5, "snap": preset.masking_snap,
+            "steps": preset.masking_steps, "rerank_every": 5, **snap,
             "parallel": 2, "all_targets": True}
 
 
