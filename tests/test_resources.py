@@ -119,16 +119,18 @@ def _tiny_task():
     return tiny_task()
 
 
-def test_portfolio_study_file_is_the_benchmarks_portfolio():
-    """studies/portfolio.toml is the benchmark's recommended portfolio on shapes, key for key."""
+@pytest.mark.parametrize("study_file, method", [("portfolio.toml", "portfolio"),
+                                                ("masking_promoted.toml", "masking_mixed_promoted")])
+def test_shipped_study_files_are_the_benchmarks_methods(study_file, method):
+    """The study files under studies/ are the benchmark's methods on shapes, key for key."""
     from benchmarks.quality_presets import PRESETS, BenchConfig
 
-    shipped = load_config(ROOT / "studies" / "portfolio.toml")
-    bench = BenchConfig(task="shapes", preset=PRESETS["shapes"]).study_config("portfolio", 0, Path("."))
+    shipped = load_config(ROOT / "studies" / study_file)
+    bench = BenchConfig(task="shapes", preset=PRESETS["shapes"]).study_config(method, 0, Path("."))
     assert [(s.kind, s.share, dict(s.options)) for s in shipped.searchers] == \
         [(s.kind, s.share, dict(s.options)) for s in bench.searchers]
-    assert (shipped.evaluation, shipped.space, shipped.constraints, shipped.task.name) == \
-        (bench.evaluation, bench.space, bench.constraints, bench.task.name)
+    assert (shipped.evaluation, shipped.space, shipped.constraints, shipped.task.name, shipped.promotion) == \
+        (bench.evaluation, bench.space, bench.constraints, bench.task.name, bench.promotion)
     assert (shipped.study.n_trials, shipped.study.workers) == (bench.study.n_trials, bench.study.workers)
 
 
