@@ -137,7 +137,7 @@ def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
 #: proxy-only study's, which the full ``make bench`` budget (45 min) has no room for
 OPT_IN = frozenset({"tpe_promoted", "tpe_filled", "tpe_filled_promoted", "tpe_filled_laddered",
                     "masking_global_start", "masking_two_starts_promoted", "masking_mixed_promoted",
-                    "masking_mixed_laddered"})
+                    "masking_mixed_promoted_long", "masking_mixed_laddered"})
 
 
 def available_methods() -> tuple[str, ...]:
@@ -377,8 +377,8 @@ STUDY_TABLES["masking_two_starts_promoted"] = _promotion
 # Masking whose runs differ in start and in length: both starts, each trained for the
 # preset's steps and for 6x them (how long a run trains moved tokens and shapes in opposite
 # directions), the study's rungs choosing per FLOPs level what survives a fine-tune: one
-# rung of the preset's fine-tune (promoted), or that and 5x it with two seeds each
-# (laddered, chosen on the long one).
+# rung of the preset's fine-tune (promoted) or of 5x it (promoted_long), or both with two
+# seeds each (laddered, chosen on the long one).
 MIXED_LENGTH_FACTOR = 6
 
 
@@ -389,6 +389,13 @@ def _masking_mixed(preset: TaskPreset, quick: bool) -> list[dict[str, Any]]:
                                             "steps": [options["steps"], MIXED_LENGTH_FACTOR * options["steps"]]}}]
 
 
+def _long_promotion(preset: TaskPreset, quick: bool) -> dict[str, Any]:
+    table = _promotion(preset, quick)["promotion"]
+    return {"promotion": {**table, "steps": [5 * table["steps"][0]]}}
+
+
 register_method("masking_mixed_laddered")(_masking_mixed)
+register_method("masking_mixed_promoted_long")(_masking_mixed)
 STUDY_TABLES["masking_mixed_promoted"] = _promotion
+STUDY_TABLES["masking_mixed_promoted_long"] = _long_promotion
 STUDY_TABLES["masking_mixed_laddered"] = _ladder

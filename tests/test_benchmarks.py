@@ -298,14 +298,17 @@ def test_the_mixed_masking_methods_cycle_both_starts_and_two_lengths_under_rungs
     from benchmarks.quality_presets import MIXED_LENGTH_FACTOR, PRESETS
 
     preset = PRESETS["tokens"]
-    cfg = BenchConfig(task="tokens", preset=preset, methods=(UNIFORM, "masking_mixed_promoted", "masking_mixed_laddered"))
+    cfg = BenchConfig(task="tokens", preset=preset, methods=(UNIFORM, "masking_mixed_promoted",
+                                                             "masking_mixed_promoted_long", "masking_mixed_laddered"))
     promoted = cfg.study_config("masking_mixed_promoted", 0, tmp_path)
+    long = cfg.study_config("masking_mixed_promoted_long", 0, tmp_path)
     laddered = cfg.study_config("masking_mixed_laddered", 0, tmp_path)
-    for study in (promoted, laddered):
+    for study in (promoted, long, laddered):
         (searcher,) = study.searchers
         assert searcher.kind == "masking" and searcher.options["starts"] == ["uniform", "global_magnitude"]
         assert searcher.options["steps"] == [preset.masking_steps, MIXED_LENGTH_FACTOR * preset.masking_steps]
     assert promoted.promotion.steps == (preset.finetune_steps,) and promoted.promotion.repeats == 1
+    assert long.promotion.steps == (5 * preset.finetune_steps,) and long.promotion.repeats == 1
     assert laddered.promotion.steps == (preset.finetune_steps, 5 * preset.finetune_steps)
     assert laddered.promotion.repeats == 2
 
