@@ -78,11 +78,15 @@ class MaskingOptions(MaskingSchedule):
             raise ValueError("masking steps must be a number of steps or a non-empty list of them, got []")
         object.__setattr__(self, "steps", tuple(check_int("masking steps", n, 1) for n in lengths))
 
+    def schedule(self, **changes: Any) -> MaskingSchedule:
+        """One run's schedule: the first of the lengths unless ``changes`` name the steps."""
+        return super().schedule(**{"steps": self.steps[0], **changes})
+
     def config(self, target: float, lam: float, seed: int, method: str = "l1", start: str = "uniform",
                steps: int | None = None) -> MaskingConfig:
         """The run at ``target`` and ``lam`` from ``start`` for ``steps`` (default: the first
         length) steps (criterion: ``method`` unless the options name one)."""
-        schedule = self.schedule(steps=self.steps[0] if steps is None else steps)
+        schedule = self.schedule() if steps is None else self.schedule(steps=steps)
         return MaskingConfig(**vars(schedule), target=target, lam=lam, seed=seed, method=self.method or method,
                              start=start)
 
