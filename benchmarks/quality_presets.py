@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ROOT
-from search.masking_core import SNAPS
+from search.masking_core import SNAPS, MaskingSchedule
 from spaces.checks import check_choice, check_int, check_number
 from spaces.registry import Registry
 
@@ -41,7 +41,7 @@ class TaskPreset:
     finetune_lr: float = 0.01
     finetune_recovery: str = "finetune"   # the recovery of the identical final fine-tune (and of promotion rungs)
     masking_steps: int = 30
-    masking_snap: str = "nearest"   # masking option snap: "below" keeps each run's policy within its target
+    masking_snap: str = MaskingSchedule.snap   # masking option snap: "below" keeps each run's policy within its target
     masking_targets: tuple[float, ...] = (0.15, 0.25, 0.35, 0.45)
     options: Mapping[str, Any] = field(default_factory=dict)   # task options
     finetune_levels: tuple[float, ...] | None = None           # levels whose models are fine-tuned; None = all
@@ -170,7 +170,7 @@ def _masking_options(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     # steps than the searcher's default keep the 3-seed benchmark within its time budget.
     # all_targets: one trained run proposes its allocation at every target (a trial per target).
     # snap only when not the searcher's default, so default studies keep their configuration
-    snap = {} if preset.masking_snap == "nearest" else {"snap": preset.masking_snap}
+    snap = {} if preset.masking_snap == MaskingSchedule.snap else {"snap": preset.masking_snap}
     return {"targets": list(preset.masking_targets[:1] if quick else preset.masking_targets),
             "steps": preset.masking_steps, "rerank_every": 5, **snap,
             "parallel": 2, "all_targets": True}

@@ -348,7 +348,7 @@ def policy_at_target(space: Any, learned: Mapping[str, float], target: float, me
     The same allocation can be placed at any target this way (masking ``all_targets``).
     """
     raw = Policy(ratios={n: min(1.0, max(float(v), 1e-6)) for n, v in learned.items()}, method=method)
-    return snap_to_target(space, scale_to_target(space, raw, target), target, tolerance, below=snap == "below")
+    return snap_to_target(space, scale_to_target(space, raw, target), target, tolerance, snap)
 
 
 def scale_to_target(space: Any, policy: Policy, target: float) -> Policy:
@@ -375,11 +375,11 @@ def scale_to_target(space: Any, policy: Policy, target: float) -> Policy:
     return Policy(ratios=dict(zip(names, scaled(hi).tolist())), method=policy.method)
 
 
-def snap_to_target(space: Any, policy: Policy, target: float, tolerance: float = 0.01, *,
-                   below: bool = False) -> Policy:
+def snap_to_target(space: Any, policy: Policy, target: float, tolerance: float = 0.01,
+                   snap: str = "nearest") -> Policy:
     """Snap ``policy`` to the grid, then move single groups one grid step at a time (the move
     that brings the exact FLOPs ratio closest to ``target``) until within ``tolerance``;
-    with ``below``, until at most ``target`` and within ``tolerance`` under it (a target that
+    with ``snap = "below"``, until at most ``target`` and within ``tolerance`` under it (a target that
     is a FLOPs budget: any ratio above it counts as further off than every one below)."""
     levels = list(space.levels)
     idx = {n: levels.index(space.snap(policy.ratio(n))) for n in space.group_names}
@@ -388,7 +388,7 @@ def snap_to_target(space: Any, policy: Policy, target: float, tolerance: float =
         return space.flops_ratio(Policy(ratios={n: levels[i] for n, i in ix.items()}, method=policy.method))
 
     def error(value: float) -> float:
-        if below and value > target:
+        if snap == "below" and value > target:
             return 1.0 + value - target
         return abs(value - target)
 

@@ -61,7 +61,7 @@ def test_snap_below_never_exceeds_the_target_where_nearest_may(digits):
     over = 0
     for start in (0.2, 0.35, 0.5, 0.63, 0.8):
         for target in (0.15, 0.3, 0.45):
-            below = space.flops_ratio(snap_to_target(space, space.uniform(start), target, 0.01, below=True))
+            below = space.flops_ratio(snap_to_target(space, space.uniform(start), target, 0.01, "below"))
             nearest = space.flops_ratio(snap_to_target(space, space.uniform(start), target, 0.01))
             assert target - 0.01 <= below <= target
             assert abs(nearest - target) <= 0.01
