@@ -159,10 +159,14 @@ class Ladder:
         return None if value is None or not math.isfinite(value) else float(value)
 
     def level(self, metrics: Metrics) -> int:
-        """FLOPs level of ``metrics``: 0 .. levels - 1 (above the bound: the last one)."""
+        """FLOPs level of ``metrics``: 0 .. levels - 1 (above the bound: the last one).
+
+        Levels are right-closed, ``(k / levels * bound, (k + 1) / levels * bound]``: a
+        trial exactly at a level's upper edge (a FLOPs budget the levels are aligned to)
+        competes with the trials under that budget, not with the larger ones above it."""
         ratio = metrics.flops_ratio if metrics.flops_ratio is not None else 1.0
         high = self.max_flops_ratio or 1.0
-        return min(self.config.levels - 1, max(0, int(ratio / high * self.config.levels)))
+        return min(self.config.levels - 1, max(0, math.ceil(ratio / high * self.config.levels) - 1))
 
     def eligible(self, metrics: Metrics) -> bool:
         """A successful evaluation that meets the constraints not on the score."""

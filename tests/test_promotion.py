@@ -114,6 +114,13 @@ def test_levels_span_up_to_the_flops_bound():
     assert [ladder.level(_m(0.5, r)) for r in (0.05, 0.15, 0.25, 0.39, 0.9)] == [0, 1, 2, 3, 3]
 
 
+def test_a_trial_exactly_at_a_level_edge_competes_below_it():
+    # six levels 0.05 wide up to 0.3: a 15% model is ranked with the models under a 15%
+    # budget, not with the 15-20% ones
+    ladder = _ladder(PromotionConfig(steps=(10,), levels=6), max_flops_ratio=0.3)
+    assert [ladder.level(_m(0.5, r)) for r in (0.0, 0.05, 0.1, 0.15, 0.1501, 0.3)] == [0, 0, 1, 2, 3, 5]
+
+
 # -- through the driver --------------------------------------------------------------------
 def finetuned(space):
     """Synthetic metrics that a fine-tune improves (more steps, more accuracy)."""
