@@ -17,6 +17,7 @@ from typing import Any
 
 from benchmarks.common import ROOT
 from search.masking_core import SNAPS, MaskingSchedule
+from search.promotion import PromotionConfig
 from spaces.checks import check_choice, check_int, check_number
 from spaces.registry import Registry
 
@@ -43,6 +44,7 @@ class TaskPreset:
     masking_steps: int = 30
     masking_snap: str = MaskingSchedule.snap   # masking option snap: "below" keeps each run's policy within its target
     masking_targets: tuple[float, ...] = (0.15, 0.25, 0.35, 0.45)
+    promotion_eta: float = PromotionConfig.eta   # promoted arms: the best 1/eta of a rung per FLOPs level go on
     options: Mapping[str, Any] = field(default_factory=dict)   # task options
     finetune_levels: tuple[float, ...] | None = None           # levels whose models are fine-tuned; None = all
     rung_eval_samples: int | None = None   # validation samples a promotion rung is scored on (None: the proxy's)
@@ -56,6 +58,8 @@ class TaskPreset:
         check_int("masking_steps", self.masking_steps, minimum=1)
         check_choice("masking_snap", self.masking_snap, SNAPS)
         check_number("finetune_lr", self.finetune_lr, positive=True)
+        if check_number("promotion_eta", self.promotion_eta) <= 1:
+            raise ValueError(f"promotion_eta must be > 1, got {self.promotion_eta!r}")
         _check_levels("masking_targets", self.masking_targets)
         if self.finetune_levels is not None and not set(self.finetune_levels) <= set(self.levels):
             raise ValueError(f"finetune_levels {self.finetune_levels!r} must be among levels {self.levels!r}")
@@ -240,7 +244,7 @@ def _promotion(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     # fine-tune is: on shapes the proxy's 500 samples leave a +-2 point noise per score.
     samples = {} if preset.rung_eval_samples is None else {"eval_samples": preset.rung_eval_samples}
     return {"promotion": {"steps": [QUICK["finetune_steps"] if quick else preset.finetune_steps],
-                          "eta": 3, "levels": max(1, round(preset.max_flops_ratio / 0.05)),
+                          "eta": preset.promotion_eta, "levels": max(1, round(preset.max_flops_ratio / 0.05)),
                           "recovery": preset.finetune_recovery, **samples}}
 
 

@@ -61,6 +61,7 @@ from benchmarks.quality_presets import (  # noqa: E402
 from benchmarks.quality_report import check_targets, markdown, masking_per_target, summarize  # noqa: E402
 from benchmarks.quality_run import Checkpoint, run_task  # noqa: E402
 from search.masking_core import SNAPS  # noqa: E402
+from search.promotion import PromotionConfig  # noqa: E402
 
 log = logging.getLogger("benchmarks.search_quality")
 
@@ -82,10 +83,11 @@ def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_tri
         methods: Sequence[str] | None, task_options: Mapping[str, Any], cache_dir: str,
         out_dir: Path, requested: bool, checkpoint: Checkpoint | None = None, finetune_seeds: int = 1,
         hv_points: int = 0, masking_steps: int | None = None,
-        masking_snap: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        masking_snap: str | None = None,
+        promotion_eta: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every task's benchmark: ``(results, config)`` as the JSON file holds them.
     ``masking_steps`` replaces every preset's (and ``--quick``'s) masking steps, ``masking_snap``
-    every preset's masking snap."""
+    every preset's masking snap, ``promotion_eta`` every promoted arm's eta."""
     results: dict[str, Any] = {"tasks": {}, "targets": []}
     budget = QUICK if quick else FULL
     config: dict[str, Any] = {"quick": quick, "workers": workers, "reference_point": list(REFERENCE_POINT),
@@ -109,6 +111,8 @@ def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_tri
             preset = replace(preset, masking_steps=masking_steps)
         if masking_snap is not None:
             preset = replace(preset, masking_snap=masking_snap)
+        if promotion_eta is not None:
+            preset = replace(preset, promotion_eta=promotion_eta)
         cfg = BenchConfig(task=name, preset=preset, seeds=tuple(config["seeds"]), n_trials=config["n_trials"],
                           finetune_seeds=finetune_seeds, hv_points=hv_points,
                           workers=workers, methods=tuple(methods or default_methods()), cache_dir=cache_dir,
@@ -187,6 +191,9 @@ def _parser() -> Any:
     parser.add_argument("--masking-snap", choices=SNAPS, default=None,
                         help="how every masking run's policy meets its FLOPs target: nearest (within the "
                              "tolerance either side) or below (at most the target); default: the task preset's")
+    parser.add_argument("--promotion-eta", type=float, default=None,
+                        help="promoted arms promote the best 1/eta of a rung per FLOPs level (default: "
+                             f"{PromotionConfig.eta:g})")
     parser.add_argument("--cache-dir", default=str(ROOT / "studies" / "cache"), help="task model cache")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the studies an interrupted run saved in <out>/<name>.partial.json")
@@ -217,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.masking_steps is not None and args.masking_steps < 1:
         parser.error(f"--masking-steps must be >= 1, got {args.masking_steps}")
+    if args.promotion_eta is not None and not args.promotion_eta > 1:
+        parser.error(f"--promotion-eta must be > 1, got {args.promotion_eta:g}")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     if methods is not None and UNIFORM not in methods:
         methods = [UNIFORM, *methods]
@@ -229,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                           n_trials=args.trials, workers=args.workers, methods=methods, task_options=task_options,
                           cache_dir=args.cache_dir, out_dir=out, requested=args.task is not None,
                           checkpoint=checkpoint, finetune_seeds=args.finetune_seeds, hv_points=args.hv_points,
-                          masking_steps=args.masking_steps, masking_snap=args.masking_snap)
+                          masking_steps=args.masking_steps, masking_snap=args.masking_snap,
+                          promotion_eta=args.promotion_eta)
     config["wall_seconds"] = round(sum(r.get("wall_s", 0.0) for r in results["tasks"].values()), 1)
     if args.merge:
         merge_previous(out / f"{name}.json", results, config)

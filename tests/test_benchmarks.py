@@ -415,6 +415,7 @@ def test_finetune_lengths_takes_the_source_runs_fine_tune_seeds_unless_told(tmp_
     (["--hv-points", "-1"], "--hv-points must be >= 0, got -1"),
     (["--task-options", "[1]"], "--task-options must be a JSON object"),
     (["--masking-snap", "up"], "--masking-snap: invalid choice: 'up'"),
+    (["--promotion-eta", "1"], "--promotion-eta must be > 1, got 1"),
 ])
 def test_search_quality_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, argv, words):
     from benchmarks.search_quality import main
@@ -465,3 +466,25 @@ def test_search_quality_masking_snap_reaches_every_masking_run(tmp_path, monkeyp
     for options in (table["masking"][0]["options"], mixed["options"]):
         assert options.get("snap", "nearest") == expected   # the searcher's default is not written out
     assert config["tasks"]["tokens"]["preset"]["masking_snap"] == expected
+
+
+@pytest.mark.parametrize("asked, expected", [(None, 3), (2.0, 2.0)])
+def test_search_quality_promotion_eta_reaches_every_promoted_arm(tmp_path, monkeypatch, asked, expected):
+    import benchmarks.search_quality as sq
+
+    seen = []
+
+    def bench_task(cfg, out_dir, checkpoint):
+        seen.append(cfg)
+        return {"targets": []}
+
+    monkeypatch.setattr(sq, "bench_task", bench_task)
+    arms = ["masking_mixed_promoted", "masking_mixed_promoted_long", "tpe_filled_laddered"]
+    _, config = sq.run(["shapes"], quick=False, seeds=[0], n_trials=4, workers=1,
+                       methods=["uniform", "masking", *arms],
+                       task_options={}, cache_dir=str(tmp_path), out_dir=tmp_path, requested=True,
+                       promotion_eta=asked)
+    table = seen[0].method_table()
+    assert [table[arm]["promotion"]["eta"] for arm in arms] == [expected] * 3
+    assert isinstance(table["masking"], list)   # no study tables: no promotion
+    assert config["tasks"]["shapes"]["preset"]["promotion_eta"] == expected
