@@ -428,8 +428,9 @@ def test_search_quality_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_p
     assert not out.exists()
 
 
-@pytest.mark.parametrize("quick, asked, expected", [(False, None, 5), (False, 40, 40), (True, None, 2), (True, 7, 7)])
-def test_search_quality_masking_steps_reach_every_masking_run(tmp_path, monkeypatch, quick, asked, expected):
+def _planned(monkeypatch, tmp_path, task, methods, quick=False, **overrides):
+    """search_quality.run for one task with the studies not run: (the task's BenchConfig,
+    the config the JSON file would hold)."""
     import benchmarks.search_quality as sq
 
     seen = []
@@ -439,52 +440,35 @@ def test_search_quality_masking_steps_reach_every_masking_run(tmp_path, monkeypa
         return {"targets": []}
 
     monkeypatch.setattr(sq, "bench_task", bench_task)
-    _, config = sq.run(["shapes"], quick=quick, seeds=[0], n_trials=4, workers=1, methods=["uniform", "masking"],
-                       task_options={}, cache_dir=str(tmp_path), out_dir=tmp_path, requested=True,
-                       masking_steps=asked)
-    (masking,) = seen[0].method_table()["masking"]
+    _, config = sq.run([task], quick=quick, seeds=[0], n_trials=4, workers=1, methods=["uniform", *methods],
+                       task_options={}, cache_dir=str(tmp_path), out_dir=tmp_path, requested=True, **overrides)
+    return seen[0], config["tasks"][task]
+
+
+@pytest.mark.parametrize("quick, asked, expected", [(False, None, 5), (False, 40, 40), (True, None, 2), (True, 7, 7)])
+def test_search_quality_masking_steps_reach_every_masking_run(tmp_path, monkeypatch, quick, asked, expected):
+    cfg, config = _planned(monkeypatch, tmp_path, "shapes", ["masking"], quick=quick, masking_steps=asked)
+    (masking,) = cfg.method_table()["masking"]
     assert masking["options"]["steps"] == expected
-    assert config["tasks"]["shapes"]["preset"]["masking_steps"] == expected
+    assert config["preset"]["masking_steps"] == expected
 
 
 @pytest.mark.parametrize("asked, expected", [(None, "nearest"), ("below", "below")])
 def test_search_quality_masking_snap_reaches_every_masking_run(tmp_path, monkeypatch, asked, expected):
-    import benchmarks.search_quality as sq
-
-    seen = []
-
-    def bench_task(cfg, out_dir, checkpoint):
-        seen.append(cfg)
-        return {"targets": []}
-
-    monkeypatch.setattr(sq, "bench_task", bench_task)
-    _, config = sq.run(["tokens"], quick=False, seeds=[0], n_trials=4, workers=1,
-                       methods=["uniform", "masking", "masking_mixed_promoted"], task_options={},
-                       cache_dir=str(tmp_path), out_dir=tmp_path, requested=True, masking_snap=asked)
-    table = seen[0].method_table()
+    cfg, config = _planned(monkeypatch, tmp_path, "tokens", ["masking", "masking_mixed_promoted"],
+                           masking_snap=asked)
+    table = cfg.method_table()
     mixed = table["masking_mixed_promoted"]["searchers"][0]
     for options in (table["masking"][0]["options"], mixed["options"]):
         assert options.get("snap", "nearest") == expected   # the searcher's default is not written out
-    assert config["tasks"]["tokens"]["preset"]["masking_snap"] == expected
+    assert config["preset"]["masking_snap"] == expected
 
 
 @pytest.mark.parametrize("asked, expected", [(None, 3), (2.0, 2.0)])
 def test_search_quality_promotion_eta_reaches_every_promoted_arm(tmp_path, monkeypatch, asked, expected):
-    import benchmarks.search_quality as sq
-
-    seen = []
-
-    def bench_task(cfg, out_dir, checkpoint):
-        seen.append(cfg)
-        return {"targets": []}
-
-    monkeypatch.setattr(sq, "bench_task", bench_task)
     arms = ["masking_mixed_promoted", "masking_mixed_promoted_long", "tpe_filled_laddered"]
-    _, config = sq.run(["shapes"], quick=False, seeds=[0], n_trials=4, workers=1,
-                       methods=["uniform", "masking", *arms],
-                       task_options={}, cache_dir=str(tmp_path), out_dir=tmp_path, requested=True,
-                       promotion_eta=asked)
-    table = seen[0].method_table()
+    cfg, config = _planned(monkeypatch, tmp_path, "shapes", ["masking", *arms], promotion_eta=asked)
+    table = cfg.method_table()
     assert [table[arm]["promotion"]["eta"] for arm in arms] == [expected] * 3
     assert isinstance(table["masking"], list)   # no study tables: no promotion
-    assert config["tasks"]["shapes"]["preset"]["promotion_eta"] == expected
+    assert config["preset"]["promotion_eta"] == expected
