@@ -45,6 +45,7 @@ class TaskPreset:
     masking_snap: str = MaskingSchedule.snap   # masking option snap: "below" keeps each run's policy within its target
     masking_targets: tuple[float, ...] = (0.15, 0.25, 0.35, 0.45)
     promotion_eta: float = PromotionConfig.eta   # promoted arms: the best 1/eta of a rung per FLOPs level go on
+    promotion_repeats: int | None = None   # promoted arms: fine-tunes per rung evaluation (None: each arm's own)
     options: Mapping[str, Any] = field(default_factory=dict)   # task options
     finetune_levels: tuple[float, ...] | None = None           # levels whose models are fine-tuned; None = all
     rung_eval_samples: int | None = None   # validation samples a promotion rung is scored on (None: the proxy's)
@@ -60,6 +61,8 @@ class TaskPreset:
         check_number("finetune_lr", self.finetune_lr, positive=True)
         if check_number("promotion_eta", self.promotion_eta) <= 1:
             raise ValueError(f"promotion_eta must be > 1, got {self.promotion_eta!r}")
+        if self.promotion_repeats is not None:
+            check_int("promotion_repeats", self.promotion_repeats, minimum=1)
         _check_levels("masking_targets", self.masking_targets)
         if self.finetune_levels is not None and not set(self.finetune_levels) <= set(self.levels):
             raise ValueError(f"finetune_levels {self.finetune_levels!r} must be among levels {self.levels!r}")
@@ -243,9 +246,10 @@ def _promotion(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     # A rung is scored on the whole validation split (rung_eval_samples), as the final
     # fine-tune is: on shapes the proxy's 500 samples leave a +-2 point noise per score.
     samples = {} if preset.rung_eval_samples is None else {"eval_samples": preset.rung_eval_samples}
+    repeats = {} if preset.promotion_repeats is None else {"repeats": preset.promotion_repeats}
     return {"promotion": {"steps": [QUICK["finetune_steps"] if quick else preset.finetune_steps],
                           "eta": preset.promotion_eta, "levels": max(1, round(preset.max_flops_ratio / 0.05)),
-                          "recovery": preset.finetune_recovery, **samples}}
+                          "recovery": preset.finetune_recovery, **samples, **repeats}}
 
 
 STUDY_TABLES["tpe_promoted"] = _promotion
@@ -262,7 +266,7 @@ def _ladder(preset: TaskPreset, quick: bool) -> dict[str, Any]:
     # +-1.6 points with its seed (headroom.json), more than the gaps it is asked to rank.
     table = _promotion(preset, quick)["promotion"]
     short = table["steps"][0]
-    return {"promotion": {**table, "steps": [short, 5 * short], "repeats": 2}}
+    return {"promotion": {**table, "steps": [short, 5 * short], "repeats": preset.promotion_repeats or 2}}
 
 
 # TPE's searchers, each with study tables of its own

@@ -84,10 +84,12 @@ def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_tri
         out_dir: Path, requested: bool, checkpoint: Checkpoint | None = None, finetune_seeds: int = 1,
         hv_points: int = 0, masking_steps: int | None = None,
         masking_snap: str | None = None,
-        promotion_eta: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        promotion_eta: float | None = None,
+        promotion_repeats: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every task's benchmark: ``(results, config)`` as the JSON file holds them.
     ``masking_steps`` replaces every preset's (and ``--quick``'s) masking steps, ``masking_snap``
-    every preset's masking snap, ``promotion_eta`` every promoted arm's eta."""
+    every preset's masking snap, ``promotion_eta`` and ``promotion_repeats`` every promoted arm's
+    eta and fine-tunes per rung evaluation."""
     results: dict[str, Any] = {"tasks": {}, "targets": []}
     budget = QUICK if quick else FULL
     config: dict[str, Any] = {"quick": quick, "workers": workers, "reference_point": list(REFERENCE_POINT),
@@ -113,6 +115,8 @@ def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_tri
             preset = replace(preset, masking_snap=masking_snap)
         if promotion_eta is not None:
             preset = replace(preset, promotion_eta=promotion_eta)
+        if promotion_repeats is not None:
+            preset = replace(preset, promotion_repeats=promotion_repeats)
         cfg = BenchConfig(task=name, preset=preset, seeds=tuple(config["seeds"]), n_trials=config["n_trials"],
                           finetune_seeds=finetune_seeds, hv_points=hv_points,
                           workers=workers, methods=tuple(methods or default_methods()), cache_dir=cache_dir,
@@ -194,6 +198,9 @@ def _parser() -> Any:
     parser.add_argument("--promotion-eta", type=float, default=None,
                         help="promoted arms promote the best 1/eta of a rung per FLOPs level (default: "
                              f"{PromotionConfig.eta:g})")
+    parser.add_argument("--promotion-repeats", type=int, default=None,
+                        help="fine-tunes per rung evaluation of every promoted arm, scored on their mean "
+                             "(default: 1; the laddered arms' 2)")
     parser.add_argument("--cache-dir", default=str(ROOT / "studies" / "cache"), help="task model cache")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the studies an interrupted run saved in <out>/<name>.partial.json")
@@ -226,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--masking-steps must be >= 1, got {args.masking_steps}")
     if args.promotion_eta is not None and not args.promotion_eta > 1:
         parser.error(f"--promotion-eta must be > 1, got {args.promotion_eta:g}")
+    if args.promotion_repeats is not None and args.promotion_repeats < 1:
+        parser.error(f"--promotion-repeats must be >= 1, got {args.promotion_repeats}")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     if methods is not None and UNIFORM not in methods:
         methods = [UNIFORM, *methods]
@@ -239,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                           cache_dir=args.cache_dir, out_dir=out, requested=args.task is not None,
                           checkpoint=checkpoint, finetune_seeds=args.finetune_seeds, hv_points=args.hv_points,
                           masking_steps=args.masking_steps, masking_snap=args.masking_snap,
-                          promotion_eta=args.promotion_eta)
+                          promotion_eta=args.promotion_eta, promotion_repeats=args.promotion_repeats)
     config["wall_seconds"] = round(sum(r.get("wall_s", 0.0) for r in results["tasks"].values()), 1)
     if args.merge:
         merge_previous(out / f"{name}.json", results, config)

@@ -416,6 +416,7 @@ def test_finetune_lengths_takes_the_source_runs_fine_tune_seeds_unless_told(tmp_
     (["--task-options", "[1]"], "--task-options must be a JSON object"),
     (["--masking-snap", "up"], "--masking-snap: invalid choice: 'up'"),
     (["--promotion-eta", "1"], "--promotion-eta must be > 1, got 1"),
+    (["--promotion-repeats", "0"], "--promotion-repeats must be >= 1, got 0"),
 ])
 def test_search_quality_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, argv, words):
     from benchmarks.search_quality import main
@@ -472,3 +473,12 @@ def test_search_quality_promotion_eta_reaches_every_promoted_arm(tmp_path, monke
     assert [table[arm]["promotion"]["eta"] for arm in arms] == [expected] * 3
     assert isinstance(table["masking"], list)   # no study tables: no promotion
     assert config["preset"]["promotion_eta"] == expected
+
+
+@pytest.mark.parametrize("asked, expected", [(None, (None, None, 2)), (3, (3, 3, 3))])
+def test_search_quality_promotion_repeats_reach_every_promoted_arm(tmp_path, monkeypatch, asked, expected):
+    arms = ["masking_mixed_promoted", "masking_mixed_promoted_long", "tpe_filled_laddered"]
+    cfg, config = _planned(monkeypatch, tmp_path, "shapes", arms, promotion_repeats=asked)
+    table = cfg.method_table()
+    assert tuple(table[arm]["promotion"].get("repeats") for arm in arms) == expected
+    assert config["preset"]["promotion_repeats"] == asked
