@@ -90,6 +90,8 @@ def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_tri
     ``masking_steps`` replaces every preset's (and ``--quick``'s) masking steps, ``masking_snap``
     every preset's masking snap, ``promotion_eta`` and ``promotion_repeats`` every promoted arm's
     eta and fine-tunes per rung evaluation."""
+    overrides = {"masking_steps": masking_steps, "masking_snap": masking_snap,
+                 "promotion_eta": promotion_eta, "promotion_repeats": promotion_repeats}
     results: dict[str, Any] = {"tasks": {}, "targets": []}
     budget = QUICK if quick else FULL
     config: dict[str, Any] = {"quick": quick, "workers": workers, "reference_point": list(REFERENCE_POINT),
@@ -109,14 +111,7 @@ def run(tasks: Sequence[str], *, quick: bool, seeds: Sequence[int] | None, n_tri
             preset = replace(preset, options={**preset.options, **task_options})
         if quick:
             preset = replace(preset, finetune_steps=QUICK["finetune_steps"], masking_steps=QUICK["masking_steps"])
-        if masking_steps is not None:
-            preset = replace(preset, masking_steps=masking_steps)
-        if masking_snap is not None:
-            preset = replace(preset, masking_snap=masking_snap)
-        if promotion_eta is not None:
-            preset = replace(preset, promotion_eta=promotion_eta)
-        if promotion_repeats is not None:
-            preset = replace(preset, promotion_repeats=promotion_repeats)
+        preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
         cfg = BenchConfig(task=name, preset=preset, seeds=tuple(config["seeds"]), n_trials=config["n_trials"],
                           finetune_seeds=finetune_seeds, hv_points=hv_points,
                           workers=workers, methods=tuple(methods or default_methods()), cache_dir=cache_dir,
