@@ -5,7 +5,10 @@ Per reported FLOPs level (``--levels``), this draws ``--candidates`` policies fr
 preset's space, or another ratio range (``--ratio-range``), half over the whole range and
 half near the uniform policy, scales each to the level
 (the same projection as ``[fill]``), and fine-tunes each once with the study seed: a
-*screen*, what a promotion rung of that length sees. The screen's ``--top`` candidates are
+*screen*, what a promotion rung of that length sees. ``--draw extremes`` screens instead the
+corners a random draw rarely reaches: every group alone at the range's bottom (a residual
+block all but removed), then alone at its top (a residual stream kept whole), the other
+groups at one common ratio solved to the level. The screen's ``--top`` candidates are
 then fine-tuned again with ``--finetune-seeds`` fresh seeds, as are the baselines (uniform,
 Torch-Pruning global magnitude pruning): the same recovery, lr, KD and seeds as the
 search-quality fine-tune. ``--criteria`` adds the uniform policy with each named importance
@@ -62,6 +65,7 @@ class HeadroomRun:
     levels: tuple[float, ...] | None = None          # default: the preset's
     ratio_range: tuple[float, float] | None = None   # default: the preset's space
     criteria: tuple[str, ...] = ()                    # uniform policies with these criteria, as extra rows
+    draw: str = "random"                              # a key of DRAWS: how the screened policies are chosen
 
     def __post_init__(self) -> None:
         for name, value, low in (("--candidates", self.candidates, 1), ("--top", self.top, 1),
@@ -69,7 +73,9 @@ class HeadroomRun:
                                  ("--seed", self.seed, 0), ("--workers", self.workers, 1)):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
-        if self.top > self.candidates:
+        if self.draw not in DRAWS:
+            raise ValueError(f"--draw {self.draw!r} is not a draw (known: {', '.join(DRAWS)})")
+        if self.draw == "random" and self.top > self.candidates:
             raise ValueError(f"--top {self.top} is more than --candidates {self.candidates}")
         if self.levels and any(not 0.0 < lv <= 1.0 for lv in self.levels):
             raise ValueError(f"--levels must be FLOPs ratios in (0, 1], got {' '.join(map(str, self.levels))}")
@@ -86,6 +92,11 @@ class HeadroomRun:
             raise ValueError(f"--task {self.task!r} is not a task (known: {', '.join(available_tasks())})")
 
 
+def _check_level(space: Any, level: float) -> None:
+    if space.min_flops_ratio > level + 1e-12:
+        raise ValueError(f"FLOPs level {level:g} is below the space's smallest model ({space.min_flops_ratio:.4f})")
+
+
 def at_level(space: Any, policy: Any, level: float) -> Any:
     """``policy`` scaled to FLOPs ratio ``level``: shrunk (ratios floored at ``ratio_min``)
     while above it, then grown by ``spaces.fill.BudgetFill`` up to it.
@@ -94,8 +105,7 @@ def at_level(space: Any, policy: Any, level: float) -> Any:
     from spaces.fill import BudgetFill
     from spaces.policy import Policy
 
-    if space.min_flops_ratio > level + 1e-12:
-        raise ValueError(f"FLOPs level {level:g} is below the space's smallest model ({space.min_flops_ratio:.4f})")
+    _check_level(space, level)
     while space.flops_ratio(policy) > level + 1e-12:
         policy = Policy(ratios={n: max(space.ratio_min, r * _SHRINK) for n, r in policy.ratios.items()},
                         method=policy.method, recovery=policy.recovery)
@@ -123,6 +133,48 @@ def candidates(space: Any, level: float, n: int, seed: int, spread: float = 0.35
         policy = at_level(space, Policy(ratios=dict(zip(names, map(float, draw))), method=method), level)
         out.setdefault(policy.key(), policy)
     return list(out.values())
+
+
+def solved(space: Any, fixed: Mapping[str, float], level: float) -> Any:
+    """The policy with ``fixed`` ratios and every other group at the largest common ratio in
+    the space's range whose FLOPs ratio stays within ``level``; None when even that range's
+    bottom is above it."""
+    from spaces.policy import Policy
+
+    def policy(common: float) -> Any:
+        return Policy(ratios={n: fixed.get(n, common) for n in space.group_names}, method=space.methods[0])
+
+    lo, hi = space.ratio_min, space.ratio_max
+    if space.flops_ratio(policy(lo)) > level + 1e-12:
+        return None
+    if space.flops_ratio(policy(hi)) <= level + 1e-12:
+        return policy(hi)
+    for _ in range(40):   # channel rounding makes the FLOPs a step function of the ratio
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if space.flops_ratio(policy(mid)) <= level + 1e-12 else (lo, mid)
+    return policy(lo)
+
+
+def extremes(space: Any, level: float) -> list[tuple[str, Any]]:
+    """``(label, policy)`` per group alone at the space's smallest ratio, then per group alone
+    at its largest, the others solved to ``level`` (``solved``); a corner that cannot be within
+    the level, or that repeats an earlier one, is left out. ``ValueError`` as ``at_level``."""
+    _check_level(space, level)
+    out: dict[str, tuple[str, Any]] = {}
+    for ratio in (space.ratio_min, space.ratio_max):
+        for name in space.group_names:
+            policy = solved(space, {name: ratio}, level)
+            if policy is not None:
+                out.setdefault(policy.key(), (f"{name} at {ratio:g}", policy))
+    return list(out.values())
+
+
+def _random_draw(space: Any, level: float, n: int, seed: int) -> list[tuple[str, Any]]:
+    return [(f"draw {i}", p) for i, p in enumerate(candidates(space, level, n, seed))]
+
+
+# How a screen's policies are chosen: (space, level, candidates, seed) -> [(label, policy)].
+DRAWS = {"random": _random_draw, "extremes": lambda space, level, _n, _seed: extremes(space, level)}
 
 
 def baselines(task: Any, space: Any, levels: Sequence[float], criteria: Sequence[str] = ()) -> dict[float, dict[str, Any]]:
@@ -184,7 +236,9 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
     task, space = load_task_and_space(first.study_config("random", seed, Path(".")))
     if spec.criteria:   # the space's own criterion stays first: candidates and uniform use it
         space = space.with_config(methods=tuple(dict.fromkeys((*space.methods, *spec.criteria))))
-    pools = {lv: candidates(space, lv, spec.candidates, seed + int(1000 * lv)) for lv in preset.levels}
+    drawn = {lv: DRAWS[spec.draw](space, lv, spec.candidates, seed + int(1000 * lv)) for lv in preset.levels}
+    labels = {lv: [label for label, _ in d] for lv, d in drawn.items()}
+    pools = {lv: [p for _, p in d] for lv, d in drawn.items()}
     bases = baselines(task, space, preset.levels, spec.criteria)
 
     def screen_settings(s: int) -> EvalSettings:   # a promotion rung's fine-tune: the study seed
@@ -205,7 +259,7 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
     levels: dict[str, Any] = {}
     for lv, pols in pools.items():
         for s in steps:
-            screen = [{"policy": p.to_dict(), "flops_ratio": got[("screen", lv, s, i)].flops_ratio,
+            screen = [{"label": labels[lv][i], "policy": p.to_dict(), "flops_ratio": got[("screen", lv, s, i)].flops_ratio,
                        "accuracy": _score(got[("screen", lv, s, i)])} for i, p in enumerate(pols)]
             confirmed = [{**screen[i], "screen": screen[i]["accuracy"],
                           "accuracies": [_score(got[("top", lv, s, i, k)]) for k in range(finetune_seeds)]}
@@ -215,7 +269,8 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
                 **summarize(screen, confirmed, base), "baseline_runs": base,
                 "baseline_flops": {name: got[("base", lv, s, name, 0)].flops_ratio for name in bases[lv]},
                 "confirmed": confirmed, "screen": sorted(screen, key=lambda r: -r["accuracy"])}
-    return {"task": task_name, "base_accuracy": base_accuracy(task), "seed": seed, "candidates": spec.candidates,
+    return {"task": task_name, "base_accuracy": base_accuracy(task), "seed": seed, "draw": spec.draw,
+            "candidates": max(len(p) for p in pools.values()),
             "top": spec.top, "finetune_seeds": finetune_seeds, "steps": list(steps), "space": {"ratio_min": space.ratio_min,
             "ratio_max": space.ratio_max, "groups": len(space.groups), "criterion": space.methods[0]},
             "criteria": list(spec.criteria), "levels": levels,
@@ -230,12 +285,19 @@ def _score(metrics: Any) -> float:
     return float(metrics.accuracy)
 
 
+# How the markdown names each draw's policies.
+_DRAWN = {"random": "half drawn over the range, half near uniform; each scaled to the level",
+          "extremes": "every group alone at the range's bottom, then alone at its top, the other groups at one "
+                      "common ratio solved to the level"}
+
+
 def markdown(result: Mapping[str, Any]) -> str:
     n, top, f = result["candidates"], result["top"], result["finetune_seeds"]
+    draw = result.get("draw", "random")
     lines = [f"## Headroom over uniform pruning: {result['task']}", "",
              f"Base {100 * result['base_accuracy']:.1f}%. Per FLOPs level, {n} policies "
-             f"(ratios {result['space']['ratio_min']}-{result['space']['ratio_max']}; half drawn over the range, half "
-             f"near uniform; each scaled to the level) fine-tuned once with the study seed (the screen); the screen's "
+             f"(ratios {result['space']['ratio_min']}-{result['space']['ratio_max']}; {_DRAWN[draw]}) "
+             f"fine-tuned once with the study seed (the screen); the screen's "
              f"top {top} and the baselines fine-tuned again with {f} fresh seed(s) (mean). Screen pick: the screen's "
              f"best on the fresh seeds (unbiased); best of top {top}: selected on the fresh seeds themselves "
              f"(optimistic). Δ: against the better baseline. {result['finetunes']} fine-tunes, "
@@ -250,6 +312,12 @@ def markdown(result: Mapping[str, Any]) -> str:
                          f"{100 * b['global_magnitude']:.1f} | {100 * r['screen_pick']:.1f} | "
                          f"{100 * r['screen_pick_delta']:+.1f} | {100 * r['best_of_top']:.1f} | "
                          f"{100 * r['best_of_top_delta']:+.1f} | {100 * r['screen_above_better_baseline']:.0f}% |")
+    if draw != "random":
+        lines += ["", "The screen's best three per level and length (one fine-tune, the study seed):", ""]
+        for level, by_steps in result["levels"].items():
+            for steps, r in by_steps.items():
+                best = ", ".join(f"{s['label']} {100 * s['accuracy']:.1f}" for s in r["screen"][:3])
+                lines.append(f"- {100 * float(level):g}%, {steps} steps: {best}")
     if result.get("criteria"):
         names = [f"uniform_{c}" for c in result["criteria"]]
         lines += ["", f"Uniform pruning with other importance criteria (the rows above use "
@@ -279,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="remaining-ratio range of the drawn policies (default: the preset's space)")
     parser.add_argument("--criteria", nargs="+", default=(),
                         help="importance criteria whose uniform policies are fine-tuned as extra rows (e.g. taylor fpgm)")
+    parser.add_argument("--draw", default="random",
+                        help=f"how the screened policies are chosen: {' or '.join(DRAWS)} (default %(default)s; "
+                             "extremes: every group alone at the ratio range's bottom and alone at its top)")
     parser.add_argument("--workers", type=int, default=2, help="evaluation workers (default %(default)s)")
     parser.add_argument("--cache-dir", default=None, help="task model cache (default: studies/cache)")
     args = parser.parse_args(argv)
@@ -296,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   [preset.finetune_steps, 5 * preset.finetune_steps])))),
             levels=tuple(args.levels) if args.levels else None,
             ratio_range=tuple(args.ratio_range) if args.ratio_range else None,
-            criteria=tuple(dict.fromkeys(args.criteria)))
+            criteria=tuple(dict.fromkeys(args.criteria)), draw=args.draw)
         result = run(spec)
     except ValueError as exc:
         parser.error(str(exc))

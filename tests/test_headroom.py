@@ -32,6 +32,33 @@ def test_candidates_are_distinct_policies_of_the_space_at_the_level(space, level
     assert [p.key() for p in headroom.candidates(space, level, 10, seed=1)] != [p.key() for p in got]
 
 
+@pytest.mark.parametrize("level", [0.3, 0.6])
+def test_extremes_hold_one_group_at_an_end_of_the_range_and_solve_the_others_to_the_level(space, level):
+    got = headroom.extremes(space, level)
+    assert got and len({p.key() for _, p in got}) == len(got)
+    for label, policy in got:
+        name, ratio = label.split(" at ")
+        assert policy.ratios[name] == pytest.approx(float(ratio))
+        assert float(ratio) in (pytest.approx(space.ratio_min), pytest.approx(space.ratio_max))
+        common = {r for n, r in policy.ratios.items() if n != name}
+        assert len(common) == 1 and space.ratio_min <= common.pop() <= space.ratio_max
+        assert space.flops_ratio(policy) <= level + 1e-12
+    bottoms = [label for label, _ in got if label.endswith(f" at {space.ratio_min:g}")]
+    assert len(bottoms) == len(space.group_names)   # every group can be cut to the bottom at these levels
+
+
+def test_the_solved_ratio_is_the_largest_within_the_level(space):
+    name = space.group_names[0]
+    policy = headroom.solved(space, {name: space.ratio_max}, 0.5)
+    common = next(r for n, r in policy.ratios.items() if n != name)
+    wider = type(policy)(ratios={n: r if n == name else min(space.ratio_max, common + 0.02)
+                                 for n, r in policy.ratios.items()}, method=policy.method)
+    assert space.flops_ratio(policy) <= 0.5 + 1e-12 < space.flops_ratio(wider)
+    assert headroom.solved(space, {name: space.ratio_max}, space.min_flops_ratio / 2) is None
+    with pytest.raises(ValueError, match="below the space's smallest model"):
+        headroom.extremes(space, space.min_flops_ratio / 2)
+
+
 def test_a_draw_above_the_level_is_shrunk_and_a_level_below_the_space_is_refused(space):
     big = space.uniform(space.ratio_max)
     assert space.flops_ratio(headroom.at_level(space, big, 0.3)) <= 0.3 + 1e-12
@@ -71,6 +98,8 @@ def test_a_criterion_row_is_compared_with_the_better_baseline_and_never_becomes_
     (["--ratio-range", "0.1", "1.2"], "--ratio-range must be 0 < MIN < MAX <= 1"),
     (["--quick", "--levels", "0.001"], "below the space's smallest model"),
     (["--criteria", "l1", "nope"], "--criteria 'nope' is not an importance criterion"),
+    (["--draw", "nope"], "--draw 'nope' is not a draw"),
+    (["--quick", "--draw", "extremes", "--levels", "0.001"], "below the space's smallest model"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, argv, words):
     out = tmp_path / "out"
@@ -98,3 +127,14 @@ def test_a_tiny_real_run_writes_every_asked_level_and_length(tmp_path):
         assert 0.0 <= row["screen_pick"] <= 1.0
     md = (tmp_path / "headroom_quick.md").read_text()
     assert "## Headroom over uniform pruning: digits" in md and "| uniform_fpgm | Δ |" in md
+
+
+def test_an_extremes_run_screens_every_corner_and_names_the_best(tmp_path):
+    assert headroom.main(["--quick", "--draw", "extremes", "--steps", "2", "--levels", "0.5",
+                          "--ratio-range", "0.3", "1.0", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "headroom_quick.json").read_text())["results"]
+    row = data["levels"]["0.5"]["2"]
+    assert data["draw"] == "extremes" and len(row["screen"]) == data["candidates"] >= 2
+    assert all(" at " in s["label"] and s["flops_ratio"] <= 0.5 + 1e-9 for s in row["screen"])
+    md = (tmp_path / "headroom_quick.md").read_text()
+    assert "alone at the range's bottom" in md and f"- 50%, 2 steps: {row['screen'][0]['label']} " in md
