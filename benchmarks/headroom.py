@@ -214,14 +214,12 @@ def summarize(screen: Sequence[Mapping[str, Any]], confirmed: Sequence[Mapping[s
             "criteria_delta": {name: m - means[better] for name, m in means.items() if name not in BASELINE_NAMES}}
 
 
-def run(spec: HeadroomRun) -> dict[str, Any]:
-    from benchmarks.quality_run import SharedPool, base_accuracy, evaluate_all, evaluation_pool
-    from evaluators.settings import EvalSettings
+def setup(spec: HeadroomRun) -> tuple[dict[int, BenchConfig], Any, Any]:
+    """The fine-tune configuration of each of ``spec.steps`` (the task preset with its levels
+    and ratio range), the task and its space (with ``spec.criteria`` after its own criterion)."""
     from search.setup import load_task_and_space
 
-    start = time.perf_counter()
-    task_name, steps, seed, finetune_seeds = spec.task, spec.steps, spec.seed, spec.finetune_seeds
-    preset = PRESETS.get(task_name, GENERIC_PRESET)
+    preset = PRESETS.get(spec.task, GENERIC_PRESET)
     if spec.levels:
         preset = replace(preset, levels=tuple(spec.levels), finetune_levels=None,
                          max_flops_ratio=max(preset.max_flops_ratio, *spec.levels))
@@ -229,13 +227,24 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
         preset = replace(preset, space={**preset.space, "ratio_min": spec.ratio_range[0],
                                         "ratio_max": spec.ratio_range[1]})
     extra = {"cache_dir": spec.cache_dir} if spec.cache_dir else {}
-    cfgs = {s: BenchConfig(task=task_name, preset=replace(preset, finetune_steps=s), seeds=(seed,), quick=spec.quick,
-                           finetune_seeds=finetune_seeds, workers=spec.workers, methods=("uniform",), **extra)
-            for s in steps}
-    first = cfgs[steps[0]]
-    task, space = load_task_and_space(first.study_config("random", seed, Path(".")))
+    cfgs = {s: BenchConfig(task=spec.task, preset=replace(preset, finetune_steps=s), seeds=(spec.seed,),
+                           quick=spec.quick, finetune_seeds=spec.finetune_seeds, workers=spec.workers,
+                           methods=("uniform",), **extra)
+            for s in spec.steps}
+    task, space = load_task_and_space(cfgs[spec.steps[0]].study_config("random", spec.seed, Path(".")))
     if spec.criteria:   # the space's own criterion stays first: candidates and uniform use it
         space = space.with_config(methods=tuple(dict.fromkeys((*space.methods, *spec.criteria))))
+    return cfgs, task, space
+
+
+def run(spec: HeadroomRun) -> dict[str, Any]:
+    from benchmarks.quality_run import SharedPool, base_accuracy, evaluate_all, evaluation_pool
+    from evaluators.settings import EvalSettings
+
+    start = time.perf_counter()
+    task_name, steps, seed, finetune_seeds = spec.task, spec.steps, spec.seed, spec.finetune_seeds
+    cfgs, task, space = setup(spec)
+    first, preset = cfgs[steps[0]], cfgs[steps[0]].preset
     drawn = {lv: DRAWS[spec.draw](space, lv, spec.candidates, seed + int(1000 * lv)) for lv in preset.levels}
     labels = {lv: [label for label, _ in d] for lv, d in drawn.items()}
     pools = {lv: [p for _, p in d] for lv, d in drawn.items()}
@@ -251,7 +260,7 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
         jobs += [(("base", lv, s, name, k), p, EvalSettings(**cfgs[s].finetune_settings(seed, k)))
                  for lv, named in bases.items() for s in steps for name, p in named.items() for k in range(finetune_seeds)]
         got = evaluate_all(shared, jobs, f"{task_name} screen")
-        ranked = {(lv, s): sorted(range(len(pools[lv])), key=lambda i: -_score(got[("screen", lv, s, i)]))[:spec.top]
+        ranked = {(lv, s): sorted(range(len(pools[lv])), key=lambda i: -finetuned_score(got[("screen", lv, s, i)]))[:spec.top]
                   for lv in pools for s in steps}
         fresh = [(("top", lv, s, i, k), pools[lv][i], EvalSettings(**cfgs[s].finetune_settings(seed, k)))
                  for (lv, s), idx in ranked.items() for i in idx for k in range(finetune_seeds)]
@@ -260,11 +269,11 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
     for lv, pols in pools.items():
         for s in steps:
             screen = [{"label": labels[lv][i], "policy": p.to_dict(), "flops_ratio": got[("screen", lv, s, i)].flops_ratio,
-                       "accuracy": _score(got[("screen", lv, s, i)])} for i, p in enumerate(pols)]
+                       "accuracy": finetuned_score(got[("screen", lv, s, i)])} for i, p in enumerate(pols)]
             confirmed = [{**screen[i], "screen": screen[i]["accuracy"],
-                          "accuracies": [_score(got[("top", lv, s, i, k)]) for k in range(finetune_seeds)]}
+                          "accuracies": [finetuned_score(got[("top", lv, s, i, k)]) for k in range(finetune_seeds)]}
                          for i in ranked[(lv, s)]]
-            base = {name: [_score(got[("base", lv, s, name, k)]) for k in range(finetune_seeds)] for name in bases[lv]}
+            base = {name: [finetuned_score(got[("base", lv, s, name, k)]) for k in range(finetune_seeds)] for name in bases[lv]}
             levels.setdefault(str(lv), {})[str(s)] = {
                 **summarize(screen, confirmed, base), "baseline_runs": base,
                 "baseline_flops": {name: got[("base", lv, s, name, 0)].flops_ratio for name in bases[lv]},
@@ -277,7 +286,7 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
             "finetunes": len(jobs) + len(fresh), "wall_s": time.perf_counter() - start}
 
 
-def _score(metrics: Any) -> float:
+def finetuned_score(metrics: Any) -> float:
     """A fine-tune's accuracy; a failed one scores -1 (ranked last) and is logged."""
     if not metrics.ok:
         log.warning("a fine-tune failed: %s", metrics.error)
