@@ -142,7 +142,7 @@ def results_markdown(out: Path, runs: list[dict[str, Any]] | None, quick: bool, 
         parts += notes(sq)
     # finetune_lengths writes one file per task; both it and headroom may write into a folder of their own (--out)
     parts += _collected(out, "finetune_lengths_*", quick)
-    parts += _collected(out, "headroom", quick)
+    parts += _collected(out, "headroom*", quick)
     md = _read_md(out, "scaling_quick" if quick else "scaling", prefix)
     if md:
         parts += [md, ""]

@@ -205,10 +205,13 @@ def test_results_page_states_missed_targets_first_and_collects_each_result(tmp_p
     (tmp_path / "headroom").mkdir()
     (tmp_path / "headroom" / "headroom.md").write_text("## Headroom over uniform pruning: shapes")
     (tmp_path / "quick" / "headroom_quick.md").write_text("## Headroom over uniform pruning: digits")
+    (tmp_path / "headroom" / "headroom_recheck.md").write_text("## Headroom re-checked on unseen seeds: shapes")
+    (tmp_path / "quick" / "headroom_recheck_quick.md").write_text("## Headroom re-checked on unseen seeds: digits")
     page = results_markdown(tmp_path, [], False, ["search_quality"])
     assert "fine-tune: shapes" in page and "fine-tune: digits" not in page   # a full page never shows quick ones
     assert "pruning: shapes" in page and "pruning: digits" not in page
     assert "## Headroom over uniform pruning: shapes\n\nFrom [`headroom/headroom.md`](headroom/headroom.md)." in page
+    assert "unseen seeds: shapes" in page and "unseen seeds: digits" not in page
 
 
 def test_global_pruning_baselines_are_compared_but_never_the_best_searcher():
