@@ -260,7 +260,8 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
         jobs += [(("base", lv, s, name, k), p, EvalSettings(**cfgs[s].finetune_settings(seed, k)))
                  for lv, named in bases.items() for s in steps for name, p in named.items() for k in range(finetune_seeds)]
         got = evaluate_all(shared, jobs, f"{task_name} screen")
-        ranked = {(lv, s): sorted(range(len(pools[lv])), key=lambda i: -finetuned_score(got[("screen", lv, s, i)]))[:spec.top]
+        ranked = {(lv, s): sorted(range(len(pools[lv])),
+                                  key=lambda i: -accuracy_of(got[("screen", lv, s, i)]))[:spec.top]
                   for lv in pools for s in steps}
         fresh = [(("top", lv, s, i, k), pools[lv][i], EvalSettings(**cfgs[s].finetune_settings(seed, k)))
                  for (lv, s), idx in ranked.items() for i in idx for k in range(finetune_seeds)]
@@ -268,12 +269,13 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
     levels: dict[str, Any] = {}
     for lv, pols in pools.items():
         for s in steps:
-            screen = [{"label": labels[lv][i], "policy": p.to_dict(), "flops_ratio": got[("screen", lv, s, i)].flops_ratio,
-                       "accuracy": finetuned_score(got[("screen", lv, s, i)])} for i, p in enumerate(pols)]
+            screen = [{"label": labels[lv][i], "policy": p.to_dict(),
+                       "flops_ratio": got[("screen", lv, s, i)].flops_ratio,
+                       "accuracy": accuracy_of(got[("screen", lv, s, i)])} for i, p in enumerate(pols)]
             confirmed = [{**screen[i], "screen": screen[i]["accuracy"],
-                          "accuracies": [finetuned_score(got[("top", lv, s, i, k)]) for k in range(finetune_seeds)]}
+                          "accuracies": [accuracy_of(got[("top", lv, s, i, k)]) for k in range(finetune_seeds)]}
                          for i in ranked[(lv, s)]]
-            base = {name: [finetuned_score(got[("base", lv, s, name, k)]) for k in range(finetune_seeds)] for name in bases[lv]}
+            base = {name: [accuracy_of(got[("base", lv, s, name, k)]) for k in range(finetune_seeds)] for name in bases[lv]}
             levels.setdefault(str(lv), {})[str(s)] = {
                 **summarize(screen, confirmed, base), "baseline_runs": base,
                 "baseline_flops": {name: got[("base", lv, s, name, 0)].flops_ratio for name in bases[lv]},
@@ -286,7 +288,7 @@ def run(spec: HeadroomRun) -> dict[str, Any]:
             "finetunes": len(jobs) + len(fresh), "wall_s": time.perf_counter() - start}
 
 
-def finetuned_score(metrics: Any) -> float:
+def accuracy_of(metrics: Any) -> float:
     """A fine-tune's accuracy; a failed one scores -1 (ranked last) and is logged."""
     if not metrics.ok:
         log.warning("a fine-tune failed: %s", metrics.error)

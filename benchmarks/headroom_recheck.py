@@ -25,7 +25,7 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from benchmarks.common import base_parser, setup_logging, write_and_report  # noqa: E402
-from benchmarks.headroom import BASELINE_NAMES, HeadroomRun, baselines, finetuned_score, setup  # noqa: E402
+from benchmarks.headroom import BASELINE_NAMES, HeadroomRun, baselines, accuracy_of, setup  # noqa: E402
 
 
 def read_headroom(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -75,18 +75,19 @@ def recheck(source: Mapping[str, Any], config: Mapping[str, Any], finetune_seeds
         got = evaluate_all(SharedPool(pool), jobs, f"{spec.task} recheck")
     levels: dict[str, Any] = {}
     for (lv, s), pick in picks.items():
-        unseen = {name: [finetuned_score(got[(lv, s, name, k)]) for k in seeds] for name in ("best_of_top", *BASELINE_NAMES)}
+        unseen = {name: [accuracy_of(got[(lv, s, name, k)]) for k in seeds]
+                  for name in ("best_of_top", *BASELINE_NAMES)}
         means = {name: fmean(acc) for name, acc in unseen.items()}
         better = max(BASELINE_NAMES, key=means.__getitem__)
-        row = source["levels"][lv][s]
         levels.setdefault(lv, {})[s] = {
             "label": pick.get("label"), "policy": pick["policy"], "selection_accuracies": pick["accuracies"],
-            "selection_delta": row["best_of_top_delta"], "unseen": unseen, "baselines": {name: means[name] for name in BASELINE_NAMES},
-            "better_baseline": better,
+            "selection_delta": source["levels"][lv][s]["best_of_top_delta"], "unseen": unseen,
+            "baselines": {name: means[name] for name in BASELINE_NAMES}, "better_baseline": better,
             "best_of_top": means["best_of_top"], "delta": means["best_of_top"] - means[better]}
     used = [cfgs[spec.steps[0]].finetune_settings(spec.seed, k)["seed"] for k in seeds]
     return {"task": spec.task, "seed": spec.seed, "steps": list(spec.steps), "selection_seeds": first_k,
-            "finetune_seeds": n, "finetune_seed_values": used, "levels": levels, "finetunes": len(jobs), "wall_s": time.perf_counter() - start}
+            "finetune_seeds": n, "finetune_seed_values": used, "levels": levels, "finetunes": len(jobs),
+            "wall_s": time.perf_counter() - start}
 
 
 def markdown(result: Mapping[str, Any], source_path: str) -> str:
