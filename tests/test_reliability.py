@@ -42,10 +42,18 @@ from tests.fakes import tiny_config
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 ROOT = Path(__file__).resolve().parents[1]
-# A ~0.5 s evaluation (a short fine-tune) on the tiny task: long enough that a kill lands
-# while work is in flight, short enough for a budget of 8.
-SLOW_EVAL = '[evaluation]\nrecovery = "finetune"\nfinetune_steps = 20\n'
-RANDOM_AND_GA = """
+# A short fine-tune on the tiny task: long enough that a kill lands while work is in
+# flight, short enough for a budget of 8.
+SLOW_EVAL = '[evaluation]\nrecovery = "finetune"\nfinetune_steps = {steps}\n'
+
+
+def random_and_ga(finetune_steps: int = 20) -> str:
+    """A random searcher and a GA whose cheap step fine-tunes as long as the study does.
+
+    The GA's default cheap step (adaptive BN alone) takes ~50 ms on the tiny task: a budget
+    made mostly of its sensitivity pass would finish between two polls of a watch.
+    """
+    return f"""
 [[searchers]]
 kind = "random"
 [[searchers]]
@@ -53,11 +61,12 @@ kind = "genetic"
 [searchers.options]
 population = 4
 top_k = 1
+cheap = {{ recovery = "finetune", finetune_steps = {finetune_steps} }}
 """
 
 
 def study_config(tmp_path: Path, *, name: str = "tiny", n_trials: int = 8, storage: str | None = None,
-                 searchers: str | None = None, workers: int = 1) -> Path:
+                 searchers: str | None = None, workers: int = 1, finetune_steps: int = 20) -> Path:
     """The tiny-task study of tests.fakes with slower evaluations and a finer grid.
 
     The finer grid (17 levels x 4 groups x 2 methods) makes two independently seeded
@@ -65,7 +74,7 @@ def study_config(tmp_path: Path, *, name: str = "tiny", n_trials: int = 8, stora
     """
     path = tiny_config(tmp_path, name=name, n_trials=n_trials, searchers=searchers)
     text = path.read_text()
-    text = text.replace("[evaluation]\n", SLOW_EVAL).replace("ratio_step = 0.1", 'ratio_step = 0.05\nmethods = ["l1", "l2"]')
+    text = text.replace("[evaluation]\n", SLOW_EVAL.format(steps=finetune_steps)).replace("ratio_step = 0.1", 'ratio_step = 0.05\nmethods = ["l1", "l2"]')
     text = text.replace("seed = 0\n", f"seed = 0\nworkers = {workers}\nwindow = 2\n", 1)
     if storage is not None:
         text = text.replace(f'storage = "sqlite:///{tmp_path}/{name}.db"', f'storage = "{storage}"')
@@ -163,7 +172,7 @@ def test_sigkilled_worker_mid_study_is_replaced_and_its_trial_retried(tmp_path, 
     import ray
 
     n = 8
-    config = load_config(study_config(tmp_path, n_trials=n, workers=2, searchers=RANDOM_AND_GA, storage=None))
+    config = load_config(study_config(tmp_path, n_trials=n, workers=2, searchers=random_and_ga(), storage=None))
     seen = {"tags": []}
 
     class KillOnce:
@@ -218,7 +227,11 @@ def test_sigkilled_worker_mid_study_is_replaced_and_its_trial_retried(tmp_path, 
 @pytest.mark.slow
 def test_sigkilled_launcher_resumes_to_exactly_n_trials(tmp_path, ray_address, capsys):
     n = 8
-    path = study_config(tmp_path, n_trials=n, searchers=RANDOM_AND_GA)
+    # ~0.7 s an evaluation here, so the kill after the third result lands with seconds of
+    # the budget left (at 20 steps the last five results came within 0.2-0.4 s: CI once
+    # saw all eight at its first poll after the third)
+    steps = 200
+    path = study_config(tmp_path, n_trials=n, searchers=random_and_ga(steps), finetune_steps=steps)
     config = load_config(path)
     watch = Watch(config.study.storage_url, config.name)
     try:
