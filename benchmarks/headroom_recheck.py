@@ -40,7 +40,22 @@ def read_headroom(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     results = data.get("results") if isinstance(data, dict) else None
     if not isinstance(results, dict) or not {"task", "levels", "steps", "seed", "finetune_seeds"} <= set(results):
         raise ValueError(f"--from {path}: not a headroom result (python -m benchmarks.headroom writes one)")
+    levels = results["levels"]
+    if not isinstance(levels, dict) or not levels or not all(isinstance(b, dict) and b for b in levels.values()):
+        raise ValueError(f"--from {path}: its levels are not a table of rows per fine-tune length")
+    for level, by_steps in levels.items():
+        for steps, row in by_steps.items():
+            if not _confirmed_rows_ok(row):
+                raise ValueError(f"--from {path}: level {level} steps {steps} has no confirmed candidates "
+                                 "(policy and accuracies)")
     return results, data.get("config") or {}
+
+
+def _confirmed_rows_ok(row: Any) -> bool:
+    confirmed = row.get("confirmed") if isinstance(row, dict) else None
+    return bool(confirmed) and isinstance(confirmed, list) and all(
+        isinstance(c, dict) and isinstance(c.get("policy"), dict) and isinstance(c.get("accuracies"), list)
+        and c["accuracies"] for c in confirmed)
 
 
 def best_of_top(row: Mapping[str, Any]) -> Mapping[str, Any]:

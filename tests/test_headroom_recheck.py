@@ -15,11 +15,19 @@ def test_the_best_of_top_is_the_confirmed_candidate_with_the_best_mean():
     assert headroom_recheck.best_of_top(row)["label"] == "b"
 
 
+HEAD = {"task": "digits", "steps": [80], "seed": 0, "finetune_seeds": 1}
+
+
 @pytest.mark.parametrize("content, words", [
     (None, "no such file"),
     ("{not json", "not a JSON file"),
     ('{"results": {"task": "digits"}}', "not a headroom result"),
     ("[1, 2]", "not a headroom result"),
+    (json.dumps({"results": {**HEAD, "levels": []}}), "levels are not a table"),
+    (json.dumps({"results": {**HEAD, "levels": {"0.3": {"80": {"screen": []}}}}}),
+     "level 0.3 steps 80 has no confirmed candidates"),
+    (json.dumps({"results": {**HEAD, "levels": {"0.3": {"80": {"confirmed": [{"policy": {}}]}}}}}),
+     "level 0.3 steps 80 has no confirmed candidates"),
 ])
 def test_a_source_that_is_not_a_headroom_result_exits_2_with_one_line_and_writes_nothing(
         tmp_path, capsys, content, words):
