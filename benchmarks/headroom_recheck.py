@@ -45,15 +45,18 @@ def read_headroom(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError(f"--from {path}: its levels are not a table of rows per fine-tune length")
     for level, by_steps in levels.items():
         for steps, row in by_steps.items():
-            if not _confirmed_rows_ok(row):
-                raise ValueError(f"--from {path}: level {level} steps {steps} has no confirmed candidates "
-                                 "(policy and accuracies)")
+            where = f"--from {path}: level {level} steps {steps}"
+            if not _confirmed_ok(row):
+                raise ValueError(f"{where} has no confirmed candidates (policy and accuracies)")
+            if not isinstance(row.get("best_of_top_delta"), (int, float)):
+                raise ValueError(f"{where} has no best_of_top_delta")
     return results, data.get("config") or {}
 
 
-def _confirmed_rows_ok(row: Any) -> bool:
+def _confirmed_ok(row: Any) -> bool:
+    """``row`` holds what ``best_of_top`` reads: confirmed candidates with a policy and accuracies."""
     confirmed = row.get("confirmed") if isinstance(row, dict) else None
-    return bool(confirmed) and isinstance(confirmed, list) and all(
+    return isinstance(confirmed, list) and bool(confirmed) and all(
         isinstance(c, dict) and isinstance(c.get("policy"), dict) and isinstance(c.get("accuracies"), list)
         and c["accuracies"] for c in confirmed)
 

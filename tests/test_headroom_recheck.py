@@ -28,6 +28,8 @@ HEAD = {"task": "digits", "steps": [80], "seed": 0, "finetune_seeds": 1}
      "level 0.3 steps 80 has no confirmed candidates"),
     (json.dumps({"results": {**HEAD, "levels": {"0.3": {"80": {"confirmed": [{"policy": {}}]}}}}}),
      "level 0.3 steps 80 has no confirmed candidates"),
+    (json.dumps({"results": {**HEAD, "levels": {"0.3": {"80": {"confirmed": [{"policy": {}, "accuracies": [0.5]}]}}}}}),
+     "level 0.3 steps 80 has no best_of_top_delta"),
 ])
 def test_a_source_that_is_not_a_headroom_result_exits_2_with_one_line_and_writes_nothing(
         tmp_path, capsys, content, words):
